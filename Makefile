@@ -1,0 +1,33 @@
+# Two set-up commands: `make demo` and `make test`. Both create .venv and install what they need,
+# quickly when it is already there (a stamp file per requirements file).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+WORKERS ?= 3
+ROUNDS  ?= 5
+
+.PHONY: demo test venv dev clean-run
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: requirements.txt | $(PY)
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: requirements-dev.txt $(VENV)/.installed
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+dev: $(VENV)/.installed-dev
+
+demo: venv
+	$(PY) launch.py --workers $(WORKERS) --rounds $(ROUNDS) --cpu
+
+test: dev
+	$(PY) -m pytest
+
+clean-run:
+	rm -rf models/*.pt logs/*.log logs/*.out temp/updates temp/join_token

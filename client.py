@@ -1,0 +1,171 @@
+"""HTTP client of the coordinator's API v1, for workers, monitors and the launcher.
+
+Every call has a connect and a read timeout (seconds). Connection failures, read timeouts and the
+answers 429/502/503/504 are retried by urllib3's ``Retry`` with exponential backoff and jitter; a
+caller that wants to outlast a longer outage catches :class:`CoordinatorUnreachable` and tries again
+later. Error answers become :class:`CoordinatorError` carrying the JSON ``error``/``message``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Mapping
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+log = logging.getLogger("fl.client")
+
+API = "/api/v1"
+CONNECT_TIMEOUT = 5.0  # seconds
+READ_TIMEOUT = 30.0  # seconds, beyond any long-poll wait
+UPLOAD_READ_TIMEOUT = 120.0  # seconds: the coordinator validates and fsyncs before answering
+
+
+class CoordinatorError(Exception):
+    """The coordinator answered with an error status.
+
+    Attributes: ``status`` (HTTP code), ``error`` (machine-readable name), ``message``, ``body`` (dict).
+    """
+
+    def __init__(self, status: int, error: str, message: str, body: Mapping | None = None) -> None:
+        super().__init__(f"HTTP {status} {error}: {message}")
+        self.status, self.error, self.message, self.body = status, error, message, dict(body or {})
+
+
+class CoordinatorUnreachable(Exception):
+    """No answer from the coordinator after the retries (refused, reset, timed out, DNS)."""
+
+
+def base_url(address: str) -> str:
+    """``HOST:PORT``, ``http://HOST:PORT`` or ``https://...`` -> URL without trailing slash.
+
+    Raises
+    ------
+    ValueError
+        If the address has no port or an unknown scheme.
+    """
+    address = address.strip().rstrip("/")
+    if "://" not in address:
+        address = "http://" + address
+    scheme, _, rest = address.partition("://")
+    if scheme not in ("http", "https"):
+        raise ValueError(f"unsupported scheme {scheme!r} in {address!r}; use http or https")
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"coordinator address must look like HOST:PORT, got {address!r}")
+    return address
+
+
+def make_session(total_retries: int = 6, backoff_factor: float = 0.5, backoff_max: float = 10.0) -> requests.Session:
+    """A requests Session whose calls are retried with exponential backoff and jitter.
+
+    Sleeps between tries: backoff_factor * 2**(n-1) seconds plus up to 0.5 s jitter, at most
+    ``backoff_max``. Every method is retried (uploads too: a repeated upload is answered 409
+    duplicate_update, which the worker counts as accepted).
+    """
+    retry = Retry(total=total_retries, connect=total_retries, read=2, status=3, other=0,
+                  backoff_factor=backoff_factor, backoff_max=backoff_max, backoff_jitter=0.5,
+                  status_forcelist=(429, 502, 503, 504), allowed_methods=None,
+                  raise_on_status=False, respect_retry_after_header=True)
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+class CoordinatorClient:
+    """Typed calls of the API v1.
+
+    Parameters
+    ----------
+    address : ``HOST:PORT`` or a URL.
+    token : Bearer token (join token before registration, the node token after).
+    session : a Session from :func:`make_session` (one per thread: Sessions are not thread-safe).
+    """
+
+    def __init__(self, address: str, token: str | None = None, session: requests.Session | None = None,
+                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
+        self.url = base_url(address)
+        self.token = token
+        self.session = session or make_session()
+        self.connect_timeout = connect_timeout
+
+    def _request(self, method: str, path: str, *, expected=(200,), read_timeout: float = READ_TIMEOUT,
+                 token: str | None = None, **kwargs) -> requests.Response:
+        headers = dict(kwargs.pop("headers", {}))
+        bearer = token if token is not None else self.token
+        if bearer:
+            headers["Authorization"] = f"Bearer {bearer}"
+        try:
+            response = self.session.request(method, self.url + API + path, headers=headers,
+                                            timeout=(self.connect_timeout, read_timeout), **kwargs)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise CoordinatorUnreachable(f"{method} {self.url}{API}{path}: {_short(exc)}") from None
+        if response.status_code not in expected:
+            raise _error_from(response)
+        return response
+
+    def _json(self, method: str, path: str, **kwargs) -> dict:
+        response = self._request(method, path, **kwargs)
+        try:
+            body = response.json()
+        except ValueError:
+            raise CoordinatorError(response.status_code, "bad_response", "answer is not JSON") from None
+        if not isinstance(body, dict):
+            raise CoordinatorError(response.status_code, "bad_response", "answer is not a JSON object")
+        return body
+
+    def health(self) -> dict:
+        return self._json("GET", "/health", read_timeout=10.0)
+
+    def register(self, name: str, device: str, num_samples: int, system_info: Mapping[str, Any],
+                 join_token: str | None) -> tuple[dict, bool]:
+        """Register; returns (answer with node_id/node_token/heartbeat_interval, created)."""
+        response = self._request("POST", "/nodes", expected=(200, 201), token=join_token or "",
+                                 json={"name": name, "device": device, "num_samples": num_samples,
+                                       "system_info": dict(system_info)})
+        return response.json(), response.status_code == 201
+
+    def heartbeat(self, node_id: str) -> dict:
+        return self._json("POST", f"/nodes/{node_id}/heartbeat", read_timeout=10.0)
+
+    def leave(self, node_id: str) -> dict:
+        return self._json("DELETE", f"/nodes/{node_id}", read_timeout=5.0)
+
+    def task(self, wait: float = 0.0) -> dict:
+        """The node's task; with ``wait`` > 0 the coordinator holds the request up to that many seconds."""
+        return self._json("GET", "/task", params={"wait": f"{wait:g}"}, read_timeout=wait + READ_TIMEOUT)
+
+    def model(self) -> tuple[int, bytes]:
+        """(model version, serialised global state_dict)."""
+        response = self._request("GET", "/model", read_timeout=60.0)
+        return int(response.headers.get("X-Model-Version", "-1")), response.content
+
+    def submit_update(self, round_number: int, metadata: Mapping[str, Any], data: bytes) -> dict:
+        """Upload one update as multipart/form-data; returns the 202 answer."""
+        files = {"metadata": (None, json.dumps(dict(metadata)), "application/json"),
+                 "state_dict": ("state_dict.pt", data, "application/octet-stream")}
+        return self._json("POST", f"/rounds/{round_number}/updates", files=files, expected=(202,),
+                          read_timeout=UPLOAD_READ_TIMEOUT)
+
+    def status(self) -> dict:
+        return self._json("GET", "/status", read_timeout=10.0)
+
+
+def _error_from(response: requests.Response) -> CoordinatorError:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and "error" in body:
+        return CoordinatorError(response.status_code, str(body["error"]), str(body.get("message", "")), body)
+    return CoordinatorError(response.status_code, "http_error", response.text[:200].strip() or response.reason)
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc)
+    return text if len(text) <= 300 else text[:300] + "..."

@@ -1,0 +1,278 @@
+"""One typed configuration for the coordinator, the workers and the launcher.
+
+Every field has a default here, can be overridden by an environment variable
+``FL_<FIELD NAME IN UPPER CASE>`` (for example ``FL_BATCH_SIZE=32``), and by a
+command-line flag ``--<field-name-with-dashes>`` (for example ``--batch-size 32``).
+Precedence, lowest to highest: default, environment, command line.
+
+Each program exposes only the flags that concern it (see ``COORDINATOR_FIELDS``
+and ``WORKER_FIELDS``); the environment variables are read for the same fields.
+Bad values end the program with ``error: ...`` and exit status 2, never a
+traceback (:class:`ConfigError` is turned into an argparse error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Mapping, Sequence
+
+ENV_PREFIX = "FL_"
+
+DATASETS = ("mnist", "fashion-mnist")
+PARTITIONS = ("iid", "dirichlet")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or out of range."""
+
+
+def _meta(help_text: str, *, lo: float | None = None, hi: float | None = None,
+          choices: Sequence[str] | None = None, secret: bool = False) -> dict:
+    return {"help": help_text, "lo": lo, "hi": hi, "choices": choices, "secret": secret}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of a federation run.
+
+    Units are in the field help: seconds, bytes, counts. ``None`` means "not
+    set" for the optional fields (token, partition).
+    """
+
+    # --- directories (created on start) ---
+    data_dir: str = field(default="data", metadata=_meta("directory of the IDX dataset files"))
+    models_dir: str = field(default="models", metadata=_meta("directory of saved global models"))
+    logs_dir: str = field(default="logs", metadata=_meta("directory of log files"))
+    temp_dir: str = field(default="temp", metadata=_meta("directory of run state: join token, received updates"))
+    # --- network ---
+    host: str = field(default="0.0.0.0", metadata=_meta("address the coordinator listens on"))
+    port: int = field(default=5000, metadata=_meta("TCP port of the coordinator", lo=0, hi=65535))
+    server_threads: int = field(default=64, metadata=_meta(
+        "request threads of the coordinator; each waiting worker holds one during a long poll", lo=4, hi=1024))
+    # --- training (sent to workers with each round) ---
+    model: str = field(default="simple_cnn", metadata=_meta("model architecture (name in model.MODELS)"))
+    dataset: str = field(default="mnist", metadata=_meta("dataset", choices=DATASETS))
+    batch_size: int = field(default=32, metadata=_meta("local mini-batch size B", lo=1, hi=65536))
+    test_batch_size: int = field(default=1000, metadata=_meta("batch size of evaluation", lo=1, hi=65536))
+    learning_rate: float = field(default=0.01, metadata=_meta("SGD learning rate", lo=1e-12, hi=10.0))
+    momentum: float = field(default=0.9, metadata=_meta("SGD momentum, reset every round", lo=0.0, hi=0.999))
+    local_epochs: int = field(default=1, metadata=_meta("local epochs E per round", lo=1, hi=1000))
+    # --- rounds ---
+    communication_rounds: int = field(default=5, metadata=_meta("number of rounds", lo=1, hi=1_000_000))
+    min_nodes_to_start: int = field(default=2, metadata=_meta(
+        "registered nodes needed before the first round", lo=1, hi=100_000))
+    node_timeout: float = field(default=60.0, metadata=_meta(
+        "seconds without any request before a node counts as offline", lo=0.1, hi=86400))
+    heartbeat_interval: float = field(default=10.0, metadata=_meta(
+        "seconds between worker heartbeats", lo=0.05, hi=3600))
+    round_timeout: float = field(default=600.0, metadata=_meta(
+        "seconds a round waits for updates before aggregating what arrived", lo=0.1, hi=7 * 86400))
+    seed: int = field(default=0, metadata=_meta("seed of data partitioning and shuffling", lo=0, hi=2**32 - 1))
+    # --- resources and limits ---
+    cpu_workers: int = field(default=0, metadata=_meta(
+        "torch CPU threads (0: torch's default)", lo=0, hi=4096))
+    save_model: bool = field(default=True, metadata=_meta("save the global model after every round"))
+    max_update_bytes: int = field(default=64 * 1024 * 1024, metadata=_meta(
+        "largest accepted update upload, bytes", lo=1024, hi=2**40))
+    # --- security ---
+    token: str | None = field(default=None, metadata=_meta(
+        "join token (default: generated once and kept in TEMP_DIR/join_token)", secret=True))
+    no_auth: bool = field(default=False, metadata=_meta("accept registrations and monitors without a token"))
+    no_eval: bool = field(default=False, metadata=_meta("do not evaluate the global model (no test data here)"))
+    debug: bool = field(default=False, metadata=_meta("serve with Flask's development server"))
+    keep_serving: bool = field(default=False, metadata=_meta(
+        "keep serving the status after the last round, until Ctrl-C (default: exit once workers are told)"))
+    # --- worker ---
+    device: str = field(default="auto", metadata=_meta(
+        "training device: gpu (CUDA, required), cpu, or auto (CUDA when available); --gpu / --cpu set it",
+        choices=("auto", "gpu", "cpu")))
+    coordinator_address: str = field(default="127.0.0.1:5000", metadata=_meta(
+        "HOST:PORT (or http://HOST:PORT) of the coordinator"))
+    name: str | None = field(default=None, metadata=_meta(
+        "node name, unique in the federation (default: host name and partition or process id)"))
+    partition_id: int | None = field(default=None, metadata=_meta(
+        "this worker's part of the data, 0..num_partitions-1 (default: all of it)", lo=0, hi=1_000_000))
+    num_partitions: int | None = field(default=None, metadata=_meta(
+        "number of parts the training data is split into", lo=1, hi=1_000_000))
+    partition: str = field(default="iid", metadata=_meta("how data is split", choices=PARTITIONS))
+    alpha: float = field(default=0.5, metadata=_meta(
+        "Dirichlet concentration of label skew (smaller: more skewed)", lo=1e-6, hi=1e6))
+    give_up_after: float = field(default=600.0, metadata=_meta(
+        "seconds a worker keeps retrying an unreachable coordinator before exiting", lo=1, hi=7 * 86400))
+    quiet: bool = field(default=False, metadata=_meta("no progress bar"))
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def replace(self, **changes) -> "Config":
+        """Return a copy with ``changes`` applied (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def public_dict(self) -> dict:
+        """The settings as a JSON-ready dict, secrets left out."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("secret")}
+
+
+COORDINATOR_FIELDS = (
+    "data_dir", "models_dir", "logs_dir", "temp_dir", "host", "port", "server_threads", "model", "dataset",
+    "batch_size", "test_batch_size", "learning_rate", "momentum", "local_epochs", "communication_rounds",
+    "min_nodes_to_start", "node_timeout", "heartbeat_interval", "round_timeout", "seed", "cpu_workers",
+    "save_model", "max_update_bytes", "token", "no_auth", "no_eval", "debug", "keep_serving",
+)
+WORKER_FIELDS = (
+    "coordinator_address", "device", "token", "name", "data_dir", "dataset", "partition_id", "num_partitions",
+    "partition", "alpha", "seed", "cpu_workers", "logs_dir", "give_up_after", "quiet",
+)
+# Short spellings users expect from the README and the issue text.
+ALIASES = {
+    "communication_rounds": ["--rounds"],
+    "min_nodes_to_start": ["--min-nodes"],
+    "learning_rate": ["--lr"],
+}
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    t = f.type if isinstance(f.type, str) else f.type.__name__
+    for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if t.startswith(name):
+            return typ
+    raise TypeError(f"unsupported config field type {t!r}")  # pragma: no cover - programming error
+
+
+def parse_value(f: dataclasses.Field, raw: str, source: str):
+    """Convert the text ``raw`` given for field ``f`` into its typed value.
+
+    Raises
+    ------
+    ConfigError
+        When ``raw`` is not a valid value of the field's type; the message names ``source``.
+    """
+    typ = _field_type(f)
+    text = raw.strip()
+    if typ is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{source}: expected true/false, got {raw!r}")
+    if text.lower() in ("", "none") and f.default is None:
+        return None
+    try:
+        return typ(text)
+    except ValueError:
+        raise ConfigError(f"{source}: expected {typ.__name__}, got {raw!r}") from None
+
+
+def validate(cfg: Config) -> None:
+    """Check every field's type and range, then the rules between fields.
+
+    Raises
+    ------
+    ConfigError
+        Naming the first bad field, its flag and environment variable, and the allowed range.
+    """
+    for f in fields(cfg):
+        _validate_field(cfg, f)
+    if (cfg.partition_id is None) != (cfg.num_partitions is None):
+        raise ConfigError("--partition-id and --num-partitions must be given together")
+    if cfg.partition_id is not None and cfg.partition_id >= cfg.num_partitions:
+        raise ConfigError(f"--partition-id must be < --num-partitions ({cfg.num_partitions}), "
+                          f"got {cfg.partition_id}")
+
+
+def _validate_field(cfg: Config, f: dataclasses.Field) -> None:
+    value = getattr(cfg, f.name)
+    if value is None and f.default is None:
+        return
+    where = f"{f.name} ({flag_name(f.name)} / {env_name(f.name)})"
+    typ = _field_type(f)
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+        object.__setattr__(cfg, f.name, value)  # frozen dataclass: normalise 1 -> 1.0 once
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
+    if typ is float and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+    lo, hi, choices = f.metadata["lo"], f.metadata["hi"], f.metadata["choices"]
+    if lo is not None and value < lo:
+        raise ConfigError(f"{where}: must be >= {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{where}: must be <= {hi}, got {value!r}")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where}: must be one of {', '.join(choices)}, got {value!r}")
+    if typ is str and not value.strip():
+        raise ConfigError(f"{where}: must not be empty")
+    if f.name == "token" and len(value) < 8:
+        raise ConfigError(f"{where}: must be at least 8 characters")
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """Add one flag per config field in ``names``; defaults are left to :func:`from_args`."""
+    defaults = Config()
+    by_name = {f.name: f for f in fields(Config)}
+    for name in names:
+        f = by_name[name]
+        default = getattr(defaults, name)
+        shown = "********" if f.metadata["secret"] else default
+        help_text = f"{f.metadata['help']} (default: {shown}; env {env_name(name)})"
+        flags = [flag_name(name)] + ALIASES.get(name, [])
+        if _field_type(f) is bool:
+            parser.add_argument(*flags, dest=name, action="store_const", const="true", default=None,
+                                help=help_text)
+        else:
+            parser.add_argument(*flags, dest=name, default=None, metavar=name.upper(), help=help_text)
+
+
+def from_args(args: argparse.Namespace, names: Sequence[str],
+              env: Mapping[str, str] | None = None) -> Config:
+    """Build a :class:`Config` from parsed flags, the environment and the defaults.
+
+    Raises
+    ------
+    ConfigError
+        For a malformed or out-of-range value, naming its flag or variable.
+    """
+    env = os.environ if env is None else env
+    by_name = {f.name: f for f in fields(Config)}
+    values = {}
+    for name in names:
+        f = by_name[name]
+        raw_flag = getattr(args, name, None)
+        if raw_flag is not None:
+            values[name] = parse_value(f, raw_flag, flag_name(name))
+        elif env_name(name) in env:
+            values[name] = parse_value(f, env[env_name(name)], env_name(name))
+    return Config(**values)
+
+
+def parse_config(parser: argparse.ArgumentParser, names: Sequence[str], argv: Sequence[str] | None = None,
+                 env: Mapping[str, str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """Parse ``argv`` with ``parser`` (already holding the fields' flags) into a Config.
+
+    A bad value ends the program through ``parser.error`` (message, exit status 2).
+    """
+    args = parser.parse_args(argv)
+    try:
+        return from_args(args, names, env), args
+    except ConfigError as exc:
+        parser.error(str(exc))
+        raise  # pragma: no cover - parser.error exits
+
+
+def ensure_dirs(cfg: Config, names: Sequence[str] = ("data_dir", "models_dir", "logs_dir", "temp_dir")) -> None:
+    """Create the run-time directories named in ``names`` (no error if they exist)."""
+    for name in names:
+        os.makedirs(getattr(cfg, name), exist_ok=True)

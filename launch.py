@@ -1,0 +1,181 @@
+"""Start a coordinator and N workers on this machine, follow the rounds, print a summary.
+
+    python launch.py --workers 3 --rounds 5 --cpu
+
+Each process is a separate ``python coordinator.py`` / ``python worker.py`` on 127.0.0.1 with a free
+port and a fresh join token; their output goes to LOGS_DIR/launch_<name>.out. Settings reach them as
+FL_* environment variables (see config.py). Ctrl-C stops every process started here.
+Exit status: 0 when the run completed, 1 when a process failed, 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import config as config_module
+from client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable, make_session
+from config import COORDINATOR_FIELDS, WORKER_FIELDS, Config
+
+HERE = Path(__file__).resolve().parent
+LAUNCH_FIELDS = (
+    "dataset", "data_dir", "models_dir", "logs_dir", "temp_dir", "communication_rounds", "local_epochs",
+    "batch_size", "learning_rate", "momentum", "round_timeout", "partition", "alpha", "seed", "device",
+    "cpu_workers", "model",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(cfg: Config, names, extra: dict) -> dict:
+    """The environment of a child: ours plus FL_<FIELD> for each of ``names`` and ``extra``."""
+    env = dict(os.environ)
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None:
+            env[config_module.env_name(name)] = str(value).lower() if isinstance(value, bool) else str(value)
+    for name, value in extra.items():
+        env[config_module.env_name(name)] = str(value)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Launch:
+    """The processes of one local run and their output files."""
+
+    def __init__(self, cfg: Config, num_workers: int, port: int) -> None:
+        self.cfg, self.num_workers, self.port = cfg, num_workers, port
+        self.token = secrets.token_urlsafe(24)
+        self.address = f"127.0.0.1:{port}"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs = Path(cfg.logs_dir)
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def _spawn(self, name: str, script: str, env: dict, args=()) -> None:
+        out = open(self.logs / f"launch_{name}.out", "wb")
+        self.procs[name] = subprocess.Popen([sys.executable, str(HERE / script), *args], env=env, stdout=out,
+                                            stderr=subprocess.STDOUT, cwd=os.getcwd())
+        out.close()
+
+    def start(self) -> None:
+        coord_fields = [f for f in LAUNCH_FIELDS if f in COORDINATOR_FIELDS]
+        self._spawn("coordinator", "coordinator.py", child_env(self.cfg, coord_fields, {
+            "host": "127.0.0.1", "port": self.port, "token": self.token, "min_nodes_to_start": self.num_workers,
+            "node_timeout": self.cfg.node_timeout, "heartbeat_interval": self.cfg.heartbeat_interval,
+            "keep_serving": "true"}))
+        worker_fields = [f for f in LAUNCH_FIELDS if f in WORKER_FIELDS]
+        for i in range(self.num_workers):
+            self._spawn(f"worker{i}", "worker.py", child_env(self.cfg, worker_fields, {
+                "coordinator_address": self.address, "token": self.token, "name": f"worker-{i}",
+                "partition_id": i, "num_partitions": self.num_workers, "quiet": "true"}))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def follow(self) -> tuple[dict | None, int]:
+        """Print each finished round until the run is finished and every worker has exited.
+
+        Returns (last status, exit status: 0 for a completed run, 1 if a process failed)."""
+        client = CoordinatorClient(self.address, token=self.token, session=make_session(total_retries=0))
+        printed, last, nodes_seen = 0, None, 0
+        coordinator = self.procs["coordinator"]
+        while coordinator.poll() is None:
+            for name, proc in self.procs.items():
+                if name != "coordinator" and proc.poll() not in (None, 0):
+                    print(f"{name} exited with status {proc.returncode}; see {self.logs}/launch_{name}.out")
+                    return last, 1
+            try:
+                last = client.status()
+            except (CoordinatorUnreachable, CoordinatorError):
+                time.sleep(0.5)
+                continue
+            online = sum(1 for n in last["nodes"] if n["status"] != "offline")
+            if online != nodes_seen and last["state"] == "waiting_for_nodes":
+                nodes_seen = online
+                print(f"{online}/{self.num_workers} workers registered")
+            for r in last["history"][printed:]:
+                acc = "n/a" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"
+                loss = "n/a" if r["test_loss"] is None else f"{r['test_loss']:.4f}"
+                print(f"round {r['round']}/{last['total_rounds']}: test accuracy {acc}, test loss {loss}, "
+                      f"{r['num_updates']} updates, {r['num_samples']} samples, {r['duration_s']:.1f}s")
+            printed = len(last["history"])
+            workers = [p for name, p in self.procs.items() if name != "coordinator"]
+            if last["state"] == "finished" and all(p.poll() == 0 for p in workers):
+                return last, 0
+            time.sleep(0.5)
+        print(f"the coordinator exited with status {coordinator.returncode}; see {self.logs}/launch_coordinator.out")
+        return last, 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Run a coordinator and N workers on this machine.")
+    parser.add_argument("--workers", type=int, default=3, help="number of worker processes (default: 3)")
+    config_module.add_arguments(parser, LAUNCH_FIELDS)
+    parser.add_argument("--port", type=int, default=0, help="coordinator port (default: a free one)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--gpu", dest="device", action="store_const", const="gpu", help="workers train on CUDA")
+    group.add_argument("--cpu", dest="device", action="store_const", const="cpu", help="workers train on the CPU")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    cfg, args = config_module.parse_config(parser, LAUNCH_FIELDS, argv)
+    if not 1 <= args.workers <= 64:
+        parser.error("--workers must be in 1..64")
+    cfg = dataclasses.replace(cfg, node_timeout=30.0, heartbeat_interval=2.0)
+    if cfg.cpu_workers == 0 and cfg.device != "gpu":
+        # N processes sharing this machine's cores: one torch pool each of cores/N avoids oversubscription
+        cfg = dataclasses.replace(cfg, cpu_workers=max(1, (os.cpu_count() or 1) // args.workers))
+    launch = Launch(cfg, args.workers, args.port or free_port())
+    print(f"starting a coordinator on {launch.address} and {args.workers} workers ({cfg.device}, {cfg.dataset}, "
+          f"{cfg.communication_rounds} rounds); logs in {launch.logs}/launch_*.out")
+    started = time.monotonic()
+    launch.start()
+    try:
+        last, status = launch.follow()
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping every process")
+        launch.stop()
+        return 130
+    launch.stop()
+    wall = time.monotonic() - started
+    history = (last or {}).get("history", [])
+    if status != 0 or not history or len(history) < cfg.communication_rounds:
+        print(f"run failed after {wall:.1f}s; see {launch.logs}/launch_coordinator.out")
+        return 1
+    final = history[-1]
+    acc = "n/a" if final["test_accuracy"] is None else f"{final['test_accuracy']:.4f}"
+    print("\nsummary")
+    print(f"  rounds:              {len(history)}")
+    print(f"  final test accuracy: {acc}")
+    print(f"  accuracy per round:  " + ", ".join(
+        "n/a" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}" for r in history))
+    print(f"  wall time:           {wall:.1f}s")
+    print(f"  global model:        {Path(cfg.models_dir) / 'global_model.pt'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

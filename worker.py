@@ -1,0 +1,346 @@
+"""A federated-learning worker: registers, trains the global model on local data, sends its weights.
+
+    python worker.py --coordinator-address HOST:PORT --token TOKEN [--gpu | --cpu] [--data-dir DIR]
+                     [--name NAME] [--dataset mnist|fashion-mnist]
+                     [--partition-id i --num-partitions n [--partition iid|dirichlet --alpha a --seed s]]
+
+Life of a worker: load and partition its data onto the training device, register, heartbeat from a
+background thread, long-poll ``GET /api/v1/task`` (a new round is seen within milliseconds), download
+the global model when its version changed, train LOCAL_EPOCHS, upload the state_dict, repeat; exit 0
+when told to stop. Only weights leave the machine, never data.
+
+Exit status: 0 done or stopped by SIGINT/SIGTERM; 1 coordinator unreachable for GIVE_UP_AFTER seconds
+or join token refused; 2 bad arguments, device or data unavailable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import platform
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+import config as config_module
+from client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable, make_session
+from config import WORKER_FIELDS, Config
+from datasets import DatasetUnavailable, LabeledImages, load_dataset
+from model import build_model, local_train
+from partition import partition_indices
+from utils import (DeviceUnavailable, UpdateRejected, bytes_to_state_dict, device_description, select_device,
+                   set_cpu_threads, setup_logging, state_dict_to_bytes)
+
+log = logging.getLogger("fl.worker")
+
+LONG_POLL_SECONDS = 30.0
+
+
+class StopRequested(BaseException):
+    """SIGINT or SIGTERM arrived: leave the federation and exit 0 (a BaseException, like KeyboardInterrupt,
+    so that no library's ``except Exception`` swallows it)."""
+
+
+class FatalError(Exception):
+    """The worker cannot go on (the message says why); exit status 1."""
+
+
+def default_name(cfg: Config) -> str:
+    host = socket.gethostname()
+    return f"{host}-p{cfg.partition_id}" if cfg.partition_id is not None else f"{host}-{os.getpid()}"
+
+
+def load_local_data(cfg: Config, device: torch.device) -> LabeledImages:
+    """This worker's training data on ``device``: the whole training split or its partition.
+
+    Raises
+    ------
+    DatasetUnavailable
+        If no source has the dataset.
+    ValueError
+        If the partition cannot be made (more partitions than examples, bad alpha).
+    """
+    data = load_dataset(cfg.dataset, cfg.data_dir, train=True)
+    if cfg.num_partitions is not None:
+        idx = partition_indices(data.labels.numpy(), cfg.num_partitions, cfg.partition_id, cfg.partition,
+                                cfg.alpha, cfg.seed)
+        data = data.subset(idx)
+        log.info("partition %d/%d (%s%s, seed %d): %d examples, labels %s", cfg.partition_id, cfg.num_partitions,
+                 cfg.partition, f", alpha {cfg.alpha:g}" if cfg.partition == "dirichlet" else "", cfg.seed,
+                 len(data), torch.bincount(data.labels, minlength=10).tolist())
+    return LabeledImages(data.images.to(device), data.labels.to(device), data.source)
+
+
+def system_info(device: torch.device) -> dict:
+    return {"hostname": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "device": device_description(device), "cpu_count": os.cpu_count()}
+
+
+def _shuffle_seed(seed: int, round_number: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}/{round_number}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class Worker:
+    """One worker process's state and main loop.
+
+    Parameters
+    ----------
+    cfg : settings (coordinator address, token, name, ...).
+    device : where training runs.
+    data : local training data, already on ``device``.
+    """
+
+    def __init__(self, cfg: Config, device: torch.device, data: LabeledImages) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.data = data
+        self.name = cfg.name or default_name(cfg)
+        self.client = CoordinatorClient(cfg.coordinator_address)
+        self.node_id: str | None = None
+        self.heartbeat_interval = 10.0
+        self.model: torch.nn.Module | None = None
+        self.model_name: str | None = None
+        self.model_version = -1
+        self.rounds_done = 0
+        self.stop_event = threading.Event()
+        self.need_register = threading.Event()
+        self._unreachable_since: float | None = None
+        self._heartbeat_thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ registration and liveness
+
+    def register(self) -> None:
+        """Register (or re-register under the same name); raises FatalError if the join token is refused."""
+        try:
+            answer, created = self.client.register(self.name, device_description(self.device), len(self.data),
+                                                   system_info(self.device), self.cfg.token)
+        except CoordinatorError as exc:
+            if exc.status == 401:
+                raise FatalError(f"the coordinator refused the join token ({exc.message}); pass the token it "
+                                 "printed at start-up with --token or FL_TOKEN") from None
+            if exc.status in (400, 413, 415):
+                raise FatalError(f"registration refused: {exc.message}") from None
+            raise
+        self.node_id = answer["node_id"]
+        self.client.token = answer["node_token"]
+        self.heartbeat_interval = float(answer.get("heartbeat_interval", 10.0))
+        self.need_register.clear()
+        log.info("%s as node %s (%s) at %s", "registered" if created else "re-registered", self.node_id,
+                 self.name, self.client.url)
+
+    def _heartbeat_loop(self) -> None:
+        client = CoordinatorClient(self.cfg.coordinator_address, session=make_session(total_retries=1))
+        while not self.stop_event.wait(self.heartbeat_interval):
+            node_id, client.token = self.node_id, self.client.token
+            if node_id is None or self.need_register.is_set():
+                continue
+            try:
+                client.heartbeat(node_id)
+            except CoordinatorError as exc:
+                if exc.status in (401, 404):
+                    log.warning("heartbeat: the coordinator does not know this node (%s); registering again",
+                                exc.error)
+                    self.need_register.set()
+                else:
+                    log.warning("heartbeat refused: %s", exc)
+            except CoordinatorUnreachable as exc:
+                log.debug("heartbeat failed: %s", exc)
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> int:
+        """Work until told to stop; returns the exit status."""
+        try:
+            self._call(self.register)
+            self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+            self._heartbeat_thread.start()
+            while True:
+                if self.need_register.is_set():
+                    self._call(self.register)
+                task = self._call(lambda: self.client.task(wait=LONG_POLL_SECONDS))
+                if task is None:
+                    continue
+                action = task.get("action")
+                if action == "stop":
+                    log.info("coordinator says stop (%s); trained %d rounds", task.get("reason", "done"),
+                             self.rounds_done)
+                    return 0
+                if action == "train":
+                    self._call(lambda: self.train_round(task))
+        except StopRequested:
+            log.info("stopping on signal; telling the coordinator")
+            self._leave()
+            return 0
+        except FatalError as exc:
+            log.error("%s", exc)
+            return 1
+        finally:
+            self.stop_event.set()
+
+    def _call(self, fn):
+        """Run ``fn``, surviving outages: returns its result, or None after a handled error."""
+        try:
+            result = fn()
+        except CoordinatorUnreachable as exc:
+            self._wait_for_coordinator(exc)
+            return None
+        except UpdateRejected as exc:
+            log.error("the global model from the coordinator could not be loaded (%s); asking again", exc)
+            self.stop_event.wait(2.0)
+            return None
+        except CoordinatorError as exc:
+            if exc.status == 401 or exc.error == "unknown_node":
+                log.warning("the coordinator no longer knows this node (%s); registering again", exc.message)
+                self.need_register.set()
+                return None
+            if exc.status == 429 or exc.status >= 500:
+                log.warning("coordinator error %s; retrying in a moment", exc)
+                self.stop_event.wait(2.0)
+                return None
+            raise FatalError(f"unexpected answer from the coordinator: {exc}") from None
+        self._unreachable_since = None
+        return result
+
+    def _wait_for_coordinator(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if self._unreachable_since is None:
+            self._unreachable_since = now
+            log.warning("coordinator unreachable (%s); retrying with backoff", exc)
+        down = now - self._unreachable_since
+        if down > self.cfg.give_up_after:
+            raise FatalError(f"coordinator unreachable for {down:.0f}s (GIVE_UP_AFTER="
+                             f"{self.cfg.give_up_after:g}s); last error: {exc}")
+        self.stop_event.wait(min(10.0, 1.0 + down / 4))
+
+    def _leave(self) -> None:
+        if self.node_id is None:
+            return
+        try:
+            self.client.session = make_session(total_retries=0)
+            self.client.leave(self.node_id)
+        except (CoordinatorError, CoordinatorUnreachable) as exc:
+            log.info("could not tell the coordinator that this node leaves: %s", exc)
+
+    # ------------------------------------------------------------------ one round
+
+    def _ensure_model(self, task: dict) -> None:
+        if self.model is None or self.model_name != task["model"]:
+            self.model = build_model(task["model"]).to(self.device)
+            self.model_name, self.model_version = task["model"], -1
+        if self.model_version != task["model_version"]:
+            version, data = self.client.model()
+            state = bytes_to_state_dict(data)
+            self.model.load_state_dict(state, strict=True)
+            self.model_version = version
+            log.info("downloaded global model version %d (%.1f MB)", version, len(data) / 1e6)
+
+    def train_round(self, task: dict) -> None:
+        """Train on the task's round and upload the update; 409/400/413 answers are logged, not retried."""
+        round_number = int(task["round"])
+        settings = task["settings"]
+        self._ensure_model(task)
+        progress = self._progress_bar(round_number, settings["local_epochs"])
+        try:
+            result = local_train(self.model, self.data.images, self.data.labels,
+                                 epochs=settings["local_epochs"], batch_size=settings["batch_size"],
+                                 learning_rate=settings["learning_rate"], momentum=settings.get("momentum", 0.0),
+                                 seed=_shuffle_seed(settings.get("seed", 0), round_number, self.name),
+                                 progress=progress)
+        finally:
+            if progress is not None:
+                progress.close()
+        self.model_version = -1  # local weights now differ from any global version
+        metadata = {"num_samples": result.num_samples, "train_loss": result.loss,
+                    "train_accuracy": result.accuracy, "train_seconds": result.seconds}
+        data = state_dict_to_bytes(self.model.state_dict())
+        try:
+            self.client.submit_update(round_number, metadata, data)
+        except CoordinatorError as exc:
+            if exc.error == "duplicate_update":
+                log.info("round %d: update was already received (a retried upload); counted once", round_number)
+            elif exc.status == 409:
+                log.warning("round %d: update not taken (%s); joining the current round", round_number,
+                            exc.message)
+                return
+            elif exc.status in (400, 413):
+                log.error("round %d: update rejected (%s); not sending these bytes again", round_number, exc)
+                return
+            else:
+                raise
+        self.rounds_done += 1
+        log.info("round %d: trained %d samples x %d epochs in %.1fs (%.0f samples/s), loss %.4f, "
+                 "accuracy %.4f; update sent", round_number, result.num_samples, settings["local_epochs"],
+                 result.seconds, result.num_examples_seen / max(result.seconds, 1e-9), result.loss,
+                 result.accuracy)
+
+    def _progress_bar(self, round_number: int, epochs: int):
+        """A tqdm bar over examples that also honours stop requests; None with --quiet."""
+        if self.cfg.quiet:
+            return None
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(self.data) * epochs, desc=f"round {round_number}", unit="ex", unit_scale=True,
+                   leave=False, dynamic_ncols=True, file=sys.stderr)
+
+        def update(batch: int, loss: float, _seen: int) -> None:
+            bar.update(batch)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+        update.close = bar.close
+        return update
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Federated-learning worker: trains on local data, sends weights.")
+    config_module.add_arguments(parser, WORKER_FIELDS)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--gpu", dest="device", action="store_const", const="gpu",
+                       help="train on CUDA; exit with status 2 if CUDA is not available")
+    group.add_argument("--cpu", dest="device", action="store_const", const="cpu", help="train on the CPU")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    cfg, _ = config_module.parse_config(parser, WORKER_FIELDS, argv)
+    try:
+        CoordinatorClient(cfg.coordinator_address)
+    except ValueError as exc:
+        parser.error(str(exc))
+    name = cfg.name or default_name(cfg)
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+    setup_logging(Path(cfg.logs_dir) / f"worker_{safe}.log")
+    try:
+        device = select_device(None if cfg.device == "auto" else cfg.device)
+    except DeviceUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    set_cpu_threads(cfg.cpu_workers)
+    log.info("worker %s on %s, torch %s, %d CPU threads", name, device_description(device), torch.__version__,
+             torch.get_num_threads())
+    try:
+        data = load_local_data(cfg, device)
+    except (DatasetUnavailable, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    worker = Worker(cfg, device, data)
+
+    def on_signal(signum, _frame):
+        worker.stop_event.set()
+        raise StopRequested(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return worker.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
