@@ -9,6 +9,7 @@ later. Error answers become :class:`CoordinatorError` carrying the JSON ``error`
 from __future__ import annotations
 
 import json
+import re
 import logging
 from typing import Any, Mapping
 
@@ -167,5 +168,11 @@ def _error_from(response: requests.Response) -> CoordinatorError:
 
 
 def _short(exc: Exception) -> str:
+    """The root cause of a requests error in a few words ("[Errno 111] Connection refused", "read timed out")."""
     text = str(exc)
-    return text if len(text) <= 300 else text[:300] + "..."
+    match = re.search(r"\[Errno -?\d+\][^'\")]*", text)
+    if match:
+        return match.group(0).strip()
+    if "timed out" in text:
+        return "timed out"
+    return text if len(text) <= 200 else text[:200] + "..."

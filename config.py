@@ -229,7 +229,10 @@ def add_arguments(parser: argparse.ArgumentParser, names: Sequence[str]) -> None
         shown = "********" if f.metadata["secret"] else default
         help_text = f"{f.metadata['help']} (default: {shown}; env {env_name(name)})"
         flags = [flag_name(name)] + ALIASES.get(name, [])
-        if _field_type(f) is bool:
+        if _field_type(f) is bool and default:  # on by default: the flag turns it off
+            parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_const", const="false",
+                                default=None, help=f"do not: {help_text}")
+        elif _field_type(f) is bool:
             parser.add_argument(*flags, dest=name, action="store_const", const="true", default=None,
                                 help=help_text)
         else:

@@ -423,7 +423,10 @@ def main(argv=None) -> int:
     config_module.ensure_dirs(cfg)
     setup_logging(Path(cfg.logs_dir) / "coordinator.log")
     from datasets import DatasetUnavailable
+    from model import MODELS
 
+    if cfg.model not in MODELS:
+        parser.error(f"model (--model / FL_MODEL): unknown model {cfg.model!r}; known: {', '.join(sorted(MODELS))}")
     try:
         app = create_app(cfg, start_driver=False)
     except DatasetUnavailable as exc:

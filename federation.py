@@ -81,6 +81,8 @@ class Node:
     last_seen_wall: float
     updates_submitted: int = 0
     rounds_contributed: list = field(default_factory=list)
+    last_train_loss: float | None = None
+    last_train_accuracy: float | None = None
     polling: int = 0  # long polls in progress (a node waiting in a poll is alive)
     stop_sent: bool = False
 
@@ -340,6 +342,7 @@ class Federation:
                                       metadata.get("train_seconds"), time.time())
             self.updates[node.node_id] = accepted
             node.updates_submitted += 1
+            node.last_train_loss, node.last_train_accuracy = accepted.train_loss, accepted.train_accuracy
             self._touch(node)
             self._changed.notify_all()
             log.info("round %d: update %d/%d from %s (%d samples)", round_number, len(self.updates),
@@ -517,6 +520,7 @@ class Federation:
                 "node_id": n.node_id, "name": n.name, "device": n.device, "status": self.node_status(n, now),
                 "num_samples": n.num_samples, "updates_submitted": n.updates_submitted,
                 "rounds_contributed": list(n.rounds_contributed),
+                "last_train_loss": n.last_train_loss, "last_train_accuracy": n.last_train_accuracy,
                 "last_seen_s_ago": round(max(0.0, now - n.last_seen_mono), 3) if n.last_seen_mono > -math.inf
                 else None,
                 "last_heartbeat": n.last_seen_wall, "registered_at": n.registered_at,

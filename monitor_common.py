@@ -1,0 +1,55 @@
+"""What both monitors share: reading the coordinator's status with a timeout and backing off while it is down."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+
+from client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable, make_session
+
+
+def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--coordinator-address", default="127.0.0.1:5000",
+                        help="HOST:PORT of the coordinator (default: 127.0.0.1:5000)")
+    parser.add_argument("--token", default=None, help="join token for GET /api/v1/status (default: env FL_TOKEN)")
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default: 2)")
+    parser.add_argument("--once", action="store_true", help="show one snapshot and exit")
+
+
+@dataclass
+class Poll:
+    """The outcome of one status read: the status, or why it failed and since when."""
+
+    status: dict | None
+    error: str | None = None
+    unreachable_since: float | None = None  # wall clock
+
+
+class StatusPoller:
+    """Reads ``GET /api/v1/status``; after failures, waits longer (1, 2, 4 ... up to 30 s) before the next read."""
+
+    def __init__(self, address: str, token: str | None, interval: float) -> None:
+        self.client = CoordinatorClient(address, token=token, session=make_session(total_retries=0),
+                                        connect_timeout=3.0)
+        self.interval = max(0.2, interval)
+        self.failures = 0
+        self.unreachable_since: float | None = None
+        self.last_status: dict | None = None
+
+    def poll(self) -> Poll:
+        try:
+            status = self.client.status()
+        except (CoordinatorUnreachable, CoordinatorError) as exc:
+            self.failures += 1
+            if self.unreachable_since is None:
+                self.unreachable_since = time.time()
+            return Poll(None, str(exc), self.unreachable_since)
+        self.failures, self.unreachable_since, self.last_status = 0, None, status
+        return Poll(status)
+
+    def next_delay(self) -> float:
+        """Seconds to sleep before the next poll (backoff while failing)."""
+        if self.failures == 0:
+            return self.interval
+        return min(30.0, max(self.interval, 2.0 ** (self.failures - 1)))

@@ -1,0 +1,171 @@
+"""Shared fixtures: a fresh coordinator app per test (no driver thread), its test client, and helpers.
+
+Tests drive the round state machine themselves with ``federation.tick()``; nothing runs in the
+background unless a test starts it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Mapping
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import coordinator  # noqa: E402
+from config import Config  # noqa: E402
+from federation import Federation  # noqa: E402
+from model import SimpleCNN  # noqa: E402
+from utils import state_dict_to_bytes  # noqa: E402
+
+JOIN_TOKEN = "test-join-token"
+API = "/api/v1"
+
+
+def make_config(tmp_path: Path, **overrides) -> Config:
+    """A Config whose four directories lie under ``tmp_path``; ``overrides`` are applied on top."""
+    values = dict(
+        data_dir=str(tmp_path / "data"), models_dir=str(tmp_path / "models"),
+        logs_dir=str(tmp_path / "logs"), temp_dir=str(tmp_path / "temp"),
+        no_eval=True, min_nodes_to_start=1, token=JOIN_TOKEN, round_timeout=5.0,
+    )
+    values.update(overrides)
+    return Config(**values)
+
+
+class FakeClock:
+    """A monotonic clock that only moves when a test says so (seconds)."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def register(client, name: str = "node-a", num_samples: int = 100, device: str = "cpu",
+             token: str | None = JOIN_TOKEN, expected: int = 201) -> dict:
+    """Register ``name`` through the API; returns the answer plus ``headers`` (the node's Bearer header)."""
+    headers = bearer(token) if token is not None else {}
+    response = client.post(f"{API}/nodes", headers=headers,
+                           json={"name": name, "device": device, "num_samples": num_samples,
+                                 "system_info": {"test": True}})
+    assert response.status_code == expected, response.get_json()
+    answer = response.get_json()
+    answer["headers"] = bearer(answer["node_token"])
+    return answer
+
+
+def upload_form(state_dict: Mapping[str, torch.Tensor] | None = None, metadata=None,
+                *, data: bytes | None = None, raw_metadata: str | None = None) -> dict:
+    """The multipart form of an update: ``metadata`` (JSON text field) and file part ``state_dict``.
+
+    ``data`` replaces the serialised ``state_dict``; ``raw_metadata`` replaces the JSON of ``metadata``.
+    Leave both ``state_dict`` and ``data`` None to omit the file part; pass ``metadata=False`` to omit
+    the metadata field.
+    """
+    form = {}
+    if metadata is not False:
+        form["metadata"] = raw_metadata if raw_metadata is not None else json.dumps(
+            metadata if metadata is not None else {"num_samples": 10})
+    if data is None and state_dict is not None:
+        data = state_dict_to_bytes(state_dict)
+    if data is not None:
+        form["state_dict"] = (io.BytesIO(data), "state_dict.pt", "application/octet-stream")
+    return form
+
+
+def post_update(client, node: dict, round_number: int, state_dict=None, metadata=None, **kwargs):
+    """POST an update for ``node`` (an answer of :func:`register`) to round ``round_number``."""
+    return client.post(f"{API}/rounds/{round_number}/updates", headers=node["headers"],
+                       data=upload_form(state_dict, metadata, **kwargs), content_type="multipart/form-data")
+
+
+def filled_state_dict(value: float, num_batches_tracked: int,
+                      reference: Mapping[str, torch.Tensor] | None = None) -> "OrderedDict[str, torch.Tensor]":
+    """A SimpleCNN-shaped state_dict with every float tensor = ``value`` and every integer one =
+    ``num_batches_tracked`` (dtypes and shapes of ``reference``)."""
+    reference = reference if reference is not None else SimpleCNN().state_dict()
+    out = OrderedDict()
+    for key, ref in reference.items():
+        fill = value if ref.is_floating_point() else num_batches_tracked
+        out[key] = torch.full_like(ref, fill)
+    return out
+
+
+def update_files(cfg: Config) -> list[Path]:
+    """Every file stored under TEMP_DIR/updates (accepted updates and temporary files)."""
+    root = Path(cfg.temp_dir) / "updates"
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+@pytest.fixture
+def cfg(tmp_path) -> Config:
+    return make_config(tmp_path)
+
+
+@pytest.fixture
+def make_app(tmp_path) -> Callable:
+    """Factory: ``make_app(**config_overrides, evaluator=None)`` -> an app without a driver thread.
+
+    Every federation it made is stopped at teardown.
+    """
+    made = []
+
+    def _make(evaluator=None, **overrides):
+        app = coordinator.create_app(make_config(tmp_path, **overrides), start_driver=False, evaluator=evaluator)
+        app.config["TESTING"] = True
+        made.append(app)
+        return app
+
+    yield _make
+    for app in made:
+        app.extensions["federation"].stop()
+
+
+@pytest.fixture
+def app(cfg):
+    app = coordinator.create_app(cfg, start_driver=False)
+    app.config["TESTING"] = True
+    yield app
+    app.extensions["federation"].stop()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def fed(app) -> Federation:
+    return app.extensions["federation"]
+
+
+@pytest.fixture
+def fake_clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def clocked_app(app, fake_clock):
+    """``app`` whose federation runs on ``fake_clock`` (the federation is rebuilt with that clock)."""
+    old = app.extensions["federation"]
+    old.stop()
+    app.extensions["federation"] = Federation(old.config, old.global_state, clock=fake_clock)
+    yield app
+    app.extensions["federation"].stop()
