@@ -478,9 +478,7 @@ def main(argv=None) -> int:
             if federation.all_told_to_stop() or time.monotonic() - finished_at > grace:
                 time.sleep(0.5)  # let the last answers leave
                 break
-    federation.stop()
-    if server is not None:
-        server.close()
+    federation.stop()  # waits for an aggregation or checkpoint write in progress
     if federation.finished and federation.history:
         last = federation.history[-1]
         log.info("run finished: %d rounds, final test accuracy %s; model in %s", last.round,
