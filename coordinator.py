@@ -129,18 +129,27 @@ def _require_node() -> Node:
 def _json_object() -> dict:
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "send a JSON object with Content-Type: application/json")
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # nesting deeper than the parser's recursion limit
+        body = None
     if not isinstance(body, dict):
         raise ApiError(400, "bad_request", "the body must be a JSON object")
     return body
 
 
 def _finite_number(value, name: str, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ApiError(400, "bad_request", f"{name} must be a finite number")
+    try:
+        value = float(value)  # an int beyond float range raises OverflowError
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):
         raise ApiError(400, "bad_request", f"{name} must be a finite number")
     if not lo <= value <= hi:
         raise ApiError(400, "bad_request", f"{name} must be in [{lo}, {hi}], got {value}")
-    return float(value)
+    return value
 
 
 def _positive_int(value, name: str, hi: int = MAX_NUM_SAMPLES) -> int:
@@ -172,7 +181,7 @@ def parse_update_metadata(raw: str | None, node: Node) -> dict:
         raise ApiError(400, "bad_request", "missing form field 'metadata' (JSON)")
     try:
         meta = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ApiError(400, "bad_request", "form field 'metadata' is not valid JSON") from None
     if not isinstance(meta, dict):
         raise ApiError(400, "bad_request", "form field 'metadata' must be a JSON object")
@@ -203,7 +212,11 @@ def register():
     device = _short_text(body.get("device"), "device", MAX_DEVICE_LENGTH)
     num_samples = _positive_int(body.get("num_samples"), "num_samples")
     system_info = body.get("system_info", {})
-    if not isinstance(system_info, dict) or len(json.dumps(system_info)) > MAX_SYSTEM_INFO_BYTES:
+    try:
+        encoded = json.dumps(system_info, allow_nan=False)  # NaN/Infinity would make /status invalid JSON
+    except ValueError:
+        raise ApiError(400, "bad_request", "system_info must not hold NaN or Infinity") from None
+    if not isinstance(system_info, dict) or len(encoded) > MAX_SYSTEM_INFO_BYTES:
         raise ApiError(400, "bad_request", f"system_info must be a JSON object of at most "
                                            f"{MAX_SYSTEM_INFO_BYTES} bytes")
     fed = _federation()
@@ -314,7 +327,9 @@ def _handle_http_error(exc: HTTPException):
         limit = current_app.extensions["federation"].config.max_update_bytes
         if request.content_length is not None and request.content_length <= limit + MULTIPART_SLACK:
             return _json_error(413, "payload_too_large",
-                               f"form field 'metadata' is larger than {METADATA_LIMIT} bytes")
+                               f"form field 'metadata' (or another part that is not a file) is larger than "
+                               f"{METADATA_LIMIT} bytes, or the multipart boundary does not match the "
+                               "Content-Type header")
         return _handle_http_error(_too_large(limit))
     valid = getattr(exc, "valid_methods", None)
     return _json_error(exc.code or 500, _error_name(exc), exc.description or exc.name,

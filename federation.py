@@ -84,6 +84,7 @@ class Node:
     last_train_loss: float | None = None
     last_train_accuracy: float | None = None
     polling: int = 0  # long polls in progress (a node waiting in a poll is alive)
+    left: bool = False  # said it leaves (DELETE); offline until its next authenticated request
     stop_sent: bool = False
 
 
@@ -201,7 +202,7 @@ class Federation:
                 node.device, node.num_samples, node.system_info = device, num_samples, system_info
                 node.token_hash = hash_token(token)
                 node.last_seen_mono, node.last_seen_wall = now_mono, now_wall
-                node.stop_sent = False
+                node.stop_sent = node.left = False
             self._by_token[node.token_hash] = node_id
             self._changed.notify_all()
         log.info("%s node %s (%s) on %s with %d samples", "registered" if created else "re-registered",
@@ -215,6 +216,7 @@ class Federation:
             if node_id is None:
                 return None
             node = self.nodes[node_id]
+            node.left = False
             self._touch(node)
             return node
 
@@ -232,11 +234,13 @@ class Federation:
     def leave(self, node: Node) -> None:
         """A worker says it is leaving: it is offline from now and no longer waited for."""
         with self._changed:
-            node.last_seen_mono = -math.inf
+            node.left = True
             self._changed.notify_all()
         log.info("node %s (%s) left", node.name, node.node_id)
 
     def _is_online(self, node: Node, now: float) -> bool:
+        if node.left:
+            return False
         return node.polling > 0 or now - node.last_seen_mono <= self.config.node_timeout
 
     def node_status(self, node: Node, now: float | None = None) -> str:
@@ -276,12 +280,13 @@ class Federation:
                 while True:
                     task = self._task(node)
                     remaining = deadline - self._clock()
-                    if task["action"] != "wait" or remaining <= 0 or self._stop.is_set():
+                    if task["action"] != "wait" or remaining <= 0 or self._stop.is_set() or node.left:
                         return task
                     self._changed.wait(min(remaining, 1.0))
             finally:
                 node.polling -= 1
-                self._touch(node)
+                if not node.left:
+                    self._touch(node)
 
     # ------------------------------------------------------------------ updates
 
@@ -418,15 +423,29 @@ class Federation:
                    reference) -> None:
         t0 = time.perf_counter()
         acc = FedAvgAccumulator(reference)
-        for u in updates:
-            with open(u.path, "rb") as f:
-                acc.add(bytes_to_state_dict(f.read()), u.num_samples)
+        for u in list(updates):
+            try:
+                with open(u.path, "rb") as f:
+                    acc.add(bytes_to_state_dict(f.read()), u.num_samples)
+            except (OSError, UpdateRejected) as exc:  # the stored file was lost or damaged on disk
+                log.error("round %d: cannot read the stored update of %s (%s); leaving it out", number,
+                          u.node_id, exc)
+                updates.remove(u)
+        if not updates:
+            with self._changed:
+                log.error("round %d: no stored update could be read; starting the round again", number)
+                self.round_attempt += 1
+                self._start_round(number, self._clock(), f"attempt {self.round_attempt}")
+            return
         new_state = acc.result()
         del acc
         t1 = time.perf_counter()
         test_loss = test_accuracy = None
         if self._evaluator is not None:
-            test_loss, test_accuracy = self._evaluator(new_state)
+            try:
+                test_loss, test_accuracy = self._evaluator(new_state)
+            except Exception:  # noqa: BLE001 - a pluggable evaluator must not stop the run; logged in full
+                log.exception("round %d: evaluation failed; the round is recorded without test metrics", number)
         t2 = time.perf_counter()
         record = RoundRecord(
             round=number, test_loss=test_loss, test_accuracy=test_accuracy, num_updates=len(updates),
@@ -437,7 +456,11 @@ class Federation:
             max_train_seconds=max((u.train_seconds for u in updates if u.train_seconds is not None),
                                   default=None))
         if self.config.save_model:
-            self._save_checkpoint(number, new_state, record)
+            try:
+                self._save_checkpoint(number, new_state, record)
+            except OSError as exc:
+                log.error("round %d: could not save the global model in %s: %s", number,
+                          self.config.models_dir, exc)
         with self._changed:
             self._set_global(new_state)
             self.model_version = number
@@ -487,7 +510,11 @@ class Federation:
 
     def _drive(self) -> None:
         while not self._stop.is_set():
-            self.tick()
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - last resort: the driver thread must outlive any bug
+                log.exception("the round driver failed; trying again in 1 s")
+                self._stop.wait(1.0)
             with self._changed:
                 self._changed.wait(0.2)
 
@@ -521,8 +548,7 @@ class Federation:
                 "num_samples": n.num_samples, "updates_submitted": n.updates_submitted,
                 "rounds_contributed": list(n.rounds_contributed),
                 "last_train_loss": n.last_train_loss, "last_train_accuracy": n.last_train_accuracy,
-                "last_seen_s_ago": round(max(0.0, now - n.last_seen_mono), 3) if n.last_seen_mono > -math.inf
-                else None,
+                "last_seen_s_ago": round(max(0.0, now - n.last_seen_mono), 3),
                 "last_heartbeat": n.last_seen_wall, "registered_at": n.registered_at,
                 "system_info": n.system_info,
             } for n in sorted(self.nodes.values(), key=lambda n: n.name)]

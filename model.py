@@ -28,7 +28,7 @@ class SimpleCNN(nn.Module):
 
     Input: float32 tensor of shape (B, 1, 28, 28), normalised pixels.
     Output: float32 logits of shape (B, 10).
-    The state_dict holds 1,199,882 parameters plus BatchNorm running statistics and the
+    The state_dict holds 1,200,074 parameters plus BatchNorm running statistics and the
     int64 0-d ``num_batches_tracked`` buffers (about 4.8 MB when serialised).
     """
 

@@ -19,7 +19,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from monitor_common import StatusPoller, add_monitor_arguments
+from monitor_common import add_monitor_arguments, parse_monitor_args
 
 DEFAULT_PNG = Path("logs") / "monitor.png"
 
@@ -109,13 +109,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Live plots of a federated-learning run.")
     add_monitor_arguments(parser)
     parser.add_argument("--save", type=Path, default=None, help="write the figure to this PNG file on every refresh")
-    args = parser.parse_args(argv)
-    if args.interval <= 0:
-        parser.error("--interval must be > 0")
-    try:
-        poller = StatusPoller(args.coordinator_address, args.token or os.environ.get("FL_TOKEN"), args.interval)
-    except ValueError as exc:
-        parser.error(str(exc))
+    args, poller = parse_monitor_args(parser, argv)
 
     import matplotlib
 

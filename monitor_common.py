@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import dataclass
 
@@ -15,6 +16,18 @@ def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=None, help="join token for GET /api/v1/status (default: env FL_TOKEN)")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default: 2)")
     parser.add_argument("--once", action="store_true", help="show one snapshot and exit")
+
+
+def parse_monitor_args(parser: argparse.ArgumentParser, argv=None) -> "tuple[argparse.Namespace, StatusPoller]":
+    """Parse the monitor's flags (bad values end the program with status 2) and build its poller."""
+    args = parser.parse_args(argv)
+    if args.interval <= 0:
+        parser.error("--interval must be > 0")
+    try:
+        poller = StatusPoller(args.coordinator_address, args.token or os.environ.get("FL_TOKEN"), args.interval)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args, poller
 
 
 @dataclass

@@ -23,7 +23,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from monitor_common import StatusPoller, add_monitor_arguments
+from monitor_common import add_monitor_arguments, parse_monitor_args
 
 SPARK = "▁▂▃▄▅▆▇█"
 STATUS_STYLE = {"online": "green", "training": "cyan", "offline": "red"}
@@ -119,13 +119,7 @@ def render(status: dict | None, error: str | None = None, unreachable_since: flo
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Terminal dashboard of a federated-learning run.")
     add_monitor_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.interval <= 0:
-        parser.error("--interval must be > 0")
-    try:
-        poller = StatusPoller(args.coordinator_address, args.token or os.environ.get("FL_TOKEN"), args.interval)
-    except ValueError as exc:
-        parser.error(str(exc))
+    args, poller = parse_monitor_args(parser, argv)
     if args.once:
         poll = poller.poll()
         console = Console(no_color=True, highlight=False, width=int(os.environ.get("COLUMNS", "100")))

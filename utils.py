@@ -283,6 +283,7 @@ def setup_logging(log_file: str | os.PathLike | None, level: int = logging.INFO)
     stream = logging.StreamHandler(sys.stdout)
     stream.setFormatter(fmt)
     root.addHandler(stream)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # its retry warnings repeat what our loggers say
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         file_handler = logging.FileHandler(log_file, encoding="utf-8")

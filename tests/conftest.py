@@ -15,6 +15,8 @@ from typing import Callable, Mapping
 
 import pytest
 import torch
+from werkzeug.datastructures import FileStorage
+from werkzeug.test import encode_multipart
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -73,7 +75,7 @@ def register(client, name: str = "node-a", num_samples: int = 100, device: str =
 
 def upload_form(state_dict: Mapping[str, torch.Tensor] | None = None, metadata=None,
                 *, data: bytes | None = None, raw_metadata: str | None = None) -> dict:
-    """The multipart form of an update: ``metadata`` (JSON text field) and file part ``state_dict``.
+    """The fields of an update upload: ``metadata`` (JSON text) and the file part ``state_dict``.
 
     ``data`` replaces the serialised ``state_dict``; ``raw_metadata`` replaces the JSON of ``metadata``.
     Leave both ``state_dict`` and ``data`` None to omit the file part; pass ``metadata=False`` to omit
@@ -86,14 +88,31 @@ def upload_form(state_dict: Mapping[str, torch.Tensor] | None = None, metadata=N
     if data is None and state_dict is not None:
         data = state_dict_to_bytes(state_dict)
     if data is not None:
-        form["state_dict"] = (io.BytesIO(data), "state_dict.pt", "application/octet-stream")
+        form["state_dict"] = FileStorage(io.BytesIO(data), filename="state_dict.pt",
+                                         content_type="application/octet-stream")
     return form
 
 
-def post_update(client, node: dict, round_number: int, state_dict=None, metadata=None, **kwargs):
-    """POST an update for ``node`` (an answer of :func:`register`) to round ``round_number``."""
-    return client.post(f"{API}/rounds/{round_number}/updates", headers=node["headers"],
-                       data=upload_form(state_dict, metadata, **kwargs), content_type="multipart/form-data")
+def multipart_body(form: Mapping) -> tuple[str, bytes]:
+    """(Content-Type header, body bytes) of ``form`` as multipart/form-data.
+
+    Encoded in memory: the test client's own encoder spools bodies over 500 kB to a temporary file
+    that it never closes (a ResourceWarning, an error under filterwarnings=error).
+    """
+    boundary, body = encode_multipart(form)
+    return f"multipart/form-data; boundary={boundary}", body
+
+
+def post_update(client, node: dict | None, round_number: int, state_dict=None, metadata=None, *,
+                headers: dict | None = None, **kwargs):
+    """POST an update for ``node`` (an answer of :func:`register`) to round ``round_number``.
+
+    ``headers`` replaces the node's Authorization header; ``kwargs`` go to :func:`upload_form`.
+    """
+    content_type, body = multipart_body(upload_form(state_dict, metadata, **kwargs))
+    return client.post(f"{API}/rounds/{round_number}/updates",
+                       headers=headers if headers is not None else node["headers"],
+                       data=body, content_type=content_type)
 
 
 def filled_state_dict(value: float, num_batches_tracked: int,
