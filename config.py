@@ -71,6 +71,10 @@ class Config:
         "seconds between worker heartbeats", lo=0.05, hi=3600))
     round_timeout: float = field(default=600.0, metadata=_meta(
         "seconds a round waits for updates before aggregating what arrived", lo=0.1, hi=7 * 86400))
+    client_fraction: float = field(default=1.0, metadata=_meta(
+        "fraction C of online nodes sampled for each round (at least MIN_NODES_TO_START)", lo=1e-6, hi=1.0))
+    min_updates: int = field(default=1, metadata=_meta(
+        "updates a round needs to be aggregated; with fewer at its deadline it starts again", lo=1, hi=100_000))
     seed: int = field(default=0, metadata=_meta("seed of data partitioning and shuffling", lo=0, hi=2**32 - 1))
     # --- resources and limits ---
     cpu_workers: int = field(default=0, metadata=_meta(
@@ -84,6 +88,8 @@ class Config:
     no_auth: bool = field(default=False, metadata=_meta("accept registrations and monitors without a token"))
     no_eval: bool = field(default=False, metadata=_meta("do not evaluate the global model (no test data here)"))
     debug: bool = field(default=False, metadata=_meta("serve with Flask's development server"))
+    fresh: bool = field(default=False, metadata=_meta(
+        "start a new run even if TEMP_DIR holds one (the old state is moved to TEMP_DIR/archive/)"))
     keep_serving: bool = field(default=False, metadata=_meta(
         "keep serving the status after the last round, until Ctrl-C (default: exit once workers are told)"))
     # --- worker ---
@@ -120,12 +126,18 @@ class Config:
 COORDINATOR_FIELDS = (
     "data_dir", "models_dir", "logs_dir", "temp_dir", "host", "port", "server_threads", "model", "dataset",
     "batch_size", "test_batch_size", "learning_rate", "momentum", "local_epochs", "communication_rounds",
-    "min_nodes_to_start", "node_timeout", "heartbeat_interval", "round_timeout", "seed", "cpu_workers",
-    "save_model", "max_update_bytes", "token", "no_auth", "no_eval", "debug", "keep_serving",
+    "min_nodes_to_start", "client_fraction", "min_updates", "node_timeout", "heartbeat_interval", "round_timeout",
+    "seed", "cpu_workers", "save_model", "max_update_bytes", "token", "no_auth", "no_eval", "debug", "fresh",
+    "keep_serving",
 )
 WORKER_FIELDS = (
     "coordinator_address", "device", "token", "name", "data_dir", "dataset", "partition_id", "num_partitions",
     "partition", "alpha", "seed", "cpu_workers", "logs_dir", "give_up_after", "quiet",
+)
+# Settings that define a run: on resume the stored values win over new flags (a warning names the ignored ones).
+RUN_FIELDS = (
+    "model", "dataset", "batch_size", "test_batch_size", "learning_rate", "momentum", "local_epochs",
+    "communication_rounds", "min_nodes_to_start", "client_fraction", "min_updates", "seed", "no_eval",
 )
 # Short spellings users expect from the README and the issue text.
 ALIASES = {

@@ -27,7 +27,9 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 import config as config_module
 from config import COORDINATOR_FIELDS, Config
-from federation import Conflict, Federation, Node, UnknownNode, hash_token
+from federation import (Conflict, Federation, Node, UnknownNode, archive_run, hash_token, resume_config,
+                        stored_run_config)
+from store import StoreError
 from utils import UpdateRejected, set_cpu_threads, setup_logging
 
 log = logging.getLogger("fl.coordinator")
@@ -363,12 +365,20 @@ def create_app(cfg: Config, *, start_driver: bool = True, evaluator=None) -> Fla
     ------
     datasets.DatasetUnavailable
         When evaluation is on and the test split cannot be loaded.
+    store.StoreError
+        When TEMP_DIR holds a run that cannot be resumed.
     """
     import torch
 
     from model import build_model
 
     config_module.ensure_dirs(cfg, ("models_dir", "logs_dir", "temp_dir"))
+    if cfg.fresh:
+        archived = archive_run(cfg.temp_dir)
+        if archived is not None:
+            log.warning("--fresh: the stored run was moved to %s; starting a new run", archived)
+    else:
+        cfg = resume_config(cfg, stored_run_config(cfg.temp_dir))
     set_cpu_threads(cfg.cpu_workers)
     if evaluator is None and not cfg.no_eval:
         evaluator = make_evaluator(cfg)
@@ -447,7 +457,11 @@ def main(argv=None) -> int:
     except DatasetUnavailable as exc:
         print(f"error: cannot evaluate: {exc}\nOr start the coordinator with --no-eval.", file=sys.stderr)
         return 2
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     federation: Federation = app.extensions["federation"]
+    cfg = federation.config  # a resumed run keeps its stored settings
     token = resolve_join_token(cfg)
 
     import waitress

@@ -3,18 +3,24 @@
 Round state machine (one :class:`Federation` per run)::
 
     waiting_for_nodes --(>= MIN_NODES_TO_START online)--> training(r)
-    training(r) --(every participant answered, or every one still missing is offline,
-                   or ROUND_TIMEOUT passed) and >= 1 update--> aggregating(r)
-    training(r) --(deadline passed with 0 updates)--> training(r) again, with the nodes online now
+    training(r) --(every live participant answered, or ROUND_TIMEOUT passed)
+                   and >= MIN_UPDATES updates--> aggregating(r)
+    training(r) --(same, with fewer updates)--> training(r) again, with nodes sampled from those online now
     aggregating(r) --(FedAvg, evaluation, checkpoint)--> training(r+1) | waiting_for_nodes | finished
 
 All mutable state is guarded by one lock. Aggregation, evaluation and checkpoint writing happen in
-:meth:`Federation.tick` outside that lock (called by the driver thread), so heartbeats, task polls
-and status requests are answered while a round is being aggregated.
+:meth:`Federation.tick` outside that lock (called by the driver thread), so heartbeats, task polls and status
+requests are answered while a round is being aggregated.
 
-Accepted updates are written to ``TEMP_DIR/updates/round_<r>/<node_id>.pt`` (validated bytes,
-atomic write) and only their metadata is kept in memory; aggregation streams them from disk into a
-float64 accumulator, so memory for updates is one model, whatever the number of workers.
+Durability (see store.py): nodes with their token digests, the round, its phase and participants, the accepted
+updates of the open round and the history live in ``TEMP_DIR/coordinator.sqlite3``. Update bytes are files
+``TEMP_DIR/updates/round_<r>/<node_id>.pt`` and the global model of version v is ``TEMP_DIR/global/model_v<v>.pt``;
+every file is written atomically (temporary file, fsync, ``os.replace``) before the transaction that refers to
+it commits, so a coordinator killed at any moment restarts on a consistent state: the same round and phase,
+the global model of the last completed round, every acknowledged update, the same nodes and tokens. A restart
+in the middle of aggregation aggregates again from the stored updates (FedAvg is deterministic).
+
+Memory for updates is one model: aggregation streams the stored updates from disk into a float64 accumulator.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import hashlib
 import logging
 import math
 import os
+import random
 import secrets
 import shutil
 import tempfile
@@ -36,7 +43,9 @@ from typing import Callable, Mapping
 
 import torch
 
-from config import Config
+import failpoints
+from config import RUN_FIELDS, Config
+from store import RunStore, StoreError
 from utils import (FedAvgAccumulator, UpdateRejected, atomic_write_bytes, bytes_to_state_dict,
                    check_compatible, state_dict_to_bytes)
 
@@ -45,6 +54,7 @@ log = logging.getLogger("fl.federation")
 Evaluator = Callable[[Mapping[str, torch.Tensor]], "tuple[float, float]"]
 CHECKPOINT_FORMAT = "fl-checkpoint-v1"
 WAITING_LOG_EVERY = 10.0  # seconds between "waiting for nodes" log lines
+DB_NAME = "coordinator.sqlite3"
 
 
 class Phase(str, Enum):
@@ -87,6 +97,13 @@ class Node:
     left: bool = False  # said it leaves (DELETE); offline until its next authenticated request
     stop_sent: bool = False
 
+    _DURABLE = ("node_id", "name", "device", "num_samples", "system_info", "token_hash", "registered_at",
+                "updates_submitted", "rounds_contributed", "last_train_loss", "last_train_accuracy")
+
+    def record(self) -> dict:
+        """The fields that are stored (liveness is not: it restarts with the coordinator)."""
+        return {k: getattr(self, k) for k in self._DURABLE}
+
 
 @dataclass
 class AcceptedUpdate:
@@ -112,7 +129,7 @@ class RoundRecord:
     node_ids: list
     started_at: float  # wall clock
     finished_at: float
-    duration_s: float  # round start to global model saved
+    duration_s: float  # round start (first attempt) to global model saved, wall clock
     aggregation_s: float  # FedAvg
     evaluation_s: float
     mean_train_loss: float | None
@@ -129,15 +146,77 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def sample_participants(online: list[str], fraction: float, minimum: int, seed: int, round_number: int,
+                        attempt: int) -> list[str]:
+    """Client sampling of FedAvg (McMahan et al. 2017, Algorithm 1: m = max(C * K, 1) clients per round).
+
+    Picks max(minimum, ceil(fraction * len(online))) of ``online`` (all of them if fewer), reproducibly from
+    (seed, round, attempt). Returns the chosen ids in the order of ``online``.
+    """
+    k = min(len(online), max(minimum, math.ceil(fraction * len(online))))
+    if k == len(online):
+        return list(online)
+    chosen = set(random.Random(f"{seed}/{round_number}/{attempt}").sample(sorted(online), k))
+    return [i for i in online if i in chosen]
+
+
+def archive_run(temp_dir: str | os.PathLike) -> Path | None:
+    """Move a stored run (database, updates, global models) to ``TEMP_DIR/archive/<time>/``; None if none."""
+    temp = Path(temp_dir)
+    parts = [p for p in (temp / DB_NAME, temp / (DB_NAME + "-wal"), temp / (DB_NAME + "-shm"),
+                         temp / "updates", temp / "global") if p.exists()]
+    if not parts:
+        return None
+    target = temp / "archive" / time.strftime("%Y%m%d-%H%M%S")
+    target.mkdir(parents=True, exist_ok=True)
+    for part in parts:
+        os.replace(part, target / part.name)
+    return target
+
+
+def stored_run_config(temp_dir: str | os.PathLike) -> dict | None:
+    """The configuration a stored run was started with (its public fields), or None when there is no run.
+
+    Raises
+    ------
+    StoreError
+        If the database cannot be read.
+    """
+    path = Path(temp_dir) / DB_NAME
+    if not path.exists():
+        return None
+    store = RunStore(path)
+    try:
+        return store.get("config")
+    finally:
+        store.close()
+
+
+def resume_config(cfg: Config, stored: dict | None) -> Config:
+    """``cfg`` with the run-defining settings (config.RUN_FIELDS) of a stored run; logs the ones it overrides."""
+    if not stored:
+        return cfg
+    changes = {k: stored[k] for k in RUN_FIELDS if k in stored and stored[k] != getattr(cfg, k)}
+    if changes:
+        log.warning("resuming a stored run: keeping its settings %s (start with --fresh for a new run)",
+                    ", ".join(f"{k}={v!r}" for k, v in changes.items()))
+    return cfg.replace(**changes)
+
+
 class Federation:
-    """State and rules of one federated run.
+    """State and rules of one federated run, stored durably under ``config.temp_dir``.
 
     Parameters
     ----------
-    config : the run's settings.
-    initial_state_dict : the global model of round 0.
+    config : the run's settings (for a resumed run, pass it through :func:`resume_config` first).
+    initial_state_dict : the global model of round 0 (its keys, shapes and dtypes define valid updates).
     evaluator : returns (test loss, test accuracy) of a state_dict; None disables evaluation.
     clock : monotonic clock in seconds (tests may pass a fake one).
+
+    Raises
+    ------
+    StoreError
+        If a stored run cannot be read or its global model file is missing or damaged.
     """
 
     def __init__(self, config: Config, initial_state_dict: Mapping[str, torch.Tensor],
@@ -147,7 +226,6 @@ class Federation:
         self._clock = clock
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self.run_id = secrets.token_hex(6)
         self.nodes: dict[str, Node] = {}
         self._by_name: dict[str, str] = {}
         self._by_token: dict[str, str] = {}
@@ -155,16 +233,79 @@ class Federation:
         self.round = 0  # round in progress (training/aggregating) or last one finished
         self.participants: list[str] = []
         self.updates: "OrderedDict[str, AcceptedUpdate]" = OrderedDict()
-        self.round_started_mono = 0.0
+        self.round_started_mono = 0.0  # deadline base; a restart gives the open round a fresh deadline
         self.round_started_wall = 0.0
         self.round_attempt = 0
         self.history: list[RoundRecord] = []
         self.model_version = 0  # number of rounds aggregated into the global model
-        self._set_global(OrderedDict((k, v.detach().cpu().clone()) for k, v in initial_state_dict.items()))
-        self._updates_dir = Path(config.temp_dir) / "updates"
+        self._state_dir = Path(config.temp_dir)
+        self._updates_dir = self._state_dir / "updates"
+        self._global_dir = self._state_dir / "global"
         self._last_wait_log = -math.inf
+        self._aggregating = False
         self._stop = threading.Event()
         self._driver: threading.Thread | None = None
+        _remove_stale_temporaries([self._state_dir, self._updates_dir, self._global_dir, Path(config.models_dir)])
+        self.store = RunStore(self._state_dir / DB_NAME)
+        reference = OrderedDict((k, v.detach().cpu().clone()) for k, v in initial_state_dict.items())
+        if self.store.is_empty():
+            self._new_run(reference)
+        else:
+            self._resume(reference)
+
+    # ------------------------------------------------------------------ persistence
+
+    def _new_run(self, initial: "OrderedDict[str, torch.Tensor]") -> None:
+        self.run_id = secrets.token_hex(6)
+        self._set_global(initial)
+        atomic_write_bytes(self._global_path(0), self.global_bytes)
+        self.store.put({"run_id": self.run_id, "config": self.config.public_dict(), "created_at": time.time(),
+                        **self._run_values()})
+        log.info("new run %s", self.run_id)
+
+    def _run_values(self) -> dict:
+        return {"phase": self.phase.value, "round": self.round, "attempt": self.round_attempt,
+                "participants": self.participants, "round_started_wall": self.round_started_wall,
+                "model_version": self.model_version}
+
+    def _global_path(self, version: int) -> Path:
+        return self._global_dir / f"model_v{version}.pt"
+
+    def _resume(self, reference: "OrderedDict[str, torch.Tensor]") -> None:
+        s = self.store
+        self.run_id = s.get("run_id")
+        self.phase = Phase(s.get("phase"))
+        self.round, self.round_attempt = s.get("round"), s.get("attempt")
+        self.participants = list(s.get("participants"))
+        self.round_started_wall = s.get("round_started_wall")
+        self.model_version = s.get("model_version")
+        path = self._global_path(self.model_version)
+        try:
+            state = bytes_to_state_dict(path.read_bytes())
+            check_compatible(state, reference)
+        except (OSError, UpdateRejected) as exc:
+            raise StoreError(f"cannot resume run {self.run_id}: global model version {self.model_version} "
+                             f"({path}) is unreadable: {exc}. Start with --fresh for a new run.") from None
+        self._set_global(state)
+        now = self._clock()
+        for record in s.nodes():
+            node = Node(**record, last_seen_mono=now, last_seen_wall=time.time())  # a grace of NODE_TIMEOUT
+            self.nodes[node.node_id] = node
+            self._by_name[node.name] = node.node_id
+            self._by_token[node.token_hash] = node.node_id
+        for record in s.updates(self.round):
+            update = AcceptedUpdate(**record)
+            if Path(update.path).exists():
+                self.updates[update.node_id] = update
+            else:  # pragma: no cover - the file is written and fsynced before its row commits
+                log.error("round %d: stored update of %s is missing on disk; leaving it out", self.round,
+                          update.node_id)
+        self.history = [RoundRecord(**r) for r in s.history()]
+        self.round_started_mono = now
+        log.info("resumed run %s: %s, round %d/%d (attempt %d), model version %d, %d nodes, %d updates of "
+                 "this round kept, %d rounds in the history", self.run_id, self.phase.value, self.round,
+                 self.config.communication_rounds, self.round_attempt, self.model_version, len(self.nodes),
+                 len(self.updates), len(self.history))
 
     # ------------------------------------------------------------------ global model
 
@@ -184,6 +325,7 @@ class Federation:
 
         Returns (node, new node token, created). Re-registration keeps the node id, its history and
         its participation in the current round, and replaces its token (the old one stops working).
+        The node is stored before this returns.
         """
         token = secrets.token_urlsafe(32)
         now_mono, now_wall = self._clock(), time.time()
@@ -194,8 +336,6 @@ class Federation:
                 node_id = secrets.token_hex(8)
                 node = Node(node_id, name, device, num_samples, system_info, hash_token(token), now_wall,
                             now_mono, now_wall)
-                self.nodes[node_id] = node
-                self._by_name[name] = node_id
             else:
                 node = self.nodes[node_id]
                 self._by_token.pop(node.token_hash, None)
@@ -203,6 +343,9 @@ class Federation:
                 node.token_hash = hash_token(token)
                 node.last_seen_mono, node.last_seen_wall = now_mono, now_wall
                 node.stop_sent = node.left = False
+            self.store.save_node(node_id, name, node.record())
+            self.nodes[node_id] = node
+            self._by_name[name] = node_id
             self._by_token[node.token_hash] = node_id
             self._changed.notify_all()
         log.info("%s node %s (%s) on %s with %d samples", "registered" if created else "re-registered",
@@ -306,6 +449,9 @@ class Federation:
     def submit_update(self, node: Node, round_number: int, metadata: Mapping, data: bytes) -> AcceptedUpdate:
         """Validate and durably store one update. Nothing is changed unless it is accepted.
 
+        The bytes are written and fsynced, then the update's row commits; only then does this return (and
+        the API answer 202), so an acknowledged update survives a crash of the coordinator.
+
         Parameters
         ----------
         metadata : validated metadata: ``num_samples`` (int >= 1) and optional ``train_loss``,
@@ -336,8 +482,6 @@ class Federation:
         with self._changed:
             try:
                 self._check_can_submit(node, round_number)
-                if self.global_state is not reference:  # pragma: no cover - round cannot change while open
-                    raise Conflict("stale_round", "the global model changed", current_round=self.round)
             except Conflict:
                 os.unlink(tmp)
                 raise
@@ -345,6 +489,10 @@ class Federation:
             accepted = AcceptedUpdate(node.node_id, int(metadata["num_samples"]), str(final),
                                       metadata.get("train_loss"), metadata.get("train_accuracy"),
                                       metadata.get("train_seconds"), time.time())
+            record = node.record()
+            record.update(updates_submitted=node.updates_submitted + 1, last_train_loss=accepted.train_loss,
+                          last_train_accuracy=accepted.train_accuracy)
+            self.store.add_update(round_number, node.node_id, asdict(accepted), record)
             self.updates[node.node_id] = accepted
             node.updates_submitted += 1
             node.last_train_loss, node.last_train_accuracy = accepted.train_loss, accepted.train_accuracy
@@ -360,64 +508,91 @@ class Federation:
         return self.round_started_mono + self.config.round_timeout
 
     def _online_ids(self, now: float) -> list[str]:
-        return [n.node_id for n in self.nodes.values() if self._is_online(n, now)]
+        return [n.node_id for n in sorted(self.nodes.values(), key=lambda n: n.name) if self._is_online(n, now)]
 
-    def _start_round(self, number: int, now: float, reason: str) -> None:
+    def _open_round(self, number: int, attempt: int, now: float, reason: str) -> None:
+        """Open round ``number`` (attempt ``attempt``) with sampled online nodes; the caller persists."""
         online = self._online_ids(now)
-        self.round, self.phase = number, Phase.TRAINING
-        self.participants = sorted(online, key=lambda i: self.nodes[i].name)
+        c = self.config
+        self.round, self.round_attempt, self.phase = number, attempt, Phase.TRAINING
+        self.participants = sample_participants(online, c.client_fraction, c.min_nodes_to_start, c.seed,
+                                                number, attempt)
         self.updates = OrderedDict()
-        self.round_started_mono, self.round_started_wall = now, time.time()
-        log.info("round %d/%d started (%s) with %d participants: %s", number, self.config.communication_rounds,
-                 reason, len(online), ", ".join(self.nodes[i].name for i in self.participants))
-        self._changed.notify_all()
+        self.round_started_mono = now
+        if attempt == 1:
+            self.round_started_wall = time.time()
+        log.info("round %d/%d started (%s) with %d of %d online nodes: %s", number, c.communication_rounds,
+                 reason, len(self.participants), len(online),
+                 ", ".join(self.nodes[i].name for i in self.participants))
+
+    def _enter_waiting(self) -> None:
+        self.phase = Phase.WAITING
+        self.participants = []
+        self._last_wait_log = -math.inf
 
     def tick(self) -> None:
         """Advance the state machine by at most one step; aggregates outside the lock when a round closes."""
         with self._changed:
             now = self._clock()
             if self.phase == Phase.WAITING:
-                online = len(self._online_ids(now))
-                if online >= self.config.min_nodes_to_start:
-                    self.round_attempt = 1
-                    self._start_round(self.round + 1, now, f"{online} nodes online")
-                elif now - self._last_wait_log >= WAITING_LOG_EVERY:
-                    self._last_wait_log = now
-                    log.info("waiting for nodes: %d online, %d needed to start round %d", online,
-                             self.config.min_nodes_to_start, self.round + 1)
+                self._tick_waiting(now)
                 return
-            if self.phase != Phase.TRAINING:
+            if self.phase == Phase.AGGREGATING:  # a restart in the middle of aggregation: do it again
+                if self._aggregating:
+                    return
+                log.info("round %d: aggregating the %d stored updates again after a restart", self.round,
+                         len(self.updates))
+            elif self.phase != Phase.TRAINING or not self._round_closes(now):
                 return
-            missing = [i for i in self.participants if i not in self.updates]
-            live_missing = [i for i in missing if self._is_online(self.nodes[i], now)]
-            timed_out = now >= self._deadline()
-            if live_missing and not timed_out:
-                return
-            if not self.updates:
-                if not timed_out:
-                    why = "every participant went offline"
-                else:
-                    why = f"no update arrived within ROUND_TIMEOUT={self.config.round_timeout:g}s"
-                log.warning("round %d: %s; starting it again", self.round, why)
-                self.round_attempt += 1
-                if len(self._online_ids(now)) >= self.config.min_nodes_to_start:
-                    self._start_round(self.round, now, f"attempt {self.round_attempt}")
-                else:
-                    self.phase = Phase.WAITING
-                    self.round -= 1
-                    self._changed.notify_all()
-                return
-            if missing:
-                log.warning("round %d: closing with %d of %d updates (%s); missing: %s", self.round,
-                            len(self.updates), len(self.participants),
-                            "deadline passed" if timed_out else "the others are offline",
-                            ", ".join(self.nodes[i].name for i in missing))
-            self.phase = Phase.AGGREGATING
+            self._aggregating = True
             updates = list(self.updates.values())
             reference = self.global_state
             number, num_participants = self.round, len(self.participants)
             self._changed.notify_all()
-        self._aggregate(number, num_participants, updates, reference)
+        try:
+            self._aggregate(number, num_participants, updates, reference)
+        finally:
+            self._aggregating = False
+
+    def _tick_waiting(self, now: float) -> None:
+        online = len(self._online_ids(now))
+        if online >= self.config.min_nodes_to_start:
+            self._open_round(self.round + 1, 1, now, f"{online} nodes online")
+            self.store.start_round(self._run_values())
+            self._changed.notify_all()
+        elif now - self._last_wait_log >= WAITING_LOG_EVERY:
+            self._last_wait_log = now
+            log.info("waiting for nodes: %d online, %d needed to start round %d", online,
+                     self.config.min_nodes_to_start, self.round + 1)
+
+    def _round_closes(self, now: float) -> bool:
+        """Whether the open round closes now; restarts it (and returns False) when too few updates came."""
+        missing = [i for i in self.participants if i not in self.updates]
+        live_missing = [i for i in missing if self._is_online(self.nodes[i], now)]
+        timed_out = now >= self._deadline()
+        if live_missing and not timed_out:
+            return False
+        if len(self.updates) < self.config.min_updates:
+            why = (f"no participant is online any more" if not timed_out else
+                   f"ROUND_TIMEOUT={self.config.round_timeout:g}s passed")
+            log.warning("round %d: %s with %d of MIN_UPDATES=%d updates; starting it again", self.round, why,
+                        len(self.updates), self.config.min_updates)
+            if len(self._online_ids(now)) >= self.config.min_nodes_to_start:
+                self._open_round(self.round, self.round_attempt + 1, now, f"attempt {self.round_attempt + 1}")
+            else:
+                self.round -= 1  # the next round to open is this one again
+                self._enter_waiting()
+            self.store.start_round(self._run_values())
+            self._changed.notify_all()
+            return False
+        if missing:
+            log.warning("round %d: closing with %d of %d updates (%s); missing: %s", self.round,
+                        len(self.updates), len(self.participants),
+                        "deadline passed" if timed_out else "the others are offline",
+                        ", ".join(self.nodes[i].name for i in missing))
+        self.phase = Phase.AGGREGATING
+        self.store.put(self._run_values())
+        return True
 
     def _aggregate(self, number: int, num_participants: int, updates: list[AcceptedUpdate],
                    reference) -> None:
@@ -434,8 +609,9 @@ class Federation:
         if not updates:
             with self._changed:
                 log.error("round %d: no stored update could be read; starting the round again", number)
-                self.round_attempt += 1
-                self._start_round(number, self._clock(), f"attempt {self.round_attempt}")
+                self._open_round(number, self.round_attempt + 1, self._clock(), "stored updates unreadable")
+                self.store.start_round(self._run_values())
+                self._changed.notify_all()
             return
         new_state = acc.result()
         del acc
@@ -455,41 +631,55 @@ class Federation:
             mean_train_loss=_mean(u.train_loss for u in updates),
             max_train_seconds=max((u.train_seconds for u in updates if u.train_seconds is not None),
                                   default=None))
+        new_bytes = state_dict_to_bytes(new_state)
+        atomic_write_bytes(self._global_path(number), new_bytes)
+        failpoints.hit("aggregate.before_checkpoint")
         if self.config.save_model:
             try:
                 self._save_checkpoint(number, new_state, record)
             except OSError as exc:
                 log.error("round %d: could not save the global model in %s: %s", number,
                           self.config.models_dir, exc)
+        failpoints.hit("aggregate.before_commit")
         with self._changed:
-            self._set_global(new_state)
-            self.model_version = number
-            record.finished_at = time.time()
-            record.duration_s = self._clock() - self.round_started_mono
-            self.history.append(record)
-            for u in updates:
-                node = self.nodes.get(u.node_id)
-                if node is not None:
-                    node.rounds_contributed.append(number)
-            self.updates = OrderedDict()
-            acc_text = "n/a" if test_accuracy is None else f"{test_accuracy:.4f}"
-            loss_text = "n/a" if test_loss is None else f"{test_loss:.4f}"
-            log.info("round %d/%d done: %d updates, %d samples, test accuracy %s, test loss %s, %.1fs",
-                     number, self.config.communication_rounds, record.num_updates, record.num_samples,
-                     acc_text, loss_text, record.duration_s)
-            now = self._clock()
-            if number >= self.config.communication_rounds:
-                self.phase = Phase.FINISHED
-                log.info("all %d rounds done; telling workers to stop", number)
-                self._changed.notify_all()
-            elif len(self._online_ids(now)) >= self.config.min_nodes_to_start:
-                self.round_attempt = 1
-                self._start_round(number + 1, now, "previous round done")
-            else:
-                self.phase = Phase.WAITING
-                self._last_wait_log = -math.inf
-                self._changed.notify_all()
+            self._commit_round(number, new_state, new_bytes, record, updates)
         shutil.rmtree(self._updates_dir / f"round_{number}", ignore_errors=True)
+        for old in self._global_dir.glob("model_v*.pt"):
+            if old != self._global_path(number):
+                old.unlink(missing_ok=True)
+
+    def _commit_round(self, number: int, new_state, new_bytes: bytes, record: RoundRecord,
+                      updates: list[AcceptedUpdate]) -> None:
+        """Make round ``number``'s aggregate the global model and open what comes next, in one transaction."""
+        self.global_state, self.global_bytes = new_state, new_bytes
+        self.model_version = number
+        record.finished_at = time.time()
+        record.duration_s = record.finished_at - self.round_started_wall
+        self.history.append(record)
+        contributors = {}
+        for u in updates:
+            node = self.nodes.get(u.node_id)
+            if node is not None:
+                node.rounds_contributed.append(number)
+                contributors[node.node_id] = node.record()
+        self.updates = OrderedDict()
+        now = self._clock()
+        if number >= self.config.communication_rounds:
+            self.phase = Phase.FINISHED
+            self.participants = []
+        elif len(self._online_ids(now)) >= self.config.min_nodes_to_start:
+            self._open_round(number + 1, 1, now, "previous round done")
+        else:
+            self._enter_waiting()
+        self.store.finish_round(number, asdict(record), self._run_values(), contributors)
+        acc_text = "n/a" if record.test_accuracy is None else f"{record.test_accuracy:.4f}"
+        loss_text = "n/a" if record.test_loss is None else f"{record.test_loss:.4f}"
+        log.info("round %d/%d done: %d updates, %d samples, test accuracy %s, test loss %s, %.1fs",
+                 number, self.config.communication_rounds, record.num_updates, record.num_samples,
+                 acc_text, loss_text, record.duration_s)
+        if self.phase == Phase.FINISHED:
+            log.info("all %d rounds done; telling workers to stop", number)
+        self._changed.notify_all()
 
     def _save_checkpoint(self, number: int, state_dict, record: RoundRecord) -> None:
         checkpoint = {"format": CHECKPOINT_FORMAT, "model_name": self.config.model, "round": number,
@@ -498,6 +688,7 @@ class Federation:
         data = _checkpoint_bytes(checkpoint)
         models = Path(self.config.models_dir)
         atomic_write_bytes(models / f"global_model_round_{number}.pt", data)
+        failpoints.hit("checkpoint.between_files")
         atomic_write_bytes(models / "global_model.pt", data)
 
     # ------------------------------------------------------------------ driver thread
@@ -526,6 +717,11 @@ class Federation:
         if self._driver is not None:
             self._driver.join(timeout)
             self._driver = None
+
+    def close(self) -> None:
+        """Stop and close the database."""
+        self.stop()
+        self.store.close()
 
     @property
     def finished(self) -> bool:
@@ -558,6 +754,7 @@ class Federation:
                 "total_rounds": self.config.communication_rounds, "model_version": self.model_version,
                 "model": self.config.model, "dataset": self.config.dataset,
                 "min_nodes_to_start": self.config.min_nodes_to_start,
+                "client_fraction": self.config.client_fraction, "min_updates": self.config.min_updates,
                 "current_round": {
                     "round": self.round, "participants": list(self.participants),
                     "updates_received": len(self.updates), "attempt": self.round_attempt,
@@ -567,6 +764,14 @@ class Federation:
                 "nodes": nodes,
                 "history": [asdict(r) for r in self.history],
             }
+
+
+def _remove_stale_temporaries(directories) -> None:
+    """Delete ``.*.tmp`` files that an interrupted atomic write left behind (never loaded)."""
+    for directory in directories:
+        if directory.is_dir():
+            for leftover in list(directory.glob(".*.tmp")) + list(directory.glob("*/.*.tmp")):
+                leftover.unlink(missing_ok=True)
 
 
 def _checkpoint_bytes(checkpoint: dict) -> bytes:

@@ -30,10 +30,9 @@ from typing import Iterable, Mapping
 
 import torch
 
+import failpoints
+
 log = logging.getLogger("fl.utils")
-
-StateDict = "OrderedDict[str, torch.Tensor]"
-
 
 class DeviceUnavailable(RuntimeError):
     """The requested device (``--gpu``) is not usable on this machine."""
@@ -261,6 +260,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        failpoints.hit("atomic_write.before_replace")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

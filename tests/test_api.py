@@ -210,16 +210,26 @@ def test_heartbeat_wrong_token_401_other_nodes_token_403(client):
     assert_json_error(client.post(url, headers=b["headers"]), 403, "forbidden")
 
 
-def test_restarted_coordinator_answers_unknown_node(make_app):
-    """F6: after a restart the old id gets a distinct 404 (the worker re-registers) and the old token 401."""
+def test_fresh_coordinator_answers_unknown_node(make_app):
+    """F6: after a fresh start the old id gets a distinct 404 (the worker re-registers) and the old token 401."""
     old_client = make_app().test_client()
     node = register(old_client)
-    new_client = make_app().test_client()
+    new_client = make_app(fresh=True).test_client()
     assert_json_error(new_client.post(f"{API}/nodes/{node['node_id']}/heartbeat", headers=node["headers"]), 404,
                       "unknown_node")
     assert_json_error(new_client.get(f"{API}/task", headers=node["headers"]), 401, "unauthorized")
     again = register(new_client, "node-a")
     assert again["node_id"] != node["node_id"]
+
+
+def test_restarted_coordinator_keeps_nodes_and_tokens(make_app):
+    """A restart on the same directories resumes: the node id and its token keep working."""
+    old_client = make_app().test_client()
+    node = register(old_client)
+    new_client = make_app().test_client()
+    response = new_client.post(f"{API}/nodes/{node['node_id']}/heartbeat", headers=node["headers"])
+    assert response.status_code == 200 and response.get_json()["node_id"] == node["node_id"]
+    assert register(new_client, "node-a", expected=200)["node_id"] == node["node_id"]
 
 
 def test_leave_marks_offline_and_any_request_revives(client, fed):

@@ -1,0 +1,159 @@
+"""Durable state of a coordinator's run in SQLite (stdlib sqlite3, WAL journal, synchronous=FULL).
+
+What is stored (one database per run directory, ``TEMP_DIR/coordinator.sqlite3``):
+
+- ``run``: one row of key/value pairs: run id, the configuration the run was started with, the phase, the
+  round, its attempt and participants, the model version, when the round started (wall clock).
+- ``nodes``: every registered node with the SHA-256 digest of its token (never the token).
+- ``updates``: the accepted updates of the open round (metadata; the bytes are files next to the database).
+- ``history``: one JSON record per completed round.
+
+Every method runs in one transaction; a method returns only after the commit reached the disk, so what was
+acknowledged survives ``kill -9`` and power loss. The caller serialises access (the federation's lock); the
+connection may be used from any thread.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Iterable
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS run (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    record TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS updates (
+    round INTEGER NOT NULL,
+    node_id TEXT NOT NULL,
+    record TEXT NOT NULL,
+    PRIMARY KEY (round, node_id)
+);
+CREATE TABLE IF NOT EXISTS history (round INTEGER PRIMARY KEY, record TEXT NOT NULL);
+"""
+
+
+class StoreError(RuntimeError):
+    """The database is from an incompatible version or unreadable."""
+
+
+class RunStore:
+    """Transactions on the run database at ``path`` (created with its schema when missing).
+
+    Raises
+    ------
+    StoreError
+        If the file exists but is not a database of this schema version.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            version = self.get("schema_version")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path} is not a usable run database: {exc}") from None
+        if version is None:
+            self.put({"schema_version": SCHEMA_VERSION})
+        elif version != SCHEMA_VERSION:
+            raise StoreError(f"{self.path} has schema version {version}, this coordinator reads {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _transaction(self, statements: Iterable[tuple[str, tuple]]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, params in statements:
+                    self._db.execute(sql, params)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ run keys
+
+    def get(self, key: str, default: Any = None) -> Any:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM run WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def is_empty(self) -> bool:
+        """True when no run was ever started in this database."""
+        return self.get("run_id") is None
+
+    @staticmethod
+    def _put_statements(values: dict) -> list[tuple[str, tuple]]:
+        return [("INSERT INTO run (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                 (key, json.dumps(value))) for key, value in values.items()]
+
+    def put(self, values: dict) -> None:
+        """Set run keys (JSON values) in one transaction."""
+        self._transaction(self._put_statements(values))
+
+    # ------------------------------------------------------------------ nodes
+
+    def save_node(self, node_id: str, name: str, record: dict) -> None:
+        self._transaction([(
+            "INSERT INTO nodes (node_id, name, record) VALUES (?, ?, ?) "
+            "ON CONFLICT(node_id) DO UPDATE SET name = excluded.name, record = excluded.record",
+            (node_id, name, json.dumps(record)))])
+
+    def nodes(self) -> list[dict]:
+        with self._lock:
+            rows = self._db.execute("SELECT record FROM nodes ORDER BY name").fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    # ------------------------------------------------------------------ updates
+
+    def add_update(self, round_number: int, node_id: str, record: dict, node_record: dict) -> None:
+        """Record an accepted update and its node's new counters in one transaction."""
+        self._transaction([
+            ("INSERT INTO updates (round, node_id, record) VALUES (?, ?, ?)",
+             (round_number, node_id, json.dumps(record))),
+            ("UPDATE nodes SET record = ? WHERE node_id = ?", (json.dumps(node_record), node_id)),
+        ])
+
+    def updates(self, round_number: int) -> list[dict]:
+        with self._lock:
+            rows = self._db.execute("SELECT record FROM updates WHERE round = ? ORDER BY rowid",
+                                    (round_number,)).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    # ------------------------------------------------------------------ rounds
+
+    def start_round(self, values: dict) -> None:
+        """Open a round (or an attempt of it): set run keys and drop updates of rounds other than it."""
+        statements = self._put_statements(values)
+        statements.append(("DELETE FROM updates WHERE round != ?", (values["round"],)))
+        self._transaction(statements)
+
+    def finish_round(self, round_number: int, history_record: dict, values: dict,
+                     node_records: dict[str, dict]) -> None:
+        """Commit a completed round: its history row, the run keys, node counters; its updates are dropped."""
+        statements = [("INSERT OR REPLACE INTO history (round, record) VALUES (?, ?)",
+                       (round_number, json.dumps(history_record))),
+                      ("DELETE FROM updates WHERE round = ?", (round_number,))]
+        statements += [("UPDATE nodes SET record = ? WHERE node_id = ?", (json.dumps(rec), node_id))
+                       for node_id, rec in node_records.items()]
+        statements += self._put_statements(values)
+        self._transaction(statements)
+
+    def history(self) -> list[dict]:
+        with self._lock:
+            rows = self._db.execute("SELECT record FROM history ORDER BY round").fetchall()
+        return [json.loads(r[0]) for r in rows]
