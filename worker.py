@@ -48,6 +48,10 @@ class StopRequested(BaseException):
     so that no library's ``except Exception`` swallows it)."""
 
 
+class RoundClosed(Exception):
+    """The round this node is training for closed (deadline, or restarted without it)."""
+
+
 class FatalError(Exception):
     """The worker cannot go on (the message says why); exit status 1."""
 
@@ -112,6 +116,8 @@ class Worker:
         self.rounds_done = 0
         self.stop_event = threading.Event()
         self.need_register = threading.Event()
+        self.abort_training = threading.Event()
+        self.training_round: int | None = None
         self._unreachable_since: float | None = None
         self._heartbeat_thread: threading.Thread | None = None
 
@@ -143,7 +149,13 @@ class Worker:
             if node_id is None or self.need_register.is_set():
                 continue
             try:
-                client.heartbeat(node_id)
+                answer = client.heartbeat(node_id)
+                training = self.training_round
+                if training is not None and (answer.get("node_status") != "training"
+                                             or answer.get("round") != training):
+                    log.info("heartbeat: round %s is %s and this node is %s; stopping local training",
+                             training, answer.get("state"), answer.get("node_status"))
+                    self.abort_training.set()
             except CoordinatorError as exc:
                 if exc.status in (401, 404):
                     log.warning("heartbeat: the coordinator does not know this node (%s); registering again",
@@ -243,58 +255,92 @@ class Worker:
             log.info("downloaded global model version %d (%.1f MB)", version, len(data) / 1e6)
 
     def train_round(self, task: dict) -> None:
-        """Train on the task's round and upload the update; 409/400/413 answers are logged, not retried."""
+        """Train on the task's round and upload the update.
+
+        Training is dropped when the heartbeat learns that the round closed (the worker then joins the
+        current one). An upload that fails for want of a connection is sent again, the same bytes, until
+        it is answered (a repeat that had in fact arrived is answered 409 duplicate_update and counted
+        once). 409/400/413 answers are logged and these bytes are not sent again.
+        """
         round_number = int(task["round"])
         settings = task["settings"]
         self._ensure_model(task)
-        progress = self._progress_bar(round_number, settings["local_epochs"])
+        self.abort_training.clear()
+        self.training_round = round_number
+        progress = self._progress(round_number, settings["local_epochs"])
         try:
             result = local_train(self.model, self.data.images, self.data.labels,
                                  epochs=settings["local_epochs"], batch_size=settings["batch_size"],
                                  learning_rate=settings["learning_rate"], momentum=settings.get("momentum", 0.0),
                                  seed=_shuffle_seed(settings.get("seed", 0), round_number, self.name),
                                  progress=progress)
+        except RoundClosed:
+            self.model_version = -1
+            log.warning("round %d closed while this node was training; dropping the work", round_number)
+            return
         finally:
-            if progress is not None:
-                progress.close()
+            self.training_round = None
+            progress.close()
         self.model_version = -1  # local weights now differ from any global version
         metadata = {"num_samples": result.num_samples, "train_loss": result.loss,
                     "train_accuracy": result.accuracy, "train_seconds": result.seconds}
         data = state_dict_to_bytes(self.model.state_dict())
-        try:
-            self.client.submit_update(round_number, metadata, data)
-        except CoordinatorError as exc:
-            if exc.error == "duplicate_update":
-                log.info("round %d: update was already received (a retried upload); counted once", round_number)
-            elif exc.status == 409:
-                log.warning("round %d: update not taken (%s); joining the current round", round_number,
-                            exc.message)
-                return
-            elif exc.status in (400, 413):
-                log.error("round %d: update rejected (%s); not sending these bytes again", round_number, exc)
-                return
-            else:
-                raise
+        if not self._upload(round_number, metadata, data):
+            return
         self.rounds_done += 1
         log.info("round %d: trained %d samples x %d epochs in %.1fs (%.0f samples/s), loss %.4f, "
                  "accuracy %.4f; update sent", round_number, result.num_samples, settings["local_epochs"],
                  result.seconds, result.num_examples_seen / max(result.seconds, 1e-9), result.loss,
                  result.accuracy)
 
-    def _progress_bar(self, round_number: int, epochs: int):
-        """A tqdm bar over examples that also honours stop requests; None with --quiet."""
-        if self.cfg.quiet:
-            return None
-        from tqdm import tqdm
+    def _upload(self, round_number: int, metadata: dict, data: bytes) -> bool:
+        """Send one update until it is answered; True if the coordinator holds it."""
+        while True:
+            try:
+                self.client.submit_update(round_number, metadata, data)
+                self._unreachable_since = None
+                return True
+            except CoordinatorUnreachable as exc:
+                self._wait_for_coordinator(exc)  # raises FatalError after GIVE_UP_AFTER
+            except CoordinatorError as exc:
+                if exc.error == "duplicate_update":
+                    log.info("round %d: the update had already arrived (a retried upload); counted once",
+                             round_number)
+                    return True
+                if exc.status == 409:
+                    log.warning("round %d: update not taken (%s); joining the current round", round_number,
+                                exc.message)
+                elif exc.status in (400, 413):
+                    log.error("round %d: update rejected (%s); not sending these bytes again", round_number, exc)
+                elif exc.status == 401 or exc.error == "unknown_node":
+                    self.need_register.set()  # the coordinator lost this node: register, then train again
+                    log.warning("round %d: the coordinator no longer knows this node; registering again",
+                                round_number)
+                elif exc.status == 429 or exc.status >= 500:
+                    log.warning("round %d: upload answered %s; sending it again", round_number, exc)
+                    self.stop_event.wait(2.0)
+                    continue
+                else:
+                    raise FatalError(f"unexpected answer to an upload: {exc}") from None
+                return False
 
-        bar = tqdm(total=len(self.data) * epochs, desc=f"round {round_number}", unit="ex", unit_scale=True,
-                   leave=False, dynamic_ncols=True, file=sys.stderr)
+    def _progress(self, round_number: int, epochs: int):
+        """Per-batch callback: a tqdm bar (unless --quiet), and the check that the round is still open."""
+        bar = None
+        if not self.cfg.quiet:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(self.data) * epochs, desc=f"round {round_number}", unit="ex", unit_scale=True,
+                       leave=False, dynamic_ncols=True, file=sys.stderr)
 
         def update(batch: int, loss: float, _seen: int) -> None:
-            bar.update(batch)
-            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            if self.abort_training.is_set():
+                raise RoundClosed(round_number)
+            if bar is not None:
+                bar.update(batch)
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
-        update.close = bar.close
+        update.close = bar.close if bar is not None else (lambda: None)
         return update
 
 

@@ -1,0 +1,309 @@
+"""Fault injection with real processes on 127.0.0.1: kill -9 workers and the coordinator at chosen moments,
+take the coordinator away for 30 s, cut uploads in the middle, skew a worker's clock. Each test asserts what
+was recovered (rounds, updates, the weighted mean) and prints how long recovery took."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+
+from client import CoordinatorClient, CoordinatorError, make_session
+from federation import load_checkpoint
+from processes import ROOT, TOKEN, free_port, procs, status_client, try_status, wait_for  # noqa: F401
+from utils import bytes_to_state_dict, state_dict_to_bytes
+
+pytestmark = pytest.mark.e2e
+
+
+def filled_like(reference, value: float, count: int) -> "OrderedDict[str, torch.Tensor]":
+    return OrderedDict((k, torch.full_like(v, value if v.is_floating_point() else count)) for k, v in reference.items())
+
+
+class FakeWorker:
+    """The test acting as a worker through the real HTTP API (so it controls exactly what is uploaded)."""
+
+    def __init__(self, port: int, name: str, num_samples: int) -> None:
+        self.client = CoordinatorClient(f"127.0.0.1:{port}", session=make_session(total_retries=2))
+        answer, _ = self.client.register(name, "cpu", num_samples, {}, TOKEN)
+        self.node_id, self.client.token, self.num_samples = answer["node_id"], answer["node_token"], num_samples
+
+    def upload(self, round_number: int, value: float, count: int) -> dict:
+        _, data = self.client.model()
+        update = filled_like(bytes_to_state_dict(data), value, count)
+        return self.client.submit_update(round_number, {"num_samples": self.num_samples},
+                                         state_dict_to_bytes(update))
+
+
+def weighted(pairs) -> float:
+    return sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
+
+
+def wait_state(port: int, procs, predicate, timeout: float, what: str, allow_exit=()) -> dict:
+    client = status_client(port)
+
+    def check():
+        status = try_status(client)
+        return status if status is not None and predicate(status) else None
+
+    return wait_for(check, timeout, what, procs, allow_exit)
+
+
+# ----------------------------------------------------------------------------- workers die
+
+
+def test_worker_killed_mid_training_round_completes_and_it_rejoins(procs):
+    port = free_port()
+    procs.coordinator(port, "--rounds", "2", "--min-nodes", "3", "--round-timeout", "20", "--node-timeout", "60",
+                      "--local-epochs", "2")
+    for i in range(3):
+        procs.worker(f"w{i}", port, "--partition-id", str(i), "--num-partitions", "3")
+    status = wait_state(port, procs, lambda s: s["state"] == "training" and s["round"] == 1, 120,
+                        "round 1 to start")
+    victim = next(n for n in status["nodes"] if n["name"] == "w2")
+    time.sleep(1.0)  # w2 is now inside local training (2 epochs take several seconds)
+    procs.kill("w2")
+    killed_at = time.monotonic()
+    status = wait_state(port, procs, lambda s: len(s["history"]) >= 1, 120, "round 1 to close", allow_exit=("w2",))
+    closed_after = time.monotonic() - killed_at
+    assert status["history"][0]["num_updates"] == 2
+    assert victim["node_id"] not in status["history"][0]["node_ids"]
+    procs.worker("w2", port, "--partition-id", "2", "--num-partitions", "3")  # restarted with the same name
+    status = wait_state(port, procs, lambda s: s["state"] == "finished", 180, "round 2 to finish")
+    assert [r["num_updates"] for r in status["history"]] == [2, 3]
+    w2 = next(n for n in status["nodes"] if n["name"] == "w2")
+    assert w2["node_id"] == victim["node_id"] and w2["rounds_contributed"] == [2]
+    print(f"\nworker kill -9 mid-training: round 1 closed {closed_after:.1f}s later with 2 of 3 updates; "
+          f"the restarted worker contributed to round 2 as node {w2['node_id']}")
+
+
+# ----------------------------------------------------------------------------- the coordinator dies
+
+
+def test_coordinator_killed_after_k_of_n_updates_loses_none(procs):
+    port = free_port()
+    args = ("--rounds", "2", "--min-nodes", "3", "--no-eval", "--round-timeout", "120")
+    procs.coordinator(port, *args)
+    wait_state(port, procs, lambda s: True, 60, "the coordinator to answer")
+    workers = [FakeWorker(port, f"f{i}", n) for i, n in enumerate((10, 20, 30))]
+    wait_state(port, procs, lambda s: s["state"] == "training", 30, "round 1")
+    assert workers[0].upload(1, 1.0, 1)["accepted"]
+    assert workers[1].upload(1, 2.0, 2)["accepted"]  # k = 2 of n = 3 acknowledged
+    procs.kill("coordinator")
+    restarted = time.monotonic()
+    procs.coordinator(port, *args)
+    status = wait_state(port, procs, lambda s: True, 60, "the restarted coordinator")
+    recovered = time.monotonic() - restarted
+    assert (status["round"], status["state"], status["current_round"]["updates_received"]) == (1, "training", 2)
+    with pytest.raises(CoordinatorError) as duplicate:  # the node tokens survived; a retry counts once
+        workers[0].upload(1, 1.0, 1)
+    assert duplicate.value.error == "duplicate_update"
+    assert workers[2].upload(1, 3.0, 3)["accepted"]
+    wait_state(port, procs, lambda s: s["model_version"] == 1, 60, "round 1 to be aggregated")
+    version, data = workers[0].client.model()
+    model = bytes_to_state_dict(data)
+    assert version == 1
+    assert torch.allclose(model["fc1.weight"], torch.full_like(model["fc1.weight"],
+                                                               weighted([(1.0, 10), (2.0, 20), (3.0, 30)])))
+    assert model["bn1.num_batches_tracked"].item() == round(weighted([(1, 10), (2, 20), (3, 30)]))
+    for w in workers:
+        w.upload(2, 0.5, 1)
+    status = wait_state(port, procs, lambda s: s["state"] == "finished", 60, "round 2")
+    assert [(r["round"], r["num_updates"], r["num_samples"]) for r in status["history"]] == [(1, 3, 60), (2, 3, 60)]
+    print(f"\ncoordinator kill -9 after 2 of 3 updates: back in {recovered:.1f}s with both updates; "
+          f"the round finished with all 3")
+
+
+@pytest.mark.parametrize("failpoint", ["aggregate.before_commit", "checkpoint.between_files",
+                                       "atomic_write.before_replace=30@3"])
+def test_coordinator_killed_during_aggregation_or_checkpoint_recovers_consistently(procs, tmp_path, failpoint):
+    port = free_port()
+    args = ("--rounds", "2", "--min-nodes", "2", "--no-eval", "--round-timeout", "60")
+    spec = failpoint if "=" in failpoint else f"{failpoint}=30"
+    procs.coordinator(port, *args, env={"FL_FAILPOINTS": spec})
+    wait_state(port, procs, lambda s: True, 60, "the coordinator to answer")
+    a, b = FakeWorker(port, "a", 10), FakeWorker(port, "b", 30)
+    wait_state(port, procs, lambda s: s["state"] == "training", 30, "round 1")
+    a.upload(1, 1.0, 2)
+    b.upload(1, 3.0, 6)
+    name = spec.split("=")[0]
+    wait_for(lambda: f"failpoint {name} reached" in procs.output("coordinator"), 60, f"failpoint {name}", procs)
+    procs.kill("coordinator")
+    leftovers = [p.name for p in (tmp_path / "models").glob(".*.tmp")] + \
+                [p.name for p in (tmp_path / "temp").rglob(".*.tmp")]
+    procs.coordinator(port, *args)
+    status = wait_state(port, procs, lambda s: s["model_version"] == 1, 60, "round 1 after the restart")
+    assert [r["num_updates"] for r in status["history"]] == [2] and status["round"] == 2
+    expected = weighted([(1.0, 10), (3.0, 30)])
+    _, data = a.client.model()
+    assert torch.allclose(bytes_to_state_dict(data)["conv2.weight"], torch.full((64, 32, 3, 3), expected))
+    # every model file on disk is whole: it loads, and it is round 1's aggregate
+    for path in (tmp_path / "models").glob("*.pt"):
+        checkpoint = load_checkpoint(path)
+        assert checkpoint["round"] == 1
+        assert torch.allclose(checkpoint["state_dict"]["conv2.weight"], torch.full((64, 32, 3, 3), expected))
+    assert not list((tmp_path / "models").glob(".*.tmp"))  # interrupted writes were cleaned up
+    a.upload(2, 1.0, 1)
+    b.upload(2, 1.0, 1)
+    wait_state(port, procs, lambda s: s["state"] == "finished", 60, "round 2")
+    print(f"\ncoordinator kill -9 at {name}: temporary files at the kill {leftovers}; the restart completed "
+          f"round 1 once, weighted mean {expected}")
+
+
+def test_coordinator_down_30s_workers_wait_and_the_run_completes(procs):
+    port = free_port()
+    args = ("--rounds", "3", "--min-nodes", "2", "--round-timeout", "300")
+    procs.coordinator(port, *args)
+    for i in range(2):
+        procs.worker(f"w{i}", port, "--partition-id", str(i), "--num-partitions", "4")
+    wait_state(port, procs, lambda s: len(s["history"]) == 1, 120, "round 1")
+    procs.kill("coordinator")
+    time.sleep(30)
+    for i in range(2):
+        assert procs.procs[f"w{i}"].poll() is None, procs.output(f"w{i}")  # still waiting, not crashed
+    restarted = time.monotonic()
+    procs.coordinator(port, *args)
+    status = wait_state(port, procs, lambda s: s["state"] == "finished", 180, "the run to finish")
+    assert [r["round"] for r in status["history"]] == [1, 2, 3]
+    assert all(r["num_updates"] == 2 for r in status["history"])
+    for i in range(2):
+        assert procs.procs[f"w{i}"].wait(30) == 0
+        assert "Traceback" not in procs.output(f"w{i}")
+    print(f"\ncoordinator down 30 s after round 1: rounds 2-3 finished {time.monotonic() - restarted:.1f}s "
+          f"after the restart")
+
+
+# ----------------------------------------------------------------------------- the network breaks
+
+
+class CuttingProxy:
+    """A loopback TCP proxy that breaks the first update upload it sees (connections are kept alive, so each
+    chunk from the worker is checked for the start of ``POST .../updates``): ``mode="request"`` forwards the
+    first chunk of that request and closes the connection; ``mode="response"`` forwards the whole request but
+    drops the coordinator's answer."""
+
+    def __init__(self, target_port: int, mode: str) -> None:
+        self.target, self.mode, self.cuts = target_port, mode, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+        with self._lock:
+            for s in self._sockets:
+                s.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:  # the coordinator is not up yet: the worker sees a refused connection
+                client.close()
+                continue
+            with self._lock:
+                self._sockets += [client, server]
+            state = {"drop_answer": False}
+            threading.Thread(target=self._upstream, args=(client, server, state), daemon=True).start()
+            threading.Thread(target=self._downstream, args=(server, client, state), daemon=True).start()
+
+    def _claim_cut(self, chunk: bytes) -> bool:
+        with self._lock:
+            if self.cuts == 0 and chunk.startswith(b"POST ") and b"/updates" in chunk.split(b"\r\n", 1)[0]:
+                self.cuts = 1
+                return True
+        return False
+
+    @staticmethod
+    def _close(*sockets: socket.socket) -> None:
+        for s in sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _upstream(self, client: socket.socket, server: socket.socket, state: dict) -> None:
+        try:
+            while chunk := client.recv(65536):
+                cut = self._claim_cut(chunk)
+                server.sendall(chunk)
+                if cut and self.mode == "request":
+                    break  # the rest of the upload never arrives
+                if cut:
+                    state["drop_answer"] = True
+        except OSError:
+            pass
+        self._close(client, server)
+
+    def _downstream(self, server: socket.socket, client: socket.socket, state: dict) -> None:
+        try:
+            while chunk := server.recv(65536):
+                if state["drop_answer"]:
+                    break  # the coordinator answered; the worker never hears it
+                client.sendall(chunk)
+        except OSError:
+            pass
+        self._close(client, server)
+
+
+@pytest.mark.parametrize("mode", ["request", "response"])
+def test_upload_cut_in_the_middle_is_retried_and_counted_once(procs, mode):
+    port = free_port()
+    procs.coordinator(port, "--rounds", "1", "--min-nodes", "1", "--round-timeout", "120")
+    proxy = CuttingProxy(port, mode)
+    try:
+        procs.start("w0", "worker.py", "--coordinator-address", f"127.0.0.1:{proxy.port}", "--token", TOKEN,
+                    "--cpu", "--name", "w0", "--quiet", "--cpu-workers", "1", "--partition-id", "0",
+                    "--num-partitions", "8")
+        status = wait_state(port, procs, lambda s: s["state"] == "finished", 120, "the round")
+        assert procs.procs["w0"].wait(30) == 0
+    finally:
+        proxy.close()
+    assert proxy.cuts == 1
+    assert status["history"][0]["num_updates"] == 1 and status["history"][0]["num_samples"] == 500
+    assert status["nodes"][0]["updates_submitted"] == 1
+    print(f"\nupload cut ({mode}): retried by the worker, counted once")
+
+
+# ----------------------------------------------------------------------------- liveness
+
+
+def test_skewed_clock_and_training_longer_than_node_timeout_never_look_offline(procs):
+    port = free_port()
+    procs.coordinator(port, "--rounds", "1", "--min-nodes", "2", "--node-timeout", "2", "--round-timeout", "120",
+                      "--local-epochs", "6")
+    skew = {"PYTHONPATH": str(ROOT / "tests" / "clock_skew")}
+    procs.worker("skewed", port, "--partition-id", "0", "--num-partitions", "4", env=skew)
+    procs.worker("plain", port, "--partition-id", "1", "--num-partitions", "4")
+    client = status_client(port)
+    seen, started = set(), None
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        status = try_status(client)
+        if status is not None:
+            if status["state"] == "training" and started is None:
+                started = time.monotonic()
+            if started is not None:
+                seen.update((n["name"], n["status"]) for n in status["nodes"])
+            if status["state"] == "finished":
+                break
+        time.sleep(0.2)
+    assert status["state"] == "finished", procs.dump()
+    training_s = max(r["max_train_seconds"] for r in status["history"])
+    assert training_s > 4, "local training must outlast NODE_TIMEOUT for this test to mean anything"
+    assert ("skewed", "training") in seen and ("plain", "training") in seen
+    assert not any(s == "offline" for _, s in seen), seen
+    assert status["history"][0]["num_updates"] == 2
+    assert "+3600" not in procs.output("skewed")
+    print(f"\nclock one hour ahead and {training_s:.1f}s of training with NODE_TIMEOUT=2s: never offline")
