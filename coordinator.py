@@ -436,6 +436,13 @@ def _reachable_address(host: str) -> str:
         probe.close()
 
 
+def _serve(server) -> None:
+    try:
+        server.run()
+    except OSError:  # the listening socket was closed under the loop at shutdown
+        pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Federated-learning coordinator (FedAvg over REST).")
     config_module.add_arguments(parser, COORDINATOR_FIELDS)
@@ -494,7 +501,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     if server is not None:
-        threading.Thread(target=server.run, name="waitress", daemon=True).start()
+        threading.Thread(target=_serve, args=(server,), name="waitress", daemon=True).start()
     else:
         threading.Thread(target=lambda: app.run(cfg.host, cfg.port, threaded=True, use_reloader=False),
                          name="flask-debug", daemon=True).start()
@@ -507,6 +514,8 @@ def main(argv=None) -> int:
             if federation.all_told_to_stop() or time.monotonic() - finished_at > grace:
                 time.sleep(0.5)  # let the last answers leave
                 break
+    if server is not None:
+        server.close()  # no new connections from here on
     federation.stop()  # waits for an aggregation or checkpoint write in progress
     if federation.finished and federation.history:
         last = federation.history[-1]

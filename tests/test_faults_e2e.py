@@ -307,3 +307,25 @@ def test_skewed_clock_and_training_longer_than_node_timeout_never_look_offline(p
     assert status["history"][0]["num_updates"] == 2
     assert "+3600" not in procs.output("skewed")
     print(f"\nclock one hour ahead and {training_s:.1f}s of training with NODE_TIMEOUT=2s: never offline")
+
+
+def test_worker_training_when_its_round_closes_drops_the_work_and_leaves_on_sigterm(procs):
+    port = free_port()
+    procs.coordinator(port, "--rounds", "3", "--min-nodes", "2", "--round-timeout", "6", "--local-epochs", "4")
+    procs.worker("fast", port, "--partition-id", "0", "--num-partitions", "16")  # 250 examples
+    procs.worker("slow", port)  # all 4,000 examples: 4 epochs take far longer than 6 s
+    wait_state(port, procs, lambda s: len(s["history"]) >= 2, 120, "two rounds")
+    wait_for(lambda: "closed while this node was training; dropping the work" in procs.output("slow"), 30,
+             "the slow worker to drop its work", procs)
+    slow_log = procs.output("slow")
+    assert "update not taken" not in slow_log  # it never finished and sent work of a closed round
+    assert "round 2: trained" not in slow_log
+    status = try_status(status_client(port))
+    slow = next(n for n in status["nodes"] if n["name"] == "slow")
+    assert slow["updates_submitted"] == 0 and all(r["num_updates"] == 1 for r in status["history"])
+    # SIGTERM: the worker tells the coordinator it leaves, exits 0, and is offline at once
+    procs.procs["slow"].terminate()
+    assert procs.procs["slow"].wait(20) == 0
+    status = try_status(status_client(port))
+    assert next(n for n in status["nodes"] if n["name"] == "slow")["status"] == "offline"
+    assert "Traceback" not in procs.output("slow")
