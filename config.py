@@ -64,7 +64,7 @@ class Config:
     # --- rounds ---
     communication_rounds: int = field(default=5, metadata=_meta("number of rounds", lo=1, hi=1_000_000))
     min_nodes_to_start: int = field(default=2, metadata=_meta(
-        "registered nodes needed before the first round", lo=1, hi=100_000))
+        "online nodes needed to open a round, and the fewest sampled into one", lo=1, hi=100_000))
     node_timeout: float = field(default=60.0, metadata=_meta(
         "seconds without any request before a node counts as offline", lo=0.1, hi=86400))
     heartbeat_interval: float = field(default=10.0, metadata=_meta(
@@ -84,7 +84,8 @@ class Config:
         "largest accepted update upload, bytes", lo=1024, hi=2**40))
     # --- security ---
     token: str | None = field(default=None, metadata=_meta(
-        "join token (default: generated once and kept in TEMP_DIR/join_token)", secret=True))
+        "join token; the coordinator generates one and keeps it in TEMP_DIR/join_token when none is given, "
+        "workers and monitors pass the coordinator's", secret=True))
     no_auth: bool = field(default=False, metadata=_meta("accept registrations and monitors without a token"))
     no_eval: bool = field(default=False, metadata=_meta("do not evaluate the global model (no test data here)"))
     debug: bool = field(default=False, metadata=_meta("serve with Flask's development server"))

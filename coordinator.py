@@ -30,7 +30,7 @@ from config import COORDINATOR_FIELDS, Config
 from federation import (Conflict, Federation, Node, UnknownNode, archive_run, hash_token, resume_config,
                         stored_run_config)
 from store import StoreError
-from utils import UpdateRejected, set_cpu_threads, setup_logging
+from utils import UpdateRejected, interrupt_on_sigterm, set_cpu_threads, setup_logging
 
 log = logging.getLogger("fl.coordinator")
 
@@ -110,7 +110,7 @@ def _require_join_token() -> None:
         return
     token = _bearer()
     if token is None:
-        raise ApiError(401, "unauthorized", "missing Authorization: Bearer <join token>",
+        raise ApiError(401, "unauthorized", "expected the header Authorization: Bearer <join token>",
                        headers={"WWW-Authenticate": "Bearer"})
     if not hmac.compare_digest(hash_token(token), current_app.config["FL_JOIN_TOKEN_HASH"]):
         raise ApiError(401, "unauthorized", "wrong join token", headers={"WWW-Authenticate": "Bearer"})
@@ -119,7 +119,7 @@ def _require_join_token() -> None:
 def _require_node() -> Node:
     token = _bearer()
     if token is None:
-        raise ApiError(401, "unauthorized", "missing Authorization: Bearer <node token>",
+        raise ApiError(401, "unauthorized", "expected the header Authorization: Bearer <node token>",
                        headers={"WWW-Authenticate": "Bearer"})
     node = _federation().authenticate(token)
     if node is None:
@@ -165,6 +165,10 @@ def _short_text(value, name: str, max_length: int) -> str:
         raise ApiError(400, "bad_request", f"{name} must be a non-empty string of at most {max_length} characters")
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
         raise ApiError(400, "bad_request", f"{name} must not contain control characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate such as "\ud800": not text, cannot be logged or shown
+        raise ApiError(400, "bad_request", f"{name} must be valid unicode text") from None
     return value
 
 
@@ -215,17 +219,25 @@ def register():
     num_samples = _positive_int(body.get("num_samples"), "num_samples")
     system_info = body.get("system_info", {})
     try:
-        encoded = json.dumps(system_info, allow_nan=False)  # NaN/Infinity would make /status invalid JSON
-    except ValueError:
-        raise ApiError(400, "bad_request", "system_info must not hold NaN or Infinity") from None
+        encoded = json.dumps(system_info, allow_nan=False, ensure_ascii=False)
+        encoded.encode("utf-8")  # lone surrogates cannot be logged or shown
+    except ValueError:  # NaN/Infinity would make /status invalid JSON; UnicodeEncodeError is a ValueError
+        raise ApiError(400, "bad_request", "system_info must not hold NaN, Infinity or invalid unicode") from None
     if not isinstance(system_info, dict) or len(encoded) > MAX_SYSTEM_INFO_BYTES:
         raise ApiError(400, "bad_request", f"system_info must be a JSON object of at most "
                                            f"{MAX_SYSTEM_INFO_BYTES} bytes")
+    instance_id = body.get("instance_id")
+    if instance_id is not None:
+        instance_id = _short_text(instance_id, "instance_id", 64)
     fed = _federation()
-    node, token, created = fed.register(name, device, num_samples, system_info)
+    try:
+        node, token, created = fed.register(name, device, num_samples, system_info, instance_id)
+    except Conflict as exc:
+        raise ApiError(409, exc.error, exc.message, **exc.details) from None
     return jsonify({"node_id": node.node_id, "node_token": token, "name": node.name,
                     "heartbeat_interval": fed.config.heartbeat_interval,
-                    "node_timeout": fed.config.node_timeout, "run_id": fed.run_id}), (201 if created else 200)
+                    "node_timeout": fed.config.node_timeout, "run_id": fed.run_id,
+                    "model": fed.config.model, "dataset": fed.config.dataset}), (201 if created else 200)
 
 
 def _own_node(node_id: str) -> Node:
@@ -282,10 +294,21 @@ def model():
 @api.post("/rounds/<int:round_number>/updates")
 def submit_update(round_number: int):
     fed = _federation()
+    node = _require_node()
+    try:
+        accepted = _accept_update(fed, node, round_number)
+    except ApiError as exc:
+        if exc.code in (400, 413):  # the node's answer for this round was refused: log and count it
+            fed.record_rejection(node, round_number, exc.error, exc.message)
+        raise
+    return jsonify({"accepted": True, "round": round_number, "node_id": node.node_id,
+                    "num_samples": accepted.num_samples}), 202
+
+
+def _accept_update(fed: Federation, node: Node, round_number: int):
     limit = fed.config.max_update_bytes
     if request.content_length is not None and request.content_length > limit + MULTIPART_SLACK:
         raise _too_large(limit)
-    node = _require_node()
     if not request.mimetype == "multipart/form-data":
         raise ApiError(415, "unsupported_media_type", "send multipart/form-data with fields "
                                                       "'metadata' (JSON) and 'state_dict' (file)")
@@ -297,13 +320,11 @@ def submit_update(round_number: int):
     if len(data) > limit:
         raise _too_large(limit)
     try:
-        accepted = fed.submit_update(node, round_number, metadata, data)
+        return fed.submit_update(node, round_number, metadata, data)
     except Conflict as exc:
         raise ApiError(409, exc.error, exc.message, **exc.details) from None
     except UpdateRejected as exc:
         raise ApiError(400, "invalid_update", str(exc)) from None
-    return jsonify({"accepted": True, "round": round_number, "node_id": node.node_id,
-                    "num_samples": accepted.num_samples}), 202
 
 
 def _too_large(limit: int) -> ApiError:
@@ -450,10 +471,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run the coordinator until the run is done (or SIGINT/SIGTERM); returns the exit status."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers are in place (imports, data loading)
+        print("interrupted", file=sys.stderr)
+        return 0
+
+
+def _main(argv) -> int:
+    interrupt_on_sigterm()  # a SIGTERM during start-up (imports, data loading) ends quietly too
     parser = build_parser()
     cfg, _ = config_module.parse_config(parser, COORDINATOR_FIELDS, argv)
-    config_module.ensure_dirs(cfg)
-    setup_logging(Path(cfg.logs_dir) / "coordinator.log")
+    try:
+        config_module.ensure_dirs(cfg)
+        setup_logging(Path(cfg.logs_dir) / "coordinator.log")
+    except OSError as exc:
+        print(f"error: cannot create the run-time directories: {exc}", file=sys.stderr)
+        return 2
     from datasets import DatasetUnavailable
     from model import MODELS
 
@@ -474,9 +509,12 @@ def main(argv=None) -> int:
     import waitress
 
     try:
-        server = None if cfg.debug else waitress.create_server(app, host=cfg.host, port=cfg.port,
-                                                                threads=cfg.server_threads)
-    except OSError as exc:
+        if cfg.debug:
+            server = None
+            socket.create_server((cfg.host, cfg.port)).close()  # fail here, not in the debug server's thread
+        else:
+            server = waitress.create_server(app, host=cfg.host, port=cfg.port, threads=cfg.server_threads)
+    except (OSError, ValueError) as exc:  # ValueError: waitress on a malformed host
         print(f"error: cannot listen on {cfg.host}:{cfg.port}: {exc}", file=sys.stderr)
         return 2
     port = server.effective_port if server is not None else cfg.port
@@ -488,8 +526,8 @@ def main(argv=None) -> int:
         log.warning("authentication is off (--no-auth): anyone who reaches this port can join")
         log.info("start a worker with: python worker.py --coordinator-address %s --cpu", address)
     else:
-        log.info("join token: %s (stored in %s unless given with --token)", token,
-                 Path(cfg.temp_dir) / "join_token")
+        log.info("join token: %s (%s)", token, "from --token / FL_TOKEN" if cfg.token else
+                 f"generated once, kept in {Path(cfg.temp_dir) / 'join_token'}")
         log.info("start a worker with: python worker.py --coordinator-address %s --token %s --cpu", address, token)
 
     stop = threading.Event()

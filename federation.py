@@ -93,12 +93,15 @@ class Node:
     rounds_contributed: list = field(default_factory=list)
     last_train_loss: float | None = None
     last_train_accuracy: float | None = None
+    instance_id: str | None = None  # the worker process now using this name
+    superseded: list = field(default_factory=list)  # instance ids that a later process with this name replaced
     polling: int = 0  # long polls in progress (a node waiting in a poll is alive)
     left: bool = False  # said it leaves (DELETE); offline until its next authenticated request
     stop_sent: bool = False
 
     _DURABLE = ("node_id", "name", "device", "num_samples", "system_info", "token_hash", "registered_at",
-                "updates_submitted", "rounds_contributed", "last_train_loss", "last_train_accuracy")
+                "updates_submitted", "rounds_contributed", "last_train_loss", "last_train_accuracy",
+                "instance_id", "superseded")
 
     def record(self) -> dict:
         """The fields that are stored (liveness is not: it restarts with the coordinator)."""
@@ -167,8 +170,8 @@ def archive_run(temp_dir: str | os.PathLike) -> Path | None:
                          temp / "updates", temp / "global") if p.exists()]
     if not parts:
         return None
-    target = temp / "archive" / time.strftime("%Y%m%d-%H%M%S")
-    target.mkdir(parents=True, exist_ok=True)
+    target = temp / "archive" / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    target.mkdir(parents=True)
     for part in parts:
         os.replace(part, target / part.name)
     return target
@@ -233,6 +236,8 @@ class Federation:
         self.round = 0  # round in progress (training/aggregating) or last one finished
         self.participants: list[str] = []
         self.updates: "OrderedDict[str, AcceptedUpdate]" = OrderedDict()
+        self.rejected: dict[str, str] = {}  # node id -> why its update for the open round was refused
+        self.rejections: dict[str, int] = {}  # error name -> refused updates since start (monitors)
         self.round_started_mono = 0.0  # deadline base; a restart gives the open round a fresh deadline
         self.round_started_wall = 0.0
         self.round_attempt = 0
@@ -320,12 +325,23 @@ class Federation:
 
     # ------------------------------------------------------------------ nodes
 
-    def register(self, name: str, device: str, num_samples: int, system_info: dict) -> tuple[Node, str, bool]:
+    def register(self, name: str, device: str, num_samples: int, system_info: dict,
+                 instance_id: str | None = None) -> tuple[Node, str, bool]:
         """Register a node, or re-register the node already called ``name``.
 
         Returns (node, new node token, created). Re-registration keeps the node id, its history and
         its participation in the current round, and replaces its token (the old one stops working).
         The node is stored before this returns.
+
+        ``instance_id`` identifies the worker process. When a new process takes a name over (a worker
+        restarted after a crash), the process it replaced is remembered: if that one is in fact still
+        running and registers again, it gets :class:`Conflict` ``name_in_use`` instead of taking the name
+        back, so two workers given the same name do not steal it from each other forever.
+
+        Raises
+        ------
+        Conflict
+            ``name_in_use`` for a process that a later one with the same name replaced.
         """
         token = secrets.token_urlsafe(32)
         now_mono, now_wall = self._clock(), time.time()
@@ -335,9 +351,16 @@ class Federation:
             if created:
                 node_id = secrets.token_hex(8)
                 node = Node(node_id, name, device, num_samples, system_info, hash_token(token), now_wall,
-                            now_mono, now_wall)
+                            now_mono, now_wall, instance_id=instance_id)
             else:
                 node = self.nodes[node_id]
+                if instance_id is not None and instance_id in node.superseded:
+                    raise Conflict("name_in_use", f"another worker registered later as {name!r}; give every "
+                                   "worker its own --name", node_id=node_id)
+                if instance_id != node.instance_id and node.instance_id is not None:
+                    node.superseded = (node.superseded + [node.instance_id])[-16:]
+                    log.warning("node %s (%s): a new worker process took the name over", name, node_id)
+                node.instance_id = instance_id
                 self._by_token.pop(node.token_hash, None)
                 node.device, node.num_samples, node.system_info = device, num_samples, system_info
                 node.token_hash = hash_token(token)
@@ -391,10 +414,12 @@ class Federation:
         now = self._clock() if now is None else now
         if not self._is_online(node, now):
             return "offline"
-        if (self.phase == Phase.TRAINING and node.node_id in self.participants
-                and node.node_id not in self.updates):
-            return "training"
-        return "online"
+        return "training" if self._owes_answer(node.node_id) else "online"
+
+    def _owes_answer(self, node_id: str) -> bool:
+        """A participant of the open round that has neither an accepted nor a refused update."""
+        return (self.phase == Phase.TRAINING and node_id in self.participants and node_id not in self.updates
+                and node_id not in self.rejected)
 
     # ------------------------------------------------------------------ tasks
 
@@ -403,11 +428,11 @@ class Federation:
             node.stop_sent = True
             return {"action": "stop", "round": self.round, "model_version": self.model_version,
                     "reason": f"all {self.config.communication_rounds} rounds are done"}
-        if (self.phase == Phase.TRAINING and node.node_id in self.participants
-                and node.node_id not in self.updates):
+        if self._owes_answer(node.node_id):
             c = self.config
             return {"action": "train", "round": self.round, "model_version": self.model_version,
-                    "model": c.model, "deadline_s": round(self._deadline() - self._clock(), 3),
+                    "model": c.model, "dataset": c.dataset,
+                    "deadline_s": round(self._deadline() - self._clock(), 3),
                     "settings": {"local_epochs": c.local_epochs, "batch_size": c.batch_size,
                                  "learning_rate": c.learning_rate, "momentum": c.momentum,
                                  "seed": c.seed}}
@@ -494,6 +519,7 @@ class Federation:
                           last_train_accuracy=accepted.train_accuracy)
             self.store.add_update(round_number, node.node_id, asdict(accepted), record)
             self.updates[node.node_id] = accepted
+            self.rejected.pop(node.node_id, None)
             node.updates_submitted += 1
             node.last_train_loss, node.last_train_accuracy = accepted.train_loss, accepted.train_accuracy
             self._touch(node)
@@ -501,6 +527,21 @@ class Federation:
             log.info("round %d: update %d/%d from %s (%d samples)", round_number, len(self.updates),
                      len(self.participants), node.name, accepted.num_samples)
         return accepted
+
+    def record_rejection(self, node: Node, round_number: int, error: str, reason: str) -> None:
+        """Count a refused update (400/413) as this node's answer for the open round, and log it.
+
+        The round then stops waiting for the node and the node is not asked to train again in this attempt
+        (sending the same work again would be refused again). Refusals for other rounds only count.
+        """
+        with self._changed:
+            self.rejections[error] = self.rejections.get(error, 0) + 1
+            counts = self.phase == Phase.TRAINING and round_number == self.round and self._owes_answer(node.node_id)
+            if counts:
+                self.rejected[node.node_id] = reason
+                self._changed.notify_all()
+        log.warning("round %d: refused the update of %s (%s: %s)%s", round_number, node.name, error, reason,
+                    "" if counts else "; not a pending participant")
 
     # ------------------------------------------------------------------ the state machine
 
@@ -518,6 +559,7 @@ class Federation:
         self.participants = sample_participants(online, c.client_fraction, c.min_nodes_to_start, c.seed,
                                                 number, attempt)
         self.updates = OrderedDict()
+        self.rejected = {}
         self.round_started_mono = now
         if attempt == 1:
             self.round_started_wall = time.time()
@@ -568,7 +610,7 @@ class Federation:
     def _round_closes(self, now: float) -> bool:
         """Whether the open round closes now; restarts it (and returns False) when too few updates came."""
         missing = [i for i in self.participants if i not in self.updates]
-        live_missing = [i for i in missing if self._is_online(self.nodes[i], now)]
+        live_missing = [i for i in missing if i not in self.rejected and self._is_online(self.nodes[i], now)]
         timed_out = now >= self._deadline()
         if live_missing and not timed_out:
             return False
@@ -577,6 +619,10 @@ class Federation:
                    f"ROUND_TIMEOUT={self.config.round_timeout:g}s passed")
             log.warning("round %d: %s with %d of MIN_UPDATES=%d updates; starting it again", self.round, why,
                         len(self.updates), self.config.min_updates)
+            if self.rejected and len(self.rejected) + len(self.updates) == len(self.participants):
+                log.error("round %d: the coordinator refused %d of the updates (%s); check the training settings "
+                          "(e.g. --learning-rate) and MAX_UPDATE_BYTES", self.round, len(self.rejected),
+                          "; ".join(sorted(set(self.rejected.values())))[:500])
             if len(self._online_ids(now)) >= self.config.min_nodes_to_start:
                 self._open_round(self.round, self.round_attempt + 1, now, f"attempt {self.round_attempt + 1}")
             else:
@@ -598,6 +644,7 @@ class Federation:
                    reference) -> None:
         t0 = time.perf_counter()
         acc = FedAvgAccumulator(reference)
+        updates = sorted(updates, key=lambda u: u.node_id)  # a fixed order: the same run, the same bits
         for u in list(updates):
             try:
                 with open(u.path, "rb") as f:
@@ -622,6 +669,10 @@ class Federation:
                 test_loss, test_accuracy = self._evaluator(new_state)
             except Exception:  # noqa: BLE001 - a pluggable evaluator must not stop the run; logged in full
                 log.exception("round %d: evaluation failed; the round is recorded without test metrics", number)
+            if test_loss is not None and not (math.isfinite(test_loss) and math.isfinite(test_accuracy)):
+                log.warning("round %d: the global model's test loss is %s (the model diverged); recorded as "
+                            "unknown", number, test_loss)
+                test_loss = None
         t2 = time.perf_counter()
         record = RoundRecord(
             round=number, test_loss=test_loss, test_accuracy=test_accuracy, num_updates=len(updates),
@@ -757,10 +808,12 @@ class Federation:
                 "client_fraction": self.config.client_fraction, "min_updates": self.config.min_updates,
                 "current_round": {
                     "round": self.round, "participants": list(self.participants),
-                    "updates_received": len(self.updates), "attempt": self.round_attempt,
+                    "updates_received": len(self.updates), "updates_refused": len(self.rejected),
+                    "attempt": self.round_attempt,
                     "elapsed_s": round(now - self.round_started_mono, 3),
                     "timeout_s": self.config.round_timeout,
                 } if in_round else None,
+                "updates_refused_total": dict(self.rejections),
                 "nodes": nodes,
                 "history": [asdict(r) for r in self.history],
             }

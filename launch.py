@@ -69,17 +69,37 @@ class Launch:
                                             stderr=subprocess.STDOUT, cwd=os.getcwd())
         out.close()
 
-    def start(self) -> None:
+    def start(self) -> bool:
+        """Start the coordinator, wait until it answers with our token, then start the workers.
+
+        Returns False (after printing why) when the coordinator does not come up."""
         coord_fields = [f for f in LAUNCH_FIELDS if f in COORDINATOR_FIELDS]
         self._spawn("coordinator", "coordinator.py", child_env(self.cfg, coord_fields, {
             "host": "127.0.0.1", "port": self.port, "token": self.token, "min_nodes_to_start": self.num_workers,
             "node_timeout": self.cfg.node_timeout, "heartbeat_interval": self.cfg.heartbeat_interval,
-            "keep_serving": "true"}))
+            "keep_serving": "true", "fresh": "true"}))
+        client = CoordinatorClient(self.address, token=self.token, session=make_session(total_retries=0))
+        deadline = time.monotonic() + 120
+        while True:
+            if self.procs["coordinator"].poll() is not None:
+                out = (self.logs / "launch_coordinator.out").read_text(errors="replace").strip().splitlines()
+                print("the coordinator did not start:\n  " + "\n  ".join(out[-5:]))
+                return False
+            try:
+                client.status()
+                break
+            except (CoordinatorUnreachable, CoordinatorError) as exc:
+                if isinstance(exc, CoordinatorError) or time.monotonic() > deadline:
+                    print(f"the coordinator on {self.address} does not answer as expected ({exc}); is another "
+                          "program using that port?")
+                    return False
+                time.sleep(0.3)
         worker_fields = [f for f in LAUNCH_FIELDS if f in WORKER_FIELDS]
         for i in range(self.num_workers):
             self._spawn(f"worker{i}", "worker.py", child_env(self.cfg, worker_fields, {
                 "coordinator_address": self.address, "token": self.token, "name": f"worker-{i}",
                 "partition_id": i, "num_partitions": self.num_workers, "quiet": "true"}))
+        return True
 
     def stop(self, timeout: float = 10.0) -> None:
         for proc in self.procs.values():
@@ -111,7 +131,7 @@ class Launch:
                 time.sleep(0.5)
                 continue
             online = sum(1 for n in last["nodes"] if n["status"] != "offline")
-            if online != nodes_seen and last["state"] == "waiting_for_nodes":
+            if online != nodes_seen and not last["history"]:
                 nodes_seen = online
                 print(f"{online}/{self.num_workers} workers registered")
             for r in last["history"][printed:]:
@@ -152,8 +172,15 @@ def main(argv=None) -> int:
     print(f"starting a coordinator on {launch.address} and {args.workers} workers ({cfg.device}, {cfg.dataset}, "
           f"{cfg.communication_rounds} rounds); logs in {launch.logs}/launch_*.out")
     started = time.monotonic()
-    launch.start()
+
+    def on_sigterm(_signum, _frame):
+        raise KeyboardInterrupt  # the same clean-up as Ctrl-C
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
+        if not launch.start():
+            launch.stop()
+            return 1
         last, status = launch.follow()
     except KeyboardInterrupt:
         print("\ninterrupted; stopping every process")

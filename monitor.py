@@ -22,6 +22,7 @@ from pathlib import Path
 from monitor_common import add_monitor_arguments, parse_monitor_args
 
 DEFAULT_PNG = Path("logs") / "monitor.png"
+SAVE_FORMATS = (".png", ".svg", ".pdf")
 
 
 def has_display() -> bool:
@@ -45,7 +46,7 @@ class NodeTimeline:
 
 
 def draw(fig, status: dict | None, timeline: NodeTimeline, error: str | None = None,
-         unreachable_since: float | None = None) -> None:
+         unreachable_since: float | None = None, refused: bool = False) -> None:
     """Redraw the four panels of ``fig`` from ``status`` (None: only the title)."""
     fig.clear()
     axes = fig.subplots(2, 2)
@@ -56,7 +57,7 @@ def draw(fig, status: dict | None, timeline: NodeTimeline, error: str | None = N
                  f" — {sum(1 for n in status['nodes'] if n['status'] != 'offline')} nodes up")
     if error is not None:
         since = datetime.fromtimestamp(unreachable_since).strftime("%H:%M:%S") if unreachable_since else "?"
-        title += f"\ncoordinator unreachable since {since}"
+        title += f"\nsince {since}: {error[:120]}" if refused else f"\ncoordinator unreachable since {since}"
     fig.suptitle(title, color="red" if error else "black")
     if status is None:
         return
@@ -110,6 +111,8 @@ def main(argv=None) -> int:
     add_monitor_arguments(parser)
     parser.add_argument("--save", type=Path, default=None, help="write the figure to this PNG file on every refresh")
     args, poller = parse_monitor_args(parser, argv)
+    if args.save is not None and args.save.suffix.lower() not in SAVE_FORMATS:
+        parser.error(f"--save must name a {', '.join(SAVE_FORMATS)} file, got {args.save}")
 
     import matplotlib
 
@@ -130,15 +133,19 @@ def main(argv=None) -> int:
             poll = poller.poll()
             if poll.status is not None:
                 timeline.add(poll.status)
-            draw(fig, poll.status or poller.last_status, timeline, poll.error, poll.unreachable_since)
+            draw(fig, poll.status or poller.last_status, timeline, poll.error, poll.unreachable_since, poll.refused)
             if save is not None:
-                save.parent.mkdir(parents=True, exist_ok=True)
-                fig.savefig(save, dpi=100)
+                try:
+                    save.parent.mkdir(parents=True, exist_ok=True)
+                    fig.savefig(save, dpi=100)
+                except OSError as exc:
+                    print(f"error: cannot write {save}: {exc}", file=sys.stderr)
+                    return 2
             if args.once:
                 if save is not None:
                     print(f"wrote {save}")
                 if poll.status is None:
-                    print(f"coordinator unreachable: {poll.error}", file=sys.stderr)
+                    print(poll.error if poll.refused else f"coordinator unreachable: {poll.error}", file=sys.stderr)
                 return 0 if poll.status is not None else 1
             if interactive:
                 plt.pause(poller.next_delay())

@@ -21,8 +21,8 @@ def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_monitor_args(parser: argparse.ArgumentParser, argv=None) -> "tuple[argparse.Namespace, StatusPoller]":
     """Parse the monitor's flags (bad values end the program with status 2) and build its poller."""
     args = parser.parse_args(argv)
-    if args.interval <= 0:
-        parser.error("--interval must be > 0")
+    if not 0 < args.interval <= 3600:
+        parser.error("--interval must be a number of seconds in (0, 3600]")
     try:
         poller = StatusPoller(args.coordinator_address, args.token or os.environ.get("FL_TOKEN"), args.interval)
     except ValueError as exc:
@@ -37,6 +37,7 @@ class Poll:
     status: dict | None
     error: str | None = None
     unreachable_since: float | None = None  # wall clock
+    refused: bool = False  # the coordinator answered, but refused the token
 
 
 class StatusPoller:
@@ -57,6 +58,9 @@ class StatusPoller:
             self.failures += 1
             if self.unreachable_since is None:
                 self.unreachable_since = time.time()
+            if isinstance(exc, CoordinatorError) and exc.status == 401:
+                message = f"the coordinator refused the token ({exc.message}); pass it with --token or FL_TOKEN"
+                return Poll(None, message, self.unreachable_since, refused=True)
             return Poll(None, str(exc), self.unreachable_since)
         self.failures, self.unreachable_since, self.last_status = 0, None, status
         return Poll(status)

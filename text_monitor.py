@@ -11,6 +11,7 @@ says so and retries with backoff. Ctrl-C exits with status 0.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -31,7 +32,7 @@ STATUS_STYLE = {"online": "green", "training": "cyan", "offline": "red"}
 
 def sparkline(values: list[float]) -> str:
     """One character per value, scaled between the values' min and max."""
-    values = [v for v in values if v is not None]
+    values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return ""
     lo, hi = min(values), max(values)
@@ -54,7 +55,7 @@ def _fmt(value, spec: str) -> str:
 
 
 def render(status: dict | None, error: str | None = None, unreachable_since: float | None = None,
-           height: int = 24) -> Group:
+           height: int = 24, refused: bool = False) -> Group:
     """The dashboard for ``status`` (the last one seen, or None) as a rich renderable.
 
     ``height`` is the terminal's number of lines: the node table is clipped to fit, with "+N more".
@@ -62,7 +63,10 @@ def render(status: dict | None, error: str | None = None, unreachable_since: flo
     parts = []
     if error is not None:
         since = datetime.fromtimestamp(unreachable_since).strftime("%H:%M:%S") if unreachable_since else "?"
-        parts.append(Text(f"coordinator unreachable since {since}: {error}", style="bold red"))
+        if refused:
+            parts.append(Text(f"since {since}: {error}", style="bold red"))
+        else:
+            parts.append(Text(f"coordinator unreachable since {since}: {error}", style="bold red"))
     if status is None:
         if error is None:
             parts.append(Text("no status yet"))
@@ -123,7 +127,7 @@ def main(argv=None) -> int:
     if args.once:
         poll = poller.poll()
         console = Console(no_color=True, highlight=False, width=int(os.environ.get("COLUMNS", "100")))
-        console.print(render(poll.status, poll.error, poll.unreachable_since, height=10_000))
+        console.print(render(poll.status, poll.error, poll.unreachable_since, height=10_000, refused=poll.refused))
         return 0 if poll.status is not None else 1
     console = Console()
     try:
@@ -131,7 +135,7 @@ def main(argv=None) -> int:
             while True:
                 poll = poller.poll()
                 live.update(render(poll.status or poller.last_status, poll.error, poll.unreachable_since,
-                                   height=console.size.height), refresh=True)
+                                   height=console.size.height, refused=poll.refused), refresh=True)
                 time.sleep(poller.next_delay())
     except KeyboardInterrupt:
         return 0

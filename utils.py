@@ -273,6 +273,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.close(dir_fd)
 
 
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM raise KeyboardInterrupt, as Ctrl-C does, until a program installs its own handler."""
+    import signal
+
+    def _raise(_signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
 def setup_logging(log_file: str | os.PathLike | None, level: int = logging.INFO) -> None:
     """Configure the root logger once for an entry point: stdout, plus ``log_file`` when given."""
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")

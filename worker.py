@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import platform
+import secrets
 import signal
 import socket
 import sys
@@ -35,8 +36,8 @@ from config import WORKER_FIELDS, Config
 from datasets import DatasetUnavailable, LabeledImages, load_dataset
 from model import build_model, local_train
 from partition import partition_indices
-from utils import (DeviceUnavailable, UpdateRejected, bytes_to_state_dict, device_description, select_device,
-                   set_cpu_threads, setup_logging, state_dict_to_bytes)
+from utils import (DeviceUnavailable, UpdateRejected, bytes_to_state_dict, device_description,
+                   interrupt_on_sigterm, select_device, set_cpu_threads, setup_logging, state_dict_to_bytes)
 
 log = logging.getLogger("fl.worker")
 
@@ -107,7 +108,9 @@ class Worker:
         self.device = device
         self.data = data
         self.name = cfg.name or default_name(cfg)
-        self.client = CoordinatorClient(cfg.coordinator_address)
+        # few quick retries per call; longer outages are waited out (and logged) by _wait_for_coordinator
+        self.client = CoordinatorClient(cfg.coordinator_address, session=make_session(total_retries=3))
+        self.instance_id = secrets.token_hex(8)  # this process; see Federation.register
         self.node_id: str | None = None
         self.heartbeat_interval = 10.0
         self.model: torch.nn.Module | None = None
@@ -127,14 +130,19 @@ class Worker:
         """Register (or re-register under the same name); raises FatalError if the join token is refused."""
         try:
             answer, created = self.client.register(self.name, device_description(self.device), len(self.data),
-                                                   system_info(self.device), self.cfg.token)
+                                                   system_info(self.device), self.cfg.token, self.instance_id)
         except CoordinatorError as exc:
             if exc.status == 401:
                 raise FatalError(f"the coordinator refused the join token ({exc.message}); pass the token it "
                                  "printed at start-up with --token or FL_TOKEN") from None
+            if exc.error == "name_in_use":
+                raise FatalError(f"the name {self.name!r} is in use: {exc.message}") from None
             if exc.status in (400, 413, 415):
                 raise FatalError(f"registration refused: {exc.message}") from None
             raise
+        if answer.get("dataset", self.cfg.dataset) != self.cfg.dataset:
+            raise FatalError(f"the coordinator trains on {answer['dataset']} but this worker holds "
+                             f"{self.cfg.dataset} data; start it with --dataset {answer['dataset']}")
         self.node_id = answer["node_id"]
         self.client.token = answer["node_token"]
         self.heartbeat_interval = float(answer.get("heartbeat_interval", 10.0))
@@ -199,10 +207,11 @@ class Worker:
 
     def _call(self, fn):
         """Run ``fn``, surviving outages: returns its result, or None after a handled error."""
+        started = time.monotonic()
         try:
             result = fn()
         except CoordinatorUnreachable as exc:
-            self._wait_for_coordinator(exc)
+            self._wait_for_coordinator(exc, started)
             return None
         except UpdateRejected as exc:
             log.error("the global model from the coordinator could not be loaded (%s); asking again", exc)
@@ -221,11 +230,16 @@ class Worker:
         self._unreachable_since = None
         return result
 
-    def _wait_for_coordinator(self, exc: Exception) -> None:
+    def _wait_for_coordinator(self, exc: Exception, failing_since: float | None = None) -> None:
+        """Sleep before the next try (backoff), or raise FatalError after GIVE_UP_AFTER seconds unreachable.
+
+        ``failing_since`` is when the failed call began (its own quick retries count as time unreachable).
+        """
         now = time.monotonic()
         if self._unreachable_since is None:
-            self._unreachable_since = now
-            log.warning("coordinator unreachable (%s); retrying with backoff", exc)
+            self._unreachable_since = failing_since if failing_since is not None else now
+            log.warning("coordinator unreachable (%s); retrying with backoff for up to %gs", exc,
+                        self.cfg.give_up_after)
         down = now - self._unreachable_since
         if down > self.cfg.give_up_after:
             raise FatalError(f"coordinator unreachable for {down:.0f}s (GIVE_UP_AFTER="
@@ -268,12 +282,13 @@ class Worker:
         self.abort_training.clear()
         self.training_round = round_number
         progress = self._progress(round_number, settings["local_epochs"])
+        seed = _shuffle_seed(settings.get("seed", 0), round_number, self.name)
+        torch.manual_seed(seed)  # dropout draws: the same run gives the same model
         try:
             result = local_train(self.model, self.data.images, self.data.labels,
                                  epochs=settings["local_epochs"], batch_size=settings["batch_size"],
                                  learning_rate=settings["learning_rate"], momentum=settings.get("momentum", 0.0),
-                                 seed=_shuffle_seed(settings.get("seed", 0), round_number, self.name),
-                                 progress=progress)
+                                 seed=seed, progress=progress)
         except RoundClosed:
             self.model_version = -1
             log.warning("round %d closed while this node was training; dropping the work", round_number)
@@ -296,12 +311,13 @@ class Worker:
     def _upload(self, round_number: int, metadata: dict, data: bytes) -> bool:
         """Send one update until it is answered; True if the coordinator holds it."""
         while True:
+            started = time.monotonic()
             try:
                 self.client.submit_update(round_number, metadata, data)
                 self._unreachable_since = None
                 return True
             except CoordinatorUnreachable as exc:
-                self._wait_for_coordinator(exc)  # raises FatalError after GIVE_UP_AFTER
+                self._wait_for_coordinator(exc, started)  # raises FatalError after GIVE_UP_AFTER
             except CoordinatorError as exc:
                 if exc.error == "duplicate_update":
                     log.info("round %d: the update had already arrived (a retried upload); counted once",
@@ -355,6 +371,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run a worker; returns the exit status (see the module docstring)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers are in place (imports, data loading)
+        print("interrupted", file=sys.stderr)
+        return 0
+
+
+def _main(argv) -> int:
+    interrupt_on_sigterm()  # a SIGTERM during start-up (imports, data loading) ends quietly too
     parser = build_parser()
     cfg, _ = config_module.parse_config(parser, WORKER_FIELDS, argv)
     try:
@@ -363,7 +389,11 @@ def main(argv=None) -> int:
         parser.error(str(exc))
     name = cfg.name or default_name(cfg)
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-    setup_logging(Path(cfg.logs_dir) / f"worker_{safe}.log")
+    try:
+        setup_logging(Path(cfg.logs_dir) / f"worker_{safe}.log")
+    except OSError as exc:
+        print(f"error: cannot write the log in {cfg.logs_dir}: {exc}", file=sys.stderr)
+        return 2
     try:
         device = select_device(None if cfg.device == "auto" else cfg.device)
     except DeviceUnavailable as exc:
@@ -380,6 +410,8 @@ def main(argv=None) -> int:
     worker = Worker(cfg, device, data)
 
     def on_signal(signum, _frame):
+        if worker.stop_event.is_set():
+            return  # already stopping (e.g. telling the coordinator): a second Ctrl-C changes nothing
         worker.stop_event.set()
         raise StopRequested(signal.Signals(signum).name)
 

@@ -69,3 +69,36 @@ def test_launch_runs_a_federation_and_prints_a_summary(tmp_path):
     assert "round 1/1: test accuracy" in proc.stdout
     assert "final test accuracy" in proc.stdout
     assert (tmp_path / "models" / "global_model.pt").exists()
+
+
+def test_sigterm_on_launch_stops_every_process_it_started(tmp_path):
+    import re
+    import socket
+    import time
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--workers", "2", "--rounds", "50", "--cpu"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first = proc.stdout.readline()
+        port = int(re.search(r"127\.0\.0\.1:(\d+)", first).group(1))
+        while "2/2 workers registered" not in proc.stdout.readline():
+            assert proc.poll() is None
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "stopping every process" in out
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:  # the coordinator is gone: its port refuses connections
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            break
+        time.sleep(0.3)
+    else:
+        pytest.fail(f"the coordinator on port {port} outlived launch.py")
+    worker_logs = [p.read_text() for p in (tmp_path / "logs").glob("launch_worker*.out")]
+    assert len(worker_logs) == 2 and all("stopping on signal" in text or "interrupted" in text
+                                         for text in worker_logs), worker_logs
