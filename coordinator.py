@@ -30,7 +30,7 @@ from config import COORDINATOR_FIELDS, Config
 from federation import (Conflict, Federation, Node, UnknownNode, archive_run, hash_token, resume_config,
                         stored_run_config)
 from store import StoreError
-from utils import UpdateRejected, interrupt_on_sigterm, set_cpu_threads, setup_logging
+from utils import UpdateRejected, run_program, set_cpu_threads, setup_logging
 
 log = logging.getLogger("fl.coordinator")
 
@@ -472,15 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Run the coordinator until the run is done (or SIGINT/SIGTERM); returns the exit status."""
-    try:
-        return _main(argv)
-    except KeyboardInterrupt:  # Ctrl-C before the signal handlers are in place (imports, data loading)
-        print("interrupted", file=sys.stderr)
-        return 0
+    return run_program(_main, argv)
 
 
 def _main(argv) -> int:
-    interrupt_on_sigterm()  # a SIGTERM during start-up (imports, data loading) ends quietly too
     parser = build_parser()
     cfg, _ = config_module.parse_config(parser, COORDINATOR_FIELDS, argv)
     try:

@@ -273,14 +273,23 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.close(dir_fd)
 
 
-def interrupt_on_sigterm() -> None:
-    """Make SIGTERM raise KeyboardInterrupt, as Ctrl-C does, until a program installs its own handler."""
+def run_program(body, argv=None) -> int:
+    """Run a long-running program's ``body(argv)`` and return its exit status.
+
+    Until the body installs its own handlers, SIGTERM acts like Ctrl-C, and an interrupt during start-up
+    (imports, data loading) ends the program quietly with status 0 instead of a traceback.
+    """
     import signal
 
     def _raise(_signum, _frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _raise)
+    try:
+        return body(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 0
 
 
 def setup_logging(log_file: str | os.PathLike | None, level: int = logging.INFO) -> None:

@@ -37,7 +37,7 @@ from datasets import DatasetUnavailable, LabeledImages, load_dataset
 from model import build_model, local_train
 from partition import partition_indices
 from utils import (DeviceUnavailable, UpdateRejected, bytes_to_state_dict, device_description,
-                   interrupt_on_sigterm, select_device, set_cpu_threads, setup_logging, state_dict_to_bytes)
+                   run_program, select_device, set_cpu_threads, setup_logging, state_dict_to_bytes)
 
 log = logging.getLogger("fl.worker")
 
@@ -372,15 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Run a worker; returns the exit status (see the module docstring)."""
-    try:
-        return _main(argv)
-    except KeyboardInterrupt:  # Ctrl-C before the signal handlers are in place (imports, data loading)
-        print("interrupted", file=sys.stderr)
-        return 0
+    return run_program(_main, argv)
 
 
 def _main(argv) -> int:
-    interrupt_on_sigterm()  # a SIGTERM during start-up (imports, data loading) ends quietly too
     parser = build_parser()
     cfg, _ = config_module.parse_config(parser, WORKER_FIELDS, argv)
     try:
