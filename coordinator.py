@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Mapping
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 import config as config_module
+import metrics
 from config import COORDINATOR_FIELDS, Config
 from federation import (Conflict, Federation, Node, UnknownNode, archive_run, hash_token, resume_config,
                         stored_run_config)
@@ -295,6 +297,7 @@ def model():
 def submit_update(round_number: int):
     fed = _federation()
     node = _require_node()
+    fed.count_received(request.content_length or 0)
     try:
         accepted = _accept_update(fed, node, round_number)
     except ApiError as exc:
@@ -336,6 +339,12 @@ def _too_large(limit: int) -> ApiError:
 def status():
     _require_join_token()
     return jsonify(_federation().status())
+
+
+def prometheus_metrics():
+    """``GET /metrics``: Prometheus text format (join token as Bearer, unless --no-auth)."""
+    _require_join_token()
+    return Response(metrics.render(current_app.extensions["metrics_registry"]), mimetype=CONTENT_TYPE_LATEST)
 
 
 # ----------------------------------------------------------------------------- app factory
@@ -411,7 +420,9 @@ def create_app(cfg: Config, *, start_driver: bool = True, evaluator=None) -> Fla
     app.config["FL_NO_AUTH"] = cfg.no_auth
     app.config["FL_JOIN_TOKEN_HASH"] = hash_token(resolve_join_token(cfg))
     app.extensions["federation"] = federation
+    app.extensions["metrics_registry"] = metrics.make_registry(federation)
     app.register_blueprint(api)
+    app.add_url_rule("/metrics", "metrics", prometheus_metrics)
     app.before_request(_limit_body)
     app.register_error_handler(HTTPException, _handle_http_error)
     app.register_error_handler(Exception, _handle_unexpected)

@@ -238,6 +238,8 @@ class Federation:
         self.updates: "OrderedDict[str, AcceptedUpdate]" = OrderedDict()
         self.rejected: dict[str, str] = {}  # node id -> why its update for the open round was refused
         self.rejections: dict[str, int] = {}  # error name -> refused updates since start (monitors)
+        self._bytes_received = 0  # update uploads since this process started
+        self._bytes_sent = 0  # global models served since this process started
         self.round_started_mono = 0.0  # deadline base; a restart gives the open round a fresh deadline
         self.round_started_wall = 0.0
         self.round_attempt = 0
@@ -319,9 +321,20 @@ class Federation:
         self.global_bytes = state_dict_to_bytes(state_dict)
 
     def model_bytes(self) -> tuple[int, bytes]:
-        """(model version, serialised global model)."""
+        """(model version, serialised global model); counted as sent."""
         with self._lock:
+            self._bytes_sent += len(self.global_bytes)
             return self.model_version, self.global_bytes
+
+    def count_received(self, num_bytes: int) -> None:
+        """Count the body of an update upload (accepted or not)."""
+        with self._lock:
+            self._bytes_received += num_bytes
+
+    def traffic(self) -> dict:
+        """Bytes received in uploads and sent as global models since this process started."""
+        with self._lock:
+            return {"bytes_received": self._bytes_received, "bytes_sent": self._bytes_sent}
 
     # ------------------------------------------------------------------ nodes
 

@@ -1,0 +1,89 @@
+"""Prometheus metrics of a federation, computed from its state at each scrape (``GET /metrics``).
+
+A custom collector on a registry of the app's own (never the process-global one), so every coordinator
+built by ``create_app`` has its own metrics and a resumed run reports its whole history.
+
+Metrics (text exposition format, ``prometheus_client``):
+
+- ``fl_rounds_completed_total`` (counter), ``fl_current_round`` and ``fl_total_rounds`` (gauges)
+- ``fl_nodes{status="online|training|offline"}`` (gauge)
+- ``fl_updates_accepted_total`` and ``fl_updates_rejected_total{reason=...}`` (counters)
+- ``fl_bytes_received_total`` (update uploads) and ``fl_bytes_sent_total`` (global models) (counters, bytes)
+- ``fl_round_duration_seconds`` and ``fl_aggregation_duration_seconds`` (histograms over completed rounds)
+- ``fl_test_accuracy`` and ``fl_test_loss`` of the last evaluated global model (gauges)
+"""
+
+from __future__ import annotations
+
+import bisect
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+ROUND_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)  # seconds
+AGGREGATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)  # seconds
+
+
+def _histogram(name: str, documentation: str, values: list[float], bounds: tuple) -> HistogramMetricFamily:
+    ordered = sorted(values)
+    buckets = [(str(float(b)), bisect.bisect_right(ordered, b)) for b in bounds]
+    buckets.append(("+Inf", len(ordered)))
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=sum(ordered))
+
+
+class FederationCollector(Collector):
+    """Reads one federation's :meth:`~federation.Federation.status` and traffic counters at each scrape."""
+
+    def __init__(self, federation) -> None:
+        self.federation = federation
+
+    def collect(self):
+        status = self.federation.status()
+        traffic = self.federation.traffic()
+        history = status["history"]
+        yield CounterMetricFamily("fl_rounds_completed", "Rounds aggregated into the global model",
+                                  value=len(history))
+        yield GaugeMetricFamily("fl_current_round", "Round in progress, or the last one finished",
+                                value=status["round"])
+        yield GaugeMetricFamily("fl_total_rounds", "Rounds this run trains (COMMUNICATION_ROUNDS)",
+                                value=status["total_rounds"])
+        nodes = GaugeMetricFamily("fl_nodes", "Registered nodes by status", labels=["status"])
+        for state in ("online", "training", "offline"):
+            nodes.add_metric([state], sum(1 for n in status["nodes"] if n["status"] == state))
+        yield nodes
+        yield CounterMetricFamily("fl_updates_accepted", "Updates accepted (answered 202)",
+                                  value=sum(n["updates_submitted"] for n in status["nodes"]))
+        rejected = CounterMetricFamily("fl_updates_rejected", "Updates refused (400/413), by error",
+                                       labels=["reason"])
+        for reason, count in sorted(status["updates_refused_total"].items()):
+            rejected.add_metric([reason], count)
+        yield rejected
+        yield CounterMetricFamily("fl_bytes_received", "Bytes of update uploads received",
+                                  value=traffic["bytes_received"])
+        yield CounterMetricFamily("fl_bytes_sent", "Bytes of global models sent to workers",
+                                  value=traffic["bytes_sent"])
+        yield _histogram("fl_round_duration_seconds", "Duration of completed rounds (first attempt to saved model)",
+                         [r["duration_s"] for r in history], ROUND_BUCKETS)
+        yield _histogram("fl_aggregation_duration_seconds", "FedAvg time of completed rounds",
+                         [r["aggregation_s"] for r in history], AGGREGATION_BUCKETS)
+        evaluated = [r for r in history if r["test_accuracy"] is not None]
+        if evaluated:
+            yield GaugeMetricFamily("fl_test_accuracy", "Test accuracy of the last evaluated global model",
+                                    value=evaluated[-1]["test_accuracy"])
+        evaluated = [r for r in history if r["test_loss"] is not None]
+        if evaluated:
+            yield GaugeMetricFamily("fl_test_loss", "Test loss of the last evaluated global model",
+                                    value=evaluated[-1]["test_loss"])
+
+
+def make_registry(federation) -> CollectorRegistry:
+    """A registry holding only ``federation``'s collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FederationCollector(federation))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The registry in Prometheus' text exposition format."""
+    return generate_latest(registry)
