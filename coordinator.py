@@ -37,6 +37,7 @@ from utils import UpdateRejected, run_program, set_cpu_threads, setup_logging
 log = logging.getLogger("fl.coordinator")
 
 API = "/api/v1"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 JSON_BODY_LIMIT = 64 * 1024  # bytes, every endpoint but update uploads
 METADATA_LIMIT = 256 * 1024  # bytes of a non-file form field (werkzeug also applies it per read chunk of 64 KiB)
 MULTIPART_SLACK = 64 * 1024  # bytes of multipart framing and metadata allowed above MAX_UPDATE_BYTES
@@ -341,6 +342,20 @@ def status():
     return jsonify(_federation().status())
 
 
+def dashboard():
+    """``GET /``: the live web dashboard (static page; it reads /api/v1/status with the token it is given)."""
+    return current_app.send_static_file("dashboard.html")
+
+
+def _security_headers(response: Response) -> Response:
+    # Everything the dashboard needs ships with the project: no other origin, no inline script.
+    response.headers.setdefault("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; "
+                                                           "frame-ancestors 'none'")
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    return response
+
+
 def prometheus_metrics():
     """``GET /metrics``: Prometheus text format (join token as Bearer, unless --no-auth)."""
     _require_join_token()
@@ -416,13 +431,15 @@ def create_app(cfg: Config, *, start_driver: bool = True, evaluator=None) -> Fla
     initial = build_model(cfg.model).state_dict()
     federation = Federation(cfg, initial, evaluator)
 
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
     app.config["FL_NO_AUTH"] = cfg.no_auth
     app.config["FL_JOIN_TOKEN_HASH"] = hash_token(resolve_join_token(cfg))
     app.extensions["federation"] = federation
     app.extensions["metrics_registry"] = metrics.make_registry(federation)
     app.register_blueprint(api)
     app.add_url_rule("/metrics", "metrics", prometheus_metrics)
+    app.add_url_rule("/", "dashboard", dashboard)
+    app.after_request(_security_headers)
     app.before_request(_limit_body)
     app.register_error_handler(HTTPException, _handle_http_error)
     app.register_error_handler(Exception, _handle_unexpected)

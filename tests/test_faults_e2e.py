@@ -7,37 +7,18 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 import pytest
 import torch
 
-from client import CoordinatorClient, CoordinatorError, make_session
+from client import CoordinatorError
 from federation import load_checkpoint
-from processes import ROOT, TOKEN, free_port, procs, status_client, try_status, wait_for  # noqa: F401
-from utils import bytes_to_state_dict, state_dict_to_bytes
+from processes import (ROOT, TOKEN, FakeWorker, free_port, procs, status_client, try_status,  # noqa: F401
+                       wait_for)
+from utils import bytes_to_state_dict
 
 pytestmark = pytest.mark.e2e
-
-
-def filled_like(reference, value: float, count: int) -> "OrderedDict[str, torch.Tensor]":
-    return OrderedDict((k, torch.full_like(v, value if v.is_floating_point() else count)) for k, v in reference.items())
-
-
-class FakeWorker:
-    """The test acting as a worker through the real HTTP API (so it controls exactly what is uploaded)."""
-
-    def __init__(self, port: int, name: str, num_samples: int) -> None:
-        self.client = CoordinatorClient(f"127.0.0.1:{port}", session=make_session(total_retries=2))
-        answer, _ = self.client.register(name, "cpu", num_samples, {}, TOKEN)
-        self.node_id, self.client.token, self.num_samples = answer["node_id"], answer["node_token"], num_samples
-
-    def upload(self, round_number: int, value: float, count: int) -> dict:
-        _, data = self.client.model()
-        update = filled_like(bytes_to_state_dict(data), value, count)
-        return self.client.submit_update(round_number, {"num_samples": self.num_samples},
-                                         state_dict_to_bytes(update))
 
 
 def weighted(pairs) -> float:

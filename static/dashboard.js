@@ -1,0 +1,168 @@
+// Live dashboard of a federation: reads GET /api/v1/status every few seconds and draws it with Chart.js
+// (shipped in static/vendor, no network access needed). The join token comes from the URL fragment
+// (#token=...), from this tab's sessionStorage, or from the form shown after a 401.
+"use strict";
+
+const REFRESH_MS = 2000;
+const MAX_BACKOFF_MS = 30000;
+const STATUS_URL = "api/v1/status";
+let token = null;
+let failures = 0;
+let unreachableSince = null;
+const timeline = { labels: [], online: [], training: [], offline: [] };
+const started = Date.now();
+
+function readToken() {
+  const match = /(?:^|[#&])token=([^&]+)/.exec(window.location.hash);
+  if (match) {
+    sessionStorage.setItem("fl-token", decodeURIComponent(match[1]));
+    history.replaceState(null, "", window.location.pathname + window.location.search);  // keep it out of history
+  }
+  return sessionStorage.getItem("fl-token");
+}
+
+function makeChart(id, config) {
+  return new Chart(document.getElementById(id), {
+    ...config,
+    options: { animation: false, responsive: true, maintainAspectRatio: true, aspectRatio: 1.8,
+               interaction: { mode: "index", intersect: false }, ...config.options },
+  });
+}
+
+const charts = {
+  accuracy: makeChart("chart-accuracy", {
+    type: "line",
+    data: { labels: [], datasets: [
+      { label: "accuracy", data: [], borderColor: "#1565c0", yAxisID: "y" },
+      { label: "loss", data: [], borderColor: "#c62828", borderDash: [5, 4], yAxisID: "y1" }] },
+    options: { scales: { y: { position: "left", title: { display: true, text: "accuracy" } },
+                         y1: { position: "right", grid: { drawOnChartArea: false }, title: { display: true, text: "loss" } } } },
+  }),
+  duration: makeChart("chart-duration", {
+    type: "bar",
+    data: { labels: [], datasets: [
+      { label: "training (slowest worker)", data: [], backgroundColor: "#43a047" },
+      { label: "communication, waiting, aggregation, evaluation", data: [], backgroundColor: "#9e9e9e" }] },
+    options: { scales: { x: { stacked: true }, y: { stacked: true, title: { display: true, text: "seconds" } } } },
+  }),
+  updates: makeChart("chart-updates", {
+    type: "bar",
+    data: { labels: [], datasets: [
+      { label: "updates", data: [], backgroundColor: "#7e57c2", yAxisID: "y" },
+      { label: "samples", data: [], type: "line", borderColor: "#fb8c00", yAxisID: "y1" }] },
+    options: { scales: { y: { position: "left", beginAtZero: true, title: { display: true, text: "updates" } },
+                         y1: { position: "right", beginAtZero: true, grid: { drawOnChartArea: false },
+                               title: { display: true, text: "samples" } } } },
+  }),
+  nodes: makeChart("chart-nodes", {
+    type: "line",
+    data: { labels: timeline.labels, datasets: [
+      { label: "online", data: timeline.online, borderColor: "#2e7d32", backgroundColor: "#2e7d3255", fill: true, stepped: true },
+      { label: "training", data: timeline.training, borderColor: "#0277bd", backgroundColor: "#0277bd55", fill: true, stepped: true },
+      { label: "offline", data: timeline.offline, borderColor: "#c62828", backgroundColor: "#c6282855", fill: true, stepped: true }] },
+    options: { scales: { y: { stacked: true, beginAtZero: true, ticks: { precision: 0 } },
+                         x: { title: { display: true, text: "seconds" } } } },
+  }),
+};
+
+function text(id, value) { document.getElementById(id).textContent = value; }
+function fmt(value, digits) { return value === null || value === undefined ? "-" : Number(value).toFixed(digits); }
+function ago(seconds) {
+  if (seconds < 60) return `${Math.round(seconds)}s ago`;
+  if (seconds < 3600) return `${Math.round(seconds / 60)}m ago`;
+  return `${(seconds / 3600).toFixed(1)}h ago`;
+}
+
+function setSeries(chart, labels, series) {
+  chart.data.labels = labels;
+  series.forEach((values, i) => { chart.data.datasets[i].data = values; });
+  chart.update();
+}
+
+function render(status) {
+  const history = status.history;
+  const rounds = history.map((r) => r.round);
+  const up = status.nodes.filter((n) => n.status !== "offline").length;
+  text("run-id", status.run_id);
+  text("state", status.state);
+  text("round", `${status.round} / ${status.total_rounds}`);
+  text("nodes-up", `${up} of ${status.nodes.length}`);
+  text("last-accuracy", history.length ? fmt(history[history.length - 1].test_accuracy, 4) : "-");
+  document.getElementById("rounds-bar").style.width = `${(100 * history.length) / status.total_rounds}%`;
+  const current = status.current_round;
+  text("current-round", current ? `round ${current.round}: ${current.updates_received} of ${current.participants.length} `
+       + `updates, ${Math.round(current.elapsed_s)} s of a ${Math.round(current.timeout_s)} s deadline` : "");
+
+  setSeries(charts.accuracy, rounds, [history.map((r) => r.test_accuracy), history.map((r) => r.test_loss)]);
+  const training = history.map((r) => r.max_train_seconds || 0);
+  setSeries(charts.duration, rounds, [training, history.map((r, i) => Math.max(0, r.duration_s - training[i]))]);
+  setSeries(charts.updates, rounds, [history.map((r) => r.num_updates), history.map((r) => r.num_samples)]);
+
+  timeline.labels.push(Math.round((Date.now() - started) / 1000));
+  for (const key of ["online", "training", "offline"]) {
+    timeline[key].push(status.nodes.filter((n) => n.status === key).length);
+  }
+  if (timeline.labels.length > 600) {
+    for (const key of Object.keys(timeline)) timeline[key].shift();
+  }
+  charts.nodes.update();
+
+  const body = document.querySelector("#nodes tbody");
+  body.replaceChildren(...status.nodes.map((n) => {
+    const row = document.createElement("tr");
+    const cells = [n.name, n.device, n.status, ago(n.last_seen_s_ago), String(n.rounds_contributed.length),
+                   fmt(n.last_train_loss, 3), String(n.num_samples)];
+    cells.forEach((value, i) => {
+      const cell = document.createElement("td");
+      cell.textContent = value;  // text only: names come from workers
+      if (i === 2) cell.className = `status-${n.status}`;
+      row.appendChild(cell);
+    });
+    return row;
+  }));
+}
+
+function showBanner(message) {
+  const banner = document.getElementById("banner");
+  banner.textContent = message;
+  banner.hidden = message === null;
+}
+
+async function refresh() {
+  let delay = REFRESH_MS;
+  try {
+    const controller = new AbortController();
+    const timer = setTimeout(() => controller.abort(), 10000);
+    const headers = token ? { Authorization: `Bearer ${token}` } : {};
+    const response = await fetch(STATUS_URL, { headers, signal: controller.signal, cache: "no-store" });
+    clearTimeout(timer);
+    if (response.status === 401) {
+      document.getElementById("token-form").hidden = false;
+      showBanner(token ? "The coordinator refused this token." : "Enter the coordinator's join token.");
+      return;  // wait for the form
+    }
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    render(await response.json());
+    failures = 0;
+    unreachableSince = null;
+    showBanner(null);
+  } catch (error) {
+    failures += 1;
+    unreachableSince = unreachableSince || new Date();
+    showBanner(`Coordinator unreachable since ${unreachableSince.toLocaleTimeString()} (${error.message}); retrying.`);
+    delay = Math.min(MAX_BACKOFF_MS, REFRESH_MS * 2 ** Math.min(failures, 4));
+  }
+  setTimeout(refresh, delay);
+}
+
+document.getElementById("token-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  token = document.getElementById("token").value.trim();
+  sessionStorage.setItem("fl-token", token);
+  document.getElementById("token-form").hidden = true;
+  showBanner(null);
+  refresh();
+});
+
+token = readToken();
+refresh();
