@@ -27,7 +27,8 @@ demo: venv
 	$(PY) launch.py --workers $(WORKERS) --rounds $(ROUNDS) --cpu
 
 test: dev
+	@scripts/ensure-chromium.sh
 	$(PY) -m pytest
 
-clean-run:
-	rm -rf models/*.pt logs/*.log logs/*.out temp/updates temp/join_token
+clean-run:  # forget every run (including the stored one a restarted coordinator would resume)
+	rm -rf models/*.pt logs/*.log logs/*.out logs/*.png temp/*

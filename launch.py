@@ -171,6 +171,9 @@ def main(argv=None) -> int:
     launch = Launch(cfg, args.workers, args.port or free_port())
     print(f"starting a coordinator on {launch.address} and {args.workers} workers ({cfg.device}, {cfg.dataset}, "
           f"{cfg.communication_rounds} rounds); logs in {launch.logs}/launch_*.out")
+    print(f"watch it live: open http://{launch.address}/#token={launch.token} in a browser, or run\n"
+          f"  python text_monitor.py --coordinator-address {launch.address} --token {launch.token}\n"
+          f"  python monitor.py --coordinator-address {launch.address} --token {launch.token}")
     started = time.monotonic()
 
     def on_sigterm(_signum, _frame):

@@ -17,9 +17,9 @@ import sys
 import time
 from datetime import datetime
 
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
-from rich.panel import Panel
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
@@ -54,46 +54,53 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+NODE_TABLE_LINES = 3  # title, column names, rule
+TREND_LINES = 7  # title, column names, rule, three rounds, sparkline caption
+TREND_ROUNDS = 3
+
+
 def render(status: dict | None, error: str | None = None, unreachable_since: float | None = None,
            height: int = 24, refused: bool = False) -> Group:
     """The dashboard for ``status`` (the last one seen, or None) as a rich renderable.
 
-    ``height`` is the terminal's number of lines: the node table is clipped to fit, with "+N more".
+    ``height`` is the terminal's number of lines: the node table is cut to fit, its last row saying
+    "+N more"; the whole picture then fits in ``height`` - 1 lines (one is left for the cursor).
     """
     parts = []
     if error is not None:
         since = datetime.fromtimestamp(unreachable_since).strftime("%H:%M:%S") if unreachable_since else "?"
         if refused:
-            parts.append(Text(f"since {since}: {error}", style="bold red"))
+            parts.append(Text(f"since {since}: {error}", style="bold red", no_wrap=True, overflow="ellipsis"))
         else:
-            parts.append(Text(f"coordinator unreachable since {since}: {error}", style="bold red"))
+            parts.append(Text(f"coordinator unreachable since {since}: {error}", style="bold red", no_wrap=True,
+                              overflow="ellipsis"))
     if status is None:
         if error is None:
             parts.append(Text("no status yet"))
         return Group(*parts)
 
-    done = len(status["history"])
-    total = status["total_rounds"]
-    header = Table.grid(padding=(0, 1))
-    header.add_column()
-    header.add_column()
-    header.add_row(Text(f"run {status['run_id']}  state: {status['state']}  round {status['round']}/{total}  "
-                        f"model {status['model']}  dataset {status['dataset']}", style="bold"))
-    header.add_row(Text(f"rounds done {done}/{total}"), ProgressBar(total=total, completed=done, width=30))
-    current = status.get("current_round")
-    if current:
-        header.add_row(Text(f"round {current['round']}: {current['updates_received']}/"
-                            f"{len(current['participants'])} updates, attempt {current['attempt']}"),
-                       Text(f"elapsed {current['elapsed_s']:.0f}s of {current['timeout_s']:.0f}s deadline"))
-    parts.append(Panel(header, title="federation", expand=True))
-
     history = status["history"]
-    rows_for_nodes = max(1, height - 9 - (6 if history else 0) - (2 if current else 0))
+    done, total = len(history), status["total_rounds"]
+    parts.append(Text(f"run {status['run_id']} · {status['state']} · round {status['round']}/{total} · "
+                      f"{status['model']}/{status['dataset']}", style="bold", no_wrap=True, overflow="ellipsis"))
+    bar = Table.grid(padding=(0, 1))
+    bar.add_row(ProgressBar(total=total, completed=done, width=30), Text(f"{done}/{total} rounds done"))
+    parts.append(bar)
+    current = status.get("current_round")
+    parts.append(Text(f"round {current['round']} (attempt {current['attempt']}): {current['updates_received']}/"
+                      f"{len(current['participants'])} updates · {current['elapsed_s']:.0f}s of a "
+                      f"{current['timeout_s']:.0f}s deadline" if current else "", no_wrap=True, overflow="ellipsis"))
+
+    fixed = len(parts) + NODE_TABLE_LINES + (TREND_LINES if history else 0) + 1  # parts: error? + header
+    rows = max(1, height - fixed)
     nodes = status["nodes"]
-    table = Table(title=f"nodes ({len(nodes)})", expand=True)
-    for column in ("name", "device", "status", "last seen", "rounds", "last loss", "samples"):
+    table = Table(title=f"nodes ({len(nodes)})", box=box.SIMPLE_HEAD, expand=True, pad_edge=False,
+                  show_edge=False, padding=(0, 1))
+    table.add_column("name", no_wrap=True, ratio=3, overflow="fold")
+    table.add_column("device", no_wrap=True, ratio=2, overflow="ellipsis")
+    for column in ("status", "seen", "rounds", "loss", "samples"):
         table.add_column(column, no_wrap=True, overflow="ellipsis")
-    shown = nodes if len(nodes) <= rows_for_nodes else nodes[:rows_for_nodes - 1]
+    shown = nodes if len(nodes) <= rows else nodes[:rows - 1]
     for n in shown:
         table.add_row(n["name"], n["device"], Text(n["status"], style=STATUS_STYLE.get(n["status"], "")),
                       _ago(n["last_seen_s_ago"]), str(len(n["rounds_contributed"])),
@@ -103,19 +110,15 @@ def render(status: dict | None, error: str | None = None, unreachable_since: flo
     parts.append(table)
 
     if history:
-        accuracies = [r["test_accuracy"] for r in history]
-        losses = [r["test_loss"] for r in history]
-        last = history[-3:]
-        trend = Table(title="test accuracy / loss", expand=True)
-        trend.add_column("round")
-        trend.add_column("accuracy")
-        trend.add_column("loss")
-        trend.add_column("updates")
-        trend.add_column("seconds")
-        for r in last:
+        trend = Table(title="global model on the test set", box=box.SIMPLE_HEAD, expand=True, pad_edge=False,
+                      show_edge=False, padding=(0, 1))
+        for column in ("round", "accuracy", "loss", "updates", "samples", "seconds"):
+            trend.add_column(column, no_wrap=True)
+        for r in history[-TREND_ROUNDS:]:
             trend.add_row(str(r["round"]), _fmt(r["test_accuracy"], ".4f"), _fmt(r["test_loss"], ".4f"),
-                          str(r["num_updates"]), f"{r['duration_s']:.1f}")
-        trend.caption = f"accuracy {sparkline(accuracies)}   loss {sparkline(losses)}"
+                          str(r["num_updates"]), str(r["num_samples"]), f"{r['duration_s']:.1f}")
+        trend.caption = (f"accuracy {sparkline([r['test_accuracy'] for r in history])}   "
+                         f"loss {sparkline([r['test_loss'] for r in history])}")
         parts.append(trend)
     return Group(*parts)
 
