@@ -98,13 +98,13 @@ def render(status: dict | None, error: str | None = None, unreachable_since: flo
                   show_edge=False, padding=(0, 1))
     table.add_column("name", no_wrap=True, ratio=3, overflow="fold")
     table.add_column("device", no_wrap=True, ratio=2, overflow="ellipsis")
-    for column in ("status", "seen", "rounds", "loss", "samples"):
+    for column in ("status", "seen", "rounds", "local acc", "samples"):
         table.add_column(column, no_wrap=True, overflow="ellipsis")
     shown = nodes if len(nodes) <= rows else nodes[:rows - 1]
     for n in shown:
         table.add_row(n["name"], n["device"], Text(n["status"], style=STATUS_STYLE.get(n["status"], "")),
                       _ago(n["last_seen_s_ago"]), str(len(n["rounds_contributed"])),
-                      _fmt(n.get("last_train_loss"), ".3f"), str(n["num_samples"]))
+                      _fmt(n.get("last_train_accuracy"), ".3f"), str(n["num_samples"]))
     if len(shown) < len(nodes):
         table.add_row(f"+{len(nodes) - len(shown)} more", "", "", "", "", "", "")
     parts.append(table)

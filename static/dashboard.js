@@ -24,7 +24,7 @@ function readToken() {
 function makeChart(id, config) {
   return new Chart(document.getElementById(id), {
     ...config,
-    options: { animation: false, responsive: true, maintainAspectRatio: true, aspectRatio: 1.8,
+    options: { animation: false, responsive: true, maintainAspectRatio: false,
                interaction: { mode: "index", intersect: false }, ...config.options },
   });
 }
@@ -111,7 +111,7 @@ function render(status) {
   body.replaceChildren(...status.nodes.map((n) => {
     const row = document.createElement("tr");
     const cells = [n.name, n.device, n.status, ago(n.last_seen_s_ago), String(n.rounds_contributed.length),
-                   fmt(n.last_train_loss, 3), String(n.num_samples)];
+                   fmt(n.last_train_accuracy, 3), String(n.num_samples)];
     cells.forEach((value, i) => {
       const cell = document.createElement("td");
       cell.textContent = value;  // text only: names come from workers

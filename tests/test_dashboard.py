@@ -68,6 +68,9 @@ def test_dashboard_shows_nodes_and_rounds_and_updates_live(browser, procs, tmp_p
     assert bars == [2, 2] and samples == [40, 40]
     assert page.evaluate("Chart.getChart('chart-accuracy').data.labels") == [1, 2]
     assert page.locator("#rounds-bar").evaluate("e => e.style.width") == "100%"
+    page.wait_for_timeout(5000)  # a few more refreshes: the charts keep their size (no resize loop)
+    for chart in ("chart-accuracy", "chart-duration", "chart-updates", "chart-nodes"):
+        assert page.locator(f"#{chart}").bounding_box()["height"] > 150, chart
     page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
     assert problems == [], problems

@@ -26,7 +26,8 @@ def fixed_status(num_nodes: int = 100) -> dict:
     nodes = [{"node_id": f"id{i:03d}", "name": f"worker-{i:03d}",
               "device": "cuda (NVIDIA H200)" if i % 3 == 0 else "cpu", "status": ("online", "training", "offline")[i % 3],
               "num_samples": 1000 + i, "updates_submitted": i % 5, "rounds_contributed": list(range(1, i % 5 + 1)),
-              "last_train_loss": 0.5 + i / 1000 if i % 2 else None, "last_train_accuracy": None,
+              "last_train_loss": 0.5 + i / 1000 if i % 2 else None,
+              "last_train_accuracy": 0.9 + i / 10000 if i % 2 else None,
               "last_seen_s_ago": float(i * 7), "last_heartbeat": 0.0, "registered_at": 0.0, "system_info": {}}
              for i in range(num_nodes)]
     history = [{"round": r, "test_loss": 1.0 / r, "test_accuracy": 0.8 + 0.03 * r, "num_updates": 90,
