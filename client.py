@@ -104,7 +104,8 @@ class CoordinatorClient:
         try:
             response = self.session.request(method, self.url + API + path, headers=headers,
                                             timeout=(self.connect_timeout, read_timeout), **kwargs)
-        except (requests.ConnectionError, requests.Timeout) as exc:
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                requests.exceptions.ContentDecodingError) as exc:  # refused, reset, timed out, cut mid-body
             raise CoordinatorUnreachable(f"{method} {self.url}{API}{path}: {_short(exc)}") from None
         if response.status_code not in expected:
             raise _error_from(response)

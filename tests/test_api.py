@@ -58,7 +58,7 @@ def test_health(client):
 
 def test_unknown_url_is_404_json(client):
     assert_json_error(client.get("/api/v1/no-such-thing"), 404, "not_found")
-    assert_json_error(client.get("/"), 404, "not_found")
+    assert_json_error(client.get("/no-such-page"), 404, "not_found")
 
 
 @pytest.mark.parametrize("method, path, allowed", [

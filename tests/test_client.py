@@ -144,3 +144,35 @@ def test_session_retries_with_backoff():
     assert set(retry.status_forcelist) == {429, 502, 503, 504}
     assert retry.allowed_methods is None  # uploads too: a repeat is answered 409 duplicate_update
     assert retry.get_backoff_time() == 0  # no sleep before the first retry
+
+
+def test_an_answer_cut_in_the_middle_of_its_body_is_unreachable_not_a_crash():
+    """A model download that breaks off (the coordinator died mid-answer) is an outage to wait out."""
+    import socket
+    import threading
+
+    from client import CoordinatorClient, CoordinatorUnreachable, make_session
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def answer_half():
+        for _ in range(3):  # the client's own retries may come back
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                         b"Content-Length: 1000000\r\nX-Model-Version: 1\r\n\r\n" + b"x" * 1000)
+            conn.close()
+
+    thread = threading.Thread(target=answer_half, daemon=True)
+    thread.start()
+    client = CoordinatorClient(f"127.0.0.1:{server.getsockname()[1]}", token="t" * 10,
+                               session=make_session(total_retries=0))
+    try:
+        with pytest.raises(CoordinatorUnreachable):
+            client.model()
+    finally:
+        server.close()
+        client.session.close()

@@ -58,3 +58,19 @@ def test_each_app_has_its_own_registry(make_app, tmp_path):
     second_fed = make_app(fresh=True).extensions["federation"]
     assert second_fed.nodes == {}
     assert scrape(first.test_client())[("fl_nodes", (("status", "online"),))] == 1
+
+
+def test_dashboard_page_is_served_with_a_strict_content_security_policy(client):
+    page = client.get("/")
+    try:
+        assert page.status_code == 200 and page.mimetype == "text/html"
+        assert "static/vendor/chart.umd.min.js" in page.get_data(as_text=True)
+        assert page.headers["Content-Security-Policy"].startswith("default-src 'self'")
+        assert page.headers["X-Content-Type-Options"] == "nosniff"
+    finally:
+        page.close()
+    script = client.get("/static/vendor/chart.umd.min.js")
+    try:
+        assert script.status_code == 200 and b"Chart.js v4" in script.get_data()[:200]
+    finally:
+        script.close()
