@@ -419,7 +419,7 @@ def create_app(cfg: Config, *, start_driver: bool = True, evaluator=None) -> Fla
 
     config_module.ensure_dirs(cfg, ("models_dir", "logs_dir", "temp_dir"))
     if cfg.fresh:
-        archived = archive_run(cfg.temp_dir)
+        archived = archive_run(cfg.temp_dir, cfg.models_dir)
         if archived is not None:
             log.warning("--fresh: the stored run was moved to %s; starting a new run", archived)
     else:
@@ -575,9 +575,7 @@ def _main(argv) -> int:
             if federation.all_told_to_stop() or time.monotonic() - finished_at > grace:
                 time.sleep(0.5)  # let the last answers leave
                 break
-    if server is not None:
-        server.close()  # no new connections from here on
-    federation.stop()  # waits for an aggregation or checkpoint write in progress
+    federation.stop()  # waits for an aggregation or checkpoint write in progress; the process exit ends the rest
     if federation.finished and federation.history:
         last = federation.history[-1]
         log.info("run finished: %d rounds, final test accuracy %s; model in %s", last.round,

@@ -47,7 +47,7 @@ import failpoints
 from config import RUN_FIELDS, Config
 from store import RunStore, StoreError
 from utils import (FedAvgAccumulator, UpdateRejected, atomic_write_bytes, bytes_to_state_dict,
-                   check_compatible, state_dict_to_bytes)
+                   check_compatible, fsync_directory, state_dict_to_bytes)
 
 log = logging.getLogger("fl.federation")
 
@@ -101,7 +101,7 @@ class Node:
 
     _DURABLE = ("node_id", "name", "device", "num_samples", "system_info", "token_hash", "registered_at",
                 "updates_submitted", "rounds_contributed", "last_train_loss", "last_train_accuracy",
-                "instance_id", "superseded")
+                "instance_id", "superseded", "left")
 
     def record(self) -> dict:
         """The fields that are stored (liveness is not: it restarts with the coordinator)."""
@@ -163,11 +163,14 @@ def sample_participants(online: list[str], fraction: float, minimum: int, seed: 
     return [i for i in online if i in chosen]
 
 
-def archive_run(temp_dir: str | os.PathLike) -> Path | None:
-    """Move a stored run (database, updates, global models) to ``TEMP_DIR/archive/<time>/``; None if none."""
+def archive_run(temp_dir: str | os.PathLike, models_dir: str | os.PathLike | None = None) -> Path | None:
+    """Move a stored run (database, updates, global models, and the checkpoints ``global_model*.pt`` in
+    ``models_dir``) to ``TEMP_DIR/archive/<time>/``; None if there is none."""
     temp = Path(temp_dir)
     parts = [p for p in (temp / DB_NAME, temp / (DB_NAME + "-wal"), temp / (DB_NAME + "-shm"),
                          temp / "updates", temp / "global") if p.exists()]
+    if models_dir is not None and parts:
+        parts += sorted(Path(models_dir).glob("global_model*.pt"))
     if not parts:
         return None
     target = temp / "archive" / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
@@ -249,6 +252,8 @@ class Federation:
         self._updates_dir = self._state_dir / "updates"
         self._global_dir = self._state_dir / "global"
         self._last_wait_log = -math.inf
+        self._not_before = -math.inf  # monotonic time before which no round opens (back-off after refusals)
+        self._refused_streak = 0  # consecutive attempts whose updates were all refused
         self._aggregating = False
         self._stop = threading.Event()
         self._driver: threading.Thread | None = None
@@ -308,6 +313,9 @@ class Federation:
                 log.error("round %d: stored update of %s is missing on disk; leaving it out", self.round,
                           update.node_id)
         self.history = [RoundRecord(**r) for r in s.history()]
+        for stale in self._updates_dir.glob("round_*"):  # left behind by a crash after a round's commit
+            if stale.name != f"round_{self.round}":
+                shutil.rmtree(stale, ignore_errors=True)
         self.round_started_mono = now
         log.info("resumed run %s: %s, round %d/%d (attempt %d), model version %d, %d nodes, %d updates of "
                  "this round kept, %d rounds in the history", self.run_id, self.phase.value, self.round,
@@ -524,6 +532,7 @@ class Federation:
                 os.unlink(tmp)
                 raise
             os.replace(tmp, final)
+            fsync_directory(round_dir)  # the rename itself survives a power loss before we answer 202
             accepted = AcceptedUpdate(node.node_id, int(metadata["num_samples"]), str(final),
                                       metadata.get("train_loss"), metadata.get("train_accuracy"),
                                       metadata.get("train_seconds"), time.time())
@@ -573,6 +582,8 @@ class Federation:
                                                 number, attempt)
         self.updates = OrderedDict()
         self.rejected = {}
+        if attempt > 1:  # the files of the attempt that failed (their rows go with the start_round commit)
+            shutil.rmtree(self._updates_dir / f"round_{number}", ignore_errors=True)
         self.round_started_mono = now
         if attempt == 1:
             self.round_started_wall = time.time()
@@ -610,6 +621,8 @@ class Federation:
             self._aggregating = False
 
     def _tick_waiting(self, now: float) -> None:
+        if now < self._not_before:
+            return
         online = len(self._online_ids(now))
         if online >= self.config.min_nodes_to_start:
             self._open_round(self.round + 1, 1, now, f"{online} nodes online")
@@ -628,15 +641,20 @@ class Federation:
         if live_missing and not timed_out:
             return False
         if len(self.updates) < self.config.min_updates:
-            why = (f"no participant is online any more" if not timed_out else
-                   f"ROUND_TIMEOUT={self.config.round_timeout:g}s passed")
+            why = (f"ROUND_TIMEOUT={self.config.round_timeout:g}s passed" if timed_out else
+                   "every participant still online has answered")
             log.warning("round %d: %s with %d of MIN_UPDATES=%d updates; starting it again", self.round, why,
                         len(self.updates), self.config.min_updates)
             if self.rejected and len(self.rejected) + len(self.updates) == len(self.participants):
+                self._refused_streak += 1
+                delay = min(self.config.round_timeout, 2.0 ** self._refused_streak)
                 log.error("round %d: the coordinator refused %d of the updates (%s); check the training settings "
-                          "(e.g. --learning-rate) and MAX_UPDATE_BYTES", self.round, len(self.rejected),
-                          "; ".join(sorted(set(self.rejected.values())))[:500])
-            if len(self._online_ids(now)) >= self.config.min_nodes_to_start:
+                          "(e.g. --learning-rate) and MAX_UPDATE_BYTES; next attempt in %.0fs", self.round,
+                          len(self.rejected), "; ".join(sorted(set(self.rejected.values())))[:500], delay)
+                self._not_before = now + delay
+                self.round -= 1  # the next round to open is this one again, after the back-off
+                self._enter_waiting()
+            elif len(self._online_ids(now)) >= self.config.min_nodes_to_start:
                 self._open_round(self.round, self.round_attempt + 1, now, f"attempt {self.round_attempt + 1}")
             else:
                 self.round -= 1  # the next round to open is this one again
@@ -727,6 +745,7 @@ class Federation:
                 node.rounds_contributed.append(number)
                 contributors[node.node_id] = node.record()
         self.updates = OrderedDict()
+        self._refused_streak = 0
         now = self._clock()
         if number >= self.config.communication_rounds:
             self.phase = Phase.FINISHED

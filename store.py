@@ -137,9 +137,10 @@ class RunStore:
     # ------------------------------------------------------------------ rounds
 
     def start_round(self, values: dict) -> None:
-        """Open a round (or an attempt of it): set run keys and drop updates of rounds other than it."""
+        """Open a round (or a new attempt of it): set run keys and drop every stored update (an attempt starts
+        with none; only the open attempt's updates are ever stored)."""
         statements = self._put_statements(values)
-        statements.append(("DELETE FROM updates WHERE round != ?", (values["round"],)))
+        statements.append(("DELETE FROM updates", ()))
         self._transaction(statements)
 
     def finish_round(self, round_number: int, history_record: dict, values: dict,

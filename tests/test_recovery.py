@@ -202,3 +202,24 @@ def test_fifty_rounds_keep_memory_for_updates_flat(tmp_path):
     assert fed.global_state["w"][0, 0].item() == pytest.approx((50 * 10 + 51 * 30) / 40)
     assert not any((Path(cfg.temp_dir) / "updates").glob("round_*/*.pt"))
     assert [p.name for p in (Path(cfg.temp_dir) / "global").iterdir()] == ["model_v50.pt"]
+
+
+def test_a_new_attempt_after_too_few_updates_accepts_uploads_again(tmp_path):
+    """A round restarted with one update already accepted takes fresh uploads (no stale rows), and a restart of
+    the coordinator then brings back only what this attempt acknowledged."""
+    clock = FakeClock()
+    cfg = make_config(tmp_path, min_nodes_to_start=1, min_updates=2, round_timeout=10.0)
+    fed = Federation(cfg, filled_state_dict(0.0, 0), clock=clock)
+    a, _, _ = fed.register("a", "cpu", 10, {})
+    fed.tick()
+    fed.submit_update(a, 1, {"num_samples": 10}, state_dict_to_bytes(filled_state_dict(1.0, 1)))
+    clock.advance(1)
+    a.last_seen_mono = clock.now
+    fed.tick()  # every live participant answered, but MIN_UPDATES=2: attempt 2
+    assert (fed.round, fed.round_attempt, len(fed.updates)) == (1, 2, 0)
+    accepted = fed.submit_update(a, 1, {"num_samples": 10}, state_dict_to_bytes(filled_state_dict(3.0, 1)))
+    assert accepted.num_samples == 10
+    fed.stop()
+    again = Federation(cfg, filled_state_dict(0.0, 0), clock=clock)
+    assert list(again.updates) == [a.node_id] and again.round_attempt == 2
+    assert bytes_to_state_dict(Path(again.updates[a.node_id].path).read_bytes())["fc2.bias"].eq(3.0).all()

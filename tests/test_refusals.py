@@ -37,10 +37,16 @@ def test_when_every_update_is_refused_the_round_restarts_and_says_why(make_app, 
     assert too_big.status_code == 413
     with caplog.at_level(logging.WARNING, logger="fl.federation"):
         fed.tick()
-    assert (fed.round, fed.round_attempt, fed.history) == (1, 2, [])
+    # it backs off (2 s, doubling up to ROUND_TIMEOUT) instead of retrying the same refused work at once
+    assert (fed.phase.value, fed.round, fed.history) == ("waiting_for_nodes", 0, [])
     assert any("refused 1 of the updates" in r.getMessage() and "MAX_UPDATE_BYTES" in r.getMessage()
-               for r in caplog.records)
-    # the new attempt asks the node again
+               and "next attempt in 2s" in r.getMessage() for r in caplog.records)
+    fed.tick()
+    assert fed.phase.value == "waiting_for_nodes"  # still backing off
+    fed._not_before = 0.0  # the back-off is over
+    fed.tick()
+    assert (fed.phase.value, fed.round) == ("training", 1)
+    assert fed.store.updates(1) == []  # the refused attempt left nothing behind
     assert client.get(f"{API}/task", headers=a["headers"]).get_json()["action"] == "train"
 
 
