@@ -47,7 +47,7 @@ import failpoints
 from config import RUN_FIELDS, Config
 from store import RunStore, StoreError
 from utils import (FedAvgAccumulator, UpdateRejected, atomic_write_bytes, bytes_to_state_dict,
-                   check_compatible, fsync_directory, state_dict_to_bytes)
+                   check_compatible, fsync_directory, state_dict_to_bytes, torch_save_bytes)
 
 log = logging.getLogger("fl.federation")
 
@@ -768,7 +768,7 @@ class Federation:
         checkpoint = {"format": CHECKPOINT_FORMAT, "model_name": self.config.model, "round": number,
                       "state_dict": state_dict, "test_loss": record.test_loss,
                       "test_accuracy": record.test_accuracy, "config": self.config.public_dict()}
-        data = _checkpoint_bytes(checkpoint)
+        data = torch_save_bytes(checkpoint)
         models = Path(self.config.models_dir)
         atomic_write_bytes(models / f"global_model_round_{number}.pt", data)
         failpoints.hit("checkpoint.between_files")
@@ -800,11 +800,6 @@ class Federation:
         if self._driver is not None:
             self._driver.join(timeout)
             self._driver = None
-
-    def close(self) -> None:
-        """Stop and close the database."""
-        self.stop()
-        self.store.close()
 
     @property
     def finished(self) -> bool:
@@ -857,14 +852,6 @@ def _remove_stale_temporaries(directories) -> None:
         if directory.is_dir():
             for leftover in list(directory.glob(".*.tmp")) + list(directory.glob("*/.*.tmp")):
                 leftover.unlink(missing_ok=True)
-
-
-def _checkpoint_bytes(checkpoint: dict) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    return buffer.getvalue()
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

@@ -89,9 +89,13 @@ def state_dict_to_bytes(state_dict: Mapping[str, torch.Tensor]) -> bytes:
     Returns the bytes of torch's zip format; shapes, dtypes and values survive exactly,
     0-d tensors included.
     """
-    cpu = OrderedDict((k, v.detach().to("cpu").contiguous()) for k, v in state_dict.items())
+    return torch_save_bytes(OrderedDict((k, v.detach().to("cpu").contiguous()) for k, v in state_dict.items()))
+
+
+def torch_save_bytes(obj) -> bytes:
+    """``torch.save(obj)`` into bytes (torch's zip format), for tensors, dicts and plain values."""
     buffer = io.BytesIO()
-    torch.save(cpu, buffer)
+    torch.save(obj, buffer)
     return buffer.getvalue()
 
 

@@ -159,7 +159,6 @@ def test_too_few_updates_at_the_deadline_restart_the_round(tmp_path):
     fed.tick()
     fed.submit_update(a, 1, {"num_samples": 10}, state_dict_to_bytes(filled_state_dict(1.0, 1)))
     clock.advance(11)
-    fed.authenticate  # noqa: B018 - (liveness is by requests; both nodes were seen at registration)
     a.last_seen_mono = b.last_seen_mono = clock.now
     fed.tick()
     assert (fed.round, fed.round_attempt, fed.phase) == (1, 2, Phase.TRAINING)
