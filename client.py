@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import re
 import logging
+import ssl
 from typing import Any, Mapping
 
 import requests
+import truststore
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
@@ -40,6 +42,44 @@ class CoordinatorUnreachable(Exception):
     """No answer from the coordinator after the retries (refused, reset, timed out, DNS)."""
 
 
+class CoordinatorUntrusted(Exception):
+    """The coordinator's TLS certificate could not be verified (not retried: it will not fix itself)."""
+
+
+def tls_context(ca_cert: str | None) -> ssl.SSLContext:
+    """The client TLS context: trust ``ca_cert`` (PEM file) only, or else the operating system's trust store.
+
+    Certificates and host names are always verified (TLS 1.2 or newer).
+
+    Raises
+    ------
+    OSError, ssl.SSLError
+        If ``ca_cert`` cannot be read or holds no PEM certificate.
+    """
+    if ca_cert:
+        context = ssl.create_default_context(cafile=ca_cert)
+    else:  # the system store (Windows, macOS keychain, Linux bundles) rather than certifi's copy
+        context = truststore.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class _TLSAdapter(HTTPAdapter):
+    def __init__(self, context: ssl.SSLContext, **kwargs) -> None:
+        self._context = context
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs["ssl_context"] = self._context
+        return super().init_poolmanager(*args, **kwargs)
+
+    def cert_verify(self, conn, url, verify, cert):
+        # The context already holds the trust anchors; requests would add certifi's bundle to it.
+        super().cert_verify(conn, url, False if verify is True else verify, cert)
+        if url.lower().startswith("https") and verify is not False:
+            conn.cert_reqs = "CERT_REQUIRED"
+
+
 def base_url(address: str) -> str:
     """``HOST:PORT``, ``http://HOST:PORT`` or ``https://...`` -> URL without trailing slash.
 
@@ -60,21 +100,22 @@ def base_url(address: str) -> str:
     return address
 
 
-def make_session(total_retries: int = 6, backoff_factor: float = 0.5, backoff_max: float = 10.0) -> requests.Session:
+def make_session(total_retries: int = 6, backoff_factor: float = 0.5, backoff_max: float = 10.0,
+                 ca_cert: str | None = None) -> requests.Session:
     """A requests Session whose calls are retried with exponential backoff and jitter.
 
     Sleeps between tries: backoff_factor * 2**(n-1) seconds plus up to 0.5 s jitter, at most
     ``backoff_max``. Every method is retried (uploads too: a repeated upload is answered 409
-    duplicate_update, which the worker counts as accepted).
+    duplicate_update, which the worker counts as accepted). A 429 answer is retried after its
+    ``Retry-After``. https:// is verified against ``ca_cert`` or the system trust store (:func:`tls_context`).
     """
     retry = Retry(total=total_retries, connect=total_retries, read=2, status=3, other=0,
                   backoff_factor=backoff_factor, backoff_max=backoff_max, backoff_jitter=0.5,
                   status_forcelist=(429, 502, 503, 504), allowed_methods=None,
                   raise_on_status=False, respect_retry_after_header=True)
     session = requests.Session()
-    adapter = HTTPAdapter(max_retries=retry)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
+    session.mount("http://", HTTPAdapter(max_retries=retry))
+    session.mount("https://", _TLSAdapter(tls_context(ca_cert), max_retries=retry))
     return session
 
 
@@ -86,13 +127,14 @@ class CoordinatorClient:
     address : ``HOST:PORT`` or a URL.
     token : Bearer token (join token before registration, the node token after).
     session : a Session from :func:`make_session` (one per thread: Sessions are not thread-safe).
+    ca_cert : PEM file to trust for https:// (used when no ``session`` is given).
     """
 
     def __init__(self, address: str, token: str | None = None, session: requests.Session | None = None,
-                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT, ca_cert: str | None = None) -> None:
         self.url = base_url(address)
         self.token = token
-        self.session = session or make_session()
+        self.session = session or make_session(ca_cert=ca_cert)
         self.connect_timeout = connect_timeout
 
     def _request(self, method: str, path: str, *, expected=(200,), read_timeout: float = READ_TIMEOUT,
@@ -104,6 +146,8 @@ class CoordinatorClient:
         try:
             response = self.session.request(method, self.url + API + path, headers=headers,
                                             timeout=(self.connect_timeout, read_timeout), **kwargs)
+        except requests.exceptions.SSLError as exc:
+            raise CoordinatorUntrusted(_tls_message(self.url, exc)) from None
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
                 requests.exceptions.ContentDecodingError) as exc:  # refused, reset, timed out, cut mid-body
             raise CoordinatorUnreachable(f"{method} {self.url}{API}{path}: {_short(exc)}") from None
@@ -167,6 +211,18 @@ def _error_from(response: requests.Response) -> CoordinatorError:
     if isinstance(body, dict) and "error" in body:
         return CoordinatorError(response.status_code, str(body["error"]), str(body.get("message", "")), body)
     return CoordinatorError(response.status_code, "http_error", response.text[:200].strip() or response.reason)
+
+
+def _tls_message(url: str, exc: Exception) -> str:
+    text = str(exc)
+    match = re.search(r"certificate verify failed: ([^(')\"]*)", text)
+    if match:
+        return (f"cannot verify the TLS certificate of {url}: {match.group(1).strip()}. Pass --ca-cert with the "
+                "coordinator's certificate (the file given to its --certfile, or the CA that signed it), or add "
+                "it to this machine's trust store")
+    if "WRONG_VERSION_NUMBER" in text or "wrong version number" in text:
+        return f"{url} does not speak TLS; use http:// for a coordinator started without --certfile"
+    return f"TLS handshake with {url} failed: {_short(exc)}"
 
 
 def _short(exc: Exception) -> str:

@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 ENV_PREFIX = "FL_"
 
 DATASETS = ("mnist", "fashion-mnist")
+AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
 PARTITIONS = ("iid", "dirichlet")
 
 
@@ -51,6 +52,13 @@ class Config:
     # --- network ---
     host: str = field(default="0.0.0.0", metadata=_meta("address the coordinator listens on"))
     port: int = field(default=5000, metadata=_meta("TCP port of the coordinator", lo=0, hi=65535))
+    certfile: str | None = field(default=None, metadata=_meta(
+        "PEM certificate (chain) of the coordinator: serve HTTPS (with --keyfile; see make_cert.py)"))
+    keyfile: str | None = field(default=None, metadata=_meta("PEM private key of --certfile"))
+    ca_cert: str | None = field(default=None, metadata=_meta(
+        "PEM certificate(s) to trust for an https:// coordinator (default: the system's trust store)"))
+    client_timeout: float = field(default=30.0, metadata=_meta(
+        "seconds a connection may stay silent while sending a request before it is cut", lo=1, hi=3600))
     server_threads: int = field(default=64, metadata=_meta(
         "request threads of the coordinator; each waiting worker holds one during a long poll", lo=4, hi=1024))
     # --- training (sent to workers with each round) ---
@@ -82,10 +90,35 @@ class Config:
     save_model: bool = field(default=True, metadata=_meta("save the global model after every round"))
     max_update_bytes: int = field(default=64 * 1024 * 1024, metadata=_meta(
         "largest accepted update upload, bytes", lo=1024, hi=2**40))
+    max_nodes: int = field(default=1000, metadata=_meta(
+        "most registered nodes; further registrations get 403", lo=1, hi=1_000_000))
+    rate_limit: float = field(default=20.0, metadata=_meta(
+        "requests per second allowed per credential (node, monitor) on average, bursts of 5x (0: no limit)",
+        lo=0, hi=1e6))
+    address_rate_limit: float = field(default=200.0, metadata=_meta(
+        "requests per second allowed per client IP address, bursts of 5x (0: no limit)", lo=0, hi=1e6))
+    # --- robust aggregation (McMahan et al. FedAvg by default) ---
+    aggregation: str = field(default="fedavg", metadata=_meta(
+        "aggregation rule: fedavg (sample-weighted mean), median (coordinate-wise) or trimmed_mean",
+        choices=AGGREGATIONS))
+    trim_fraction: float = field(default=0.1, metadata=_meta(
+        "trimmed_mean: fraction of updates dropped at each end of every coordinate", lo=0.0, hi=0.49))
+    clip_norm: float = field(default=0.0, metadata=_meta(
+        "clip each update's change from the global model to this L2 norm before aggregating (0: off)",
+        lo=0.0, hi=1e12))
+    max_update_norm: float = field(default=1e4, metadata=_meta(
+        "refuse an update whose change from the global model has an L2 norm above this (0: no check)",
+        lo=0.0, hi=1e15))
     # --- security ---
     token: str | None = field(default=None, metadata=_meta(
         "join token; the coordinator generates one and keeps it in TEMP_DIR/join_token when none is given, "
-        "workers and monitors pass the coordinator's", secret=True))
+        "workers pass the coordinator's (it is never logged)", secret=True))
+    monitor_token: str | None = field(default=None, metadata=_meta(
+        "read-only token of monitors and the dashboard (status, metrics); generated into "
+        "TEMP_DIR/monitor_token when none is given", secret=True))
+    admin_token: str | None = field(default=None, metadata=_meta(
+        "operator token of admin.py (rotate tokens, ban nodes); generated into TEMP_DIR/admin_token when "
+        "none is given", secret=True))
     no_auth: bool = field(default=False, metadata=_meta("accept registrations and monitors without a token"))
     no_eval: bool = field(default=False, metadata=_meta("do not evaluate the global model (no test data here)"))
     debug: bool = field(default=False, metadata=_meta("serve with Flask's development server"))
@@ -125,20 +158,23 @@ class Config:
 
 
 COORDINATOR_FIELDS = (
-    "data_dir", "models_dir", "logs_dir", "temp_dir", "host", "port", "server_threads", "model", "dataset",
+    "data_dir", "models_dir", "logs_dir", "temp_dir", "host", "port", "certfile", "keyfile", "client_timeout",
+    "server_threads", "model", "dataset",
     "batch_size", "test_batch_size", "learning_rate", "momentum", "local_epochs", "communication_rounds",
     "min_nodes_to_start", "client_fraction", "min_updates", "node_timeout", "heartbeat_interval", "round_timeout",
-    "seed", "cpu_workers", "save_model", "max_update_bytes", "token", "no_auth", "no_eval", "debug", "fresh",
-    "keep_serving",
+    "seed", "cpu_workers", "save_model", "max_update_bytes", "max_nodes", "rate_limit", "address_rate_limit",
+    "aggregation", "trim_fraction", "clip_norm", "max_update_norm", "token", "monitor_token", "admin_token",
+    "no_auth", "no_eval", "debug", "fresh", "keep_serving",
 )
 WORKER_FIELDS = (
-    "coordinator_address", "device", "token", "name", "data_dir", "dataset", "partition_id", "num_partitions",
+    "coordinator_address", "ca_cert", "device", "token", "name", "data_dir", "dataset", "partition_id", "num_partitions",
     "partition", "alpha", "seed", "cpu_workers", "logs_dir", "give_up_after", "quiet",
 )
 # Settings that define a run: on resume the stored values win over new flags (a warning names the ignored ones).
 RUN_FIELDS = (
     "model", "dataset", "batch_size", "test_batch_size", "learning_rate", "momentum", "local_epochs",
     "communication_rounds", "min_nodes_to_start", "client_fraction", "min_updates", "seed", "no_eval",
+    "aggregation", "trim_fraction", "clip_norm",
 )
 # Short spellings users expect from the README and the issue text.
 ALIASES = {
@@ -193,6 +229,8 @@ def validate(cfg: Config) -> None:
         _validate_field(cfg, f)
     if (cfg.partition_id is None) != (cfg.num_partitions is None):
         raise ConfigError("--partition-id and --num-partitions must be given together")
+    if (cfg.certfile is None) != (cfg.keyfile is None):
+        raise ConfigError("--certfile and --keyfile must be given together")
     if cfg.partition_id is not None and cfg.partition_id >= cfg.num_partitions:
         raise ConfigError(f"--partition-id must be < --num-partitions ({cfg.num_partitions}), "
                           f"got {cfg.partition_id}")
@@ -220,8 +258,8 @@ def _validate_field(cfg: Config, f: dataclasses.Field) -> None:
         raise ConfigError(f"{where}: must be one of {', '.join(choices)}, got {value!r}")
     if typ is str and not value.strip():
         raise ConfigError(f"{where}: must not be empty")
-    if f.name == "token" and len(value) < 8:
-        raise ConfigError(f"{where}: must be at least 8 characters")
+    if f.name in ("token", "monitor_token", "admin_token") and len(value) < 16:
+        raise ConfigError(f"{where}: must be at least 16 characters")
 
 
 def flag_name(name: str) -> str:

@@ -2,18 +2,20 @@
 
 ``create_app(config)`` builds the app around one :class:`federation.Federation` (kept in
 ``app.extensions["federation"]``), so every test gets a fresh coordinator. ``python coordinator.py``
-serves it with waitress (``--debug``: Flask's development server). The wire contract is in docs/API.md.
+serves it with cheroot over HTTP or HTTPS (serving.py; ``--debug``: Flask's development server). The wire
+contract is docs/openapi.json (served at /api/v1/openapi.json) and docs/API.md.
+
+Access: workers register with the join token and then use their own node token; monitors and the dashboard
+read with the monitor token; the operator rotates tokens and bans nodes with the admin token (admin.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import hmac
 import json
 import logging
 import math
-import os
-import secrets
+import re
 import signal
 import socket
 import sys
@@ -29,9 +31,12 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 import config as config_module
 import metrics
 from config import COORDINATOR_FIELDS, Config
-from federation import (Conflict, Federation, Node, UnknownNode, archive_run, hash_token, resume_config,
+from credentials import KINDS, Credentials, token_path
+from federation import (Conflict, Federation, Forbidden, Node, UnknownNode, archive_run, resume_config,
                         stored_run_config)
+from ratelimit import RateLimiter, retry_after_header
 from store import StoreError
+from serving import TLSConfigError, bound_port, is_loopback, make_server
 from utils import UpdateRejected, run_program, set_cpu_threads, setup_logging
 
 log = logging.getLogger("fl.coordinator")
@@ -46,6 +51,10 @@ MAX_DEVICE_LENGTH = 64
 MAX_SYSTEM_INFO_BYTES = 4096
 MAX_LONG_POLL = 60.0  # seconds
 MAX_NUM_SAMPLES = 10**9
+MAX_TOKEN_LENGTH = 512  # characters of a Bearer token; longer ones are refused unread
+BURST = 5.0  # a rate limit of r requests/s allows bursts of BURST * r
+NODE_ID = re.compile(r"[0-9a-f]{16}")
+OPENAPI_PATH = Path(__file__).resolve().parent / "docs" / "openapi.json"
 
 
 class ApiError(HTTPException):
@@ -70,29 +79,6 @@ def _error_name(exc: HTTPException) -> str:
     return (exc.name or "error").lower().replace(" ", "_").replace("'", "")
 
 
-# ----------------------------------------------------------------------------- join token
-
-
-def resolve_join_token(cfg: Config) -> str:
-    """The join token: ``cfg.token`` if set, else the one stored in TEMP_DIR/join_token, else a new one.
-
-    A generated token is stored with mode 0600 so that a restarted coordinator keeps it.
-    """
-    if cfg.token:
-        return cfg.token
-    path = Path(cfg.temp_dir) / "join_token"
-    if path.exists():
-        stored = path.read_text(encoding="utf-8").strip()
-        if len(stored) >= 8:
-            return stored
-    token = secrets.token_urlsafe(24)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(token + "\n")
-    return token
-
-
 # ----------------------------------------------------------------------------- request helpers
 
 
@@ -100,34 +86,61 @@ def _federation() -> Federation:
     return current_app.extensions["federation"]
 
 
+def _credentials() -> Credentials:
+    return current_app.extensions["credentials"]
+
+
 def _bearer() -> str | None:
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
+    if scheme.lower() != "bearer" or not value.strip() or len(value) > MAX_TOKEN_LENGTH:
         return None
     return value.strip()
 
 
-def _require_join_token() -> None:
-    if current_app.config["FL_NO_AUTH"]:
+def _unauthorized(message: str) -> ApiError:
+    return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def _rate_limit(key: str) -> None:
+    """Count one request against ``key``'s bucket; 429 with Retry-After when it is empty."""
+    limiter = current_app.extensions["credential_limiter"]
+    if limiter is None:
         return
+    wait = limiter.acquire(key)
+    if wait > 0:
+        raise ApiError(429, "too_many_requests", f"rate limit of {limiter.rate:g} requests/s per credential "
+                       f"exceeded; retry in {wait:.1f}s", headers={"Retry-After": retry_after_header(wait)},
+                       retry_after_s=round(wait, 3))
+
+
+def _require_token(*kinds: str) -> str:
+    """Check the Bearer token against the shared tokens of ``kinds`` (join, monitor, admin); returns the kind.
+
+    With --no-auth, join and monitor access need no token (admin access always does).
+    """
+    if current_app.config["FL_NO_AUTH"] and kinds != ("admin",):
+        return kinds[0]
     token = _bearer()
+    names = " or ".join(f"{k} token" for k in kinds)
     if token is None:
-        raise ApiError(401, "unauthorized", "expected the header Authorization: Bearer <join token>",
-                       headers={"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(hash_token(token), current_app.config["FL_JOIN_TOKEN_HASH"]):
-        raise ApiError(401, "unauthorized", "wrong join token", headers={"WWW-Authenticate": "Bearer"})
+        raise _unauthorized(f"expected the header Authorization: Bearer <{names}>")
+    for kind in kinds:
+        if _credentials().verify(kind, token):
+            if kind != "join":
+                _rate_limit(kind)
+            return kind
+    raise _unauthorized(f"wrong {names}")
 
 
 def _require_node() -> Node:
     token = _bearer()
     if token is None:
-        raise ApiError(401, "unauthorized", "expected the header Authorization: Bearer <node token>",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise _unauthorized("expected the header Authorization: Bearer <node token>")
     node = _federation().authenticate(token)
     if node is None:
-        raise ApiError(401, "unauthorized", "unknown or expired node token; register again",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise _unauthorized("unknown, revoked or expired node token; register again")
+    _rate_limit("node:" + node.node_id)
     return node
 
 
@@ -215,7 +228,7 @@ def health():
 
 @api.post("/nodes")
 def register():
-    _require_join_token()
+    _require_token("join")
     body = _json_object()
     name = _short_text(body.get("name"), "name", MAX_NAME_LENGTH)
     device = _short_text(body.get("device"), "device", MAX_DEVICE_LENGTH)
@@ -237,6 +250,8 @@ def register():
         node, token, created = fed.register(name, device, num_samples, system_info, instance_id)
     except Conflict as exc:
         raise ApiError(409, exc.error, exc.message, **exc.details) from None
+    except Forbidden as exc:
+        raise ApiError(403, exc.error, exc.message) from None
     return jsonify({"node_id": node.node_id, "node_token": token, "name": node.name,
                     "heartbeat_interval": fed.config.heartbeat_interval,
                     "node_timeout": fed.config.node_timeout, "run_id": fed.run_id,
@@ -246,6 +261,8 @@ def register():
 def _own_node(node_id: str) -> Node:
     fed = _federation()
     try:
+        if not NODE_ID.fullmatch(node_id):
+            raise UnknownNode(node_id)
         fed.get_node(node_id)
     except UnknownNode:
         raise ApiError(404, "unknown_node", f"no node {node_id!r}; register again") from None
@@ -338,8 +355,58 @@ def _too_large(limit: int) -> ApiError:
 
 @api.get("/status")
 def status():
-    _require_join_token()
+    _require_token("monitor", "admin")
     return jsonify(_federation().status())
+
+
+@api.get("/openapi.json")
+def openapi():
+    """The OpenAPI 3 description of this API (docs/openapi.json); no token needed."""
+    return current_app.response_class(OPENAPI_PATH.read_bytes(), mimetype="application/json")
+
+
+# ----------------------------------------------------------------------------- operator (admin token)
+
+
+@api.post("/admin/tokens/<kind>")
+def rotate_token(kind: str):
+    """Replace the join or monitor token (or the admin token itself) now; answers the new one once."""
+    _require_token("admin")
+    if kind not in KINDS:
+        raise ApiError(404, "not_found", f"no token kind {kind!r}; one of {', '.join(KINDS)}")
+    token = _credentials().rotate(kind)
+    return jsonify({"kind": kind, "token": token,
+                    "note": "the old token no longer works; registered nodes keep their node tokens"})
+
+
+@api.post("/admin/nodes/<key>/ban")
+def ban(key: str):
+    """Ban a node by id or name: its token stops working, it cannot register, its open update is dropped."""
+    _require_token("admin")
+    reason = ""
+    if request.content_length:
+        reason = _json_object().get("reason", "")
+        if reason != "":
+            reason = _short_text(reason, "reason", MAX_NAME_LENGTH)
+    node = _node_action(_federation().ban, key, reason)
+    return jsonify({"node_id": node.node_id, "name": node.name, "status": "banned"})
+
+
+@api.delete("/admin/nodes/<key>/ban")
+def unban(key: str):
+    """Lift a ban (the node may register again with the join token)."""
+    _require_token("admin")
+    node = _node_action(_federation().unban, key)
+    return jsonify({"node_id": node.node_id, "name": node.name, "status": "offline"})
+
+
+def _node_action(action, key: str, *args) -> Node:
+    if len(key) > MAX_NAME_LENGTH:
+        raise ApiError(404, "unknown_node", f"no node with id or name {key[:MAX_NAME_LENGTH]!r}...")
+    try:
+        return action(key, *args)
+    except UnknownNode:
+        raise ApiError(404, "unknown_node", f"no node with id or name {key!r}") from None
 
 
 def dashboard():
@@ -357,8 +424,8 @@ def _security_headers(response: Response) -> Response:
 
 
 def prometheus_metrics():
-    """``GET /metrics``: Prometheus text format (join token as Bearer, unless --no-auth)."""
-    _require_join_token()
+    """``GET /metrics``: Prometheus text format (monitor or admin token as Bearer, unless --no-auth)."""
+    _require_token("monitor", "admin")
     return Response(metrics.render(current_app.extensions["metrics_registry"]), mimetype=CONTENT_TYPE_LATEST)
 
 
@@ -388,7 +455,14 @@ def _handle_unexpected(exc: Exception):
     return _json_error(500, "internal_error", "the coordinator failed to handle this request; see its log")
 
 
-def _limit_body():
+def _before_request():
+    limiter = current_app.extensions["address_limiter"]
+    if limiter is not None:
+        wait = limiter.acquire(request.remote_addr or "unknown")
+        if wait > 0:
+            raise ApiError(429, "too_many_requests", f"rate limit of {limiter.rate:g} requests/s per address "
+                           f"exceeded; retry in {wait:.1f}s", headers={"Retry-After": retry_after_header(wait)},
+                           retry_after_s=round(wait, 3))
     if request.endpoint == "api_v1.submit_update":
         limit = current_app.extensions["federation"].config.max_update_bytes
         request.max_content_length = limit + MULTIPART_SLACK
@@ -433,14 +507,19 @@ def create_app(cfg: Config, *, start_driver: bool = True, evaluator=None) -> Fla
 
     app = Flask(__name__, static_folder=str(STATIC_DIR), static_url_path="/static")
     app.config["FL_NO_AUTH"] = cfg.no_auth
-    app.config["FL_JOIN_TOKEN_HASH"] = hash_token(resolve_join_token(cfg))
+    app.extensions["credentials"] = Credentials(cfg.temp_dir, {"join": cfg.token, "monitor": cfg.monitor_token,
+                                                               "admin": cfg.admin_token})
+    app.extensions["credential_limiter"] = (RateLimiter(cfg.rate_limit, BURST * cfg.rate_limit)
+                                            if cfg.rate_limit > 0 else None)
+    app.extensions["address_limiter"] = (RateLimiter(cfg.address_rate_limit, BURST * cfg.address_rate_limit)
+                                         if cfg.address_rate_limit > 0 else None)
     app.extensions["federation"] = federation
     app.extensions["metrics_registry"] = metrics.make_registry(federation)
     app.register_blueprint(api)
     app.add_url_rule("/metrics", "metrics", prometheus_metrics)
     app.add_url_rule("/", "dashboard", dashboard)
     app.after_request(_security_headers)
-    app.before_request(_limit_body)
+    app.before_request(_before_request)
     app.register_error_handler(HTTPException, _handle_http_error)
     app.register_error_handler(Exception, _handle_unexpected)
     if start_driver:
@@ -487,7 +566,7 @@ def _reachable_address(host: str) -> str:
 
 def _serve(server) -> None:
     try:
-        server.run()
+        server.serve()
     except OSError:  # the listening socket was closed under the loop at shutdown
         pass
 
@@ -527,31 +606,47 @@ def _main(argv) -> int:
         return 2
     federation: Federation = app.extensions["federation"]
     cfg = federation.config  # a resumed run keeps its stored settings
-    token = resolve_join_token(cfg)
-
-    import waitress
-
+    credentials: Credentials = app.extensions["credentials"]
+    scheme = "https" if cfg.certfile else "http"
     try:
         if cfg.debug:
             server = None
             socket.create_server((cfg.host, cfg.port)).close()  # fail here, not in the debug server's thread
         else:
-            server = waitress.create_server(app, host=cfg.host, port=cfg.port, threads=cfg.server_threads)
-    except (OSError, ValueError) as exc:  # ValueError: waitress on a malformed host
+            server = make_server(app, cfg.host, cfg.port, threads=cfg.server_threads,
+                                 client_timeout=cfg.client_timeout, certfile=cfg.certfile, keyfile=cfg.keyfile)
+    except TLSConfigError as exc:
+        print(f"error: --certfile/--keyfile: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:  # ValueError: a malformed host
         print(f"error: cannot listen on {cfg.host}:{cfg.port}: {exc}", file=sys.stderr)
         return 2
-    port = server.effective_port if server is not None else cfg.port
-    address = f"{_reachable_address(cfg.host)}:{port}"
-    log.info("coordinator listening on %s:%s (%s); run %s: %d rounds, %d nodes to start, model %s, dataset %s",
-             cfg.host, port, "Flask debug server" if cfg.debug else f"waitress, {cfg.server_threads} threads",
-             federation.run_id, cfg.communication_rounds, cfg.min_nodes_to_start, cfg.model, cfg.dataset)
+    port = bound_port(server) if server is not None else cfg.port
+    address = f"{scheme}://{_reachable_address(cfg.host)}:{port}"
+    log.info("coordinator listening on %s://%s:%s (%s); run %s: %d rounds, %d nodes to start, model %s, "
+             "dataset %s, aggregation %s", scheme, cfg.host, port,
+             "Flask debug server" if cfg.debug else f"cheroot, {cfg.server_threads} threads",
+             federation.run_id, cfg.communication_rounds, cfg.min_nodes_to_start, cfg.model, cfg.dataset,
+             cfg.aggregation)
+    if scheme == "http" and not is_loopback(cfg.host):
+        log.warning("serving plain HTTP on %s: tokens and model weights cross the network unencrypted and can be "
+                    "read or changed on the way. Use --certfile/--keyfile (python make_cert.py makes a pair) or "
+                    "--host 127.0.0.1", cfg.host)
+    for kind in credentials.generated:
+        log.info("generated a new %s token into %s (mode 0600; it is never logged)", kind,
+                 token_path(cfg.temp_dir, kind))
+    ca_flag = f" --ca-cert {cfg.certfile}" if cfg.certfile else ""
     if cfg.no_auth:
-        log.warning("authentication is off (--no-auth): anyone who reaches this port can join")
-        log.info("start a worker with: python worker.py --coordinator-address %s --cpu", address)
+        log.warning("authentication is off (--no-auth): anyone who reaches this port can join and read the status")
+        log.info("start a worker with: python worker.py --coordinator-address %s%s --cpu", address, ca_flag)
     else:
-        log.info("join token: %s (%s)", token, "from --token / FL_TOKEN" if cfg.token else
-                 f"generated once, kept in {Path(cfg.temp_dir) / 'join_token'}")
-        log.info("start a worker with: python worker.py --coordinator-address %s --token %s --cpu", address, token)
+        join = "<your --token>" if cfg.token else f'"$(cat {token_path(cfg.temp_dir, "join")})"'
+        monitor = ("<your --monitor-token>" if cfg.monitor_token else
+                   f'"$(cat {token_path(cfg.temp_dir, "monitor")})"')
+        log.info("start a worker with: python worker.py --coordinator-address %s%s --token %s --cpu",
+                 address, ca_flag, join)
+        log.info("watch with: python text_monitor.py --coordinator-address %s%s --token %s", address, ca_flag,
+                 monitor)
 
     stop = threading.Event()
 
@@ -562,10 +657,11 @@ def _main(argv) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     if server is not None:
-        threading.Thread(target=_serve, args=(server,), name="waitress", daemon=True).start()
+        threading.Thread(target=_serve, args=(server,), name="cheroot", daemon=True).start()
     else:
-        threading.Thread(target=lambda: app.run(cfg.host, cfg.port, threaded=True, use_reloader=False),
-                         name="flask-debug", daemon=True).start()
+        ssl_context = (cfg.certfile, cfg.keyfile) if cfg.certfile else None
+        threading.Thread(target=lambda: app.run(cfg.host, cfg.port, threaded=True, use_reloader=False,
+                                                ssl_context=ssl_context), name="flask-debug", daemon=True).start()
     federation.start()
     finished_at = None
     while not stop.wait(0.2):
@@ -575,7 +671,9 @@ def _main(argv) -> int:
             if federation.all_told_to_stop() or time.monotonic() - finished_at > grace:
                 time.sleep(0.5)  # let the last answers leave
                 break
-    federation.stop()  # waits for an aggregation or checkpoint write in progress; the process exit ends the rest
+    federation.stop()  # waits for an aggregation or checkpoint write in progress; wakes long polls
+    if server is not None:
+        server.stop()
     if federation.finished and federation.history:
         last = federation.history[-1]
         log.info("run finished: %d rounds, final test accuracy %s; model in %s", last.round,

@@ -25,7 +25,6 @@ Memory for updates is one model: aggregation streams the stored updates from dis
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -45,6 +44,7 @@ import torch
 
 import failpoints
 from config import RUN_FIELDS, Config
+from credentials import hash_token
 from store import RunStore, StoreError
 from utils import (FedAvgAccumulator, UpdateRejected, atomic_write_bytes, bytes_to_state_dict,
                    check_compatible, fsync_directory, state_dict_to_bytes, torch_save_bytes)
@@ -76,6 +76,14 @@ class UnknownNode(KeyError):
     """No node has this id (HTTP 404): the worker should register again."""
 
 
+class Forbidden(Exception):
+    """A request the rules refuse whatever the state (HTTP 403): a banned node, a full federation."""
+
+    def __init__(self, error: str, message: str) -> None:
+        super().__init__(message)
+        self.error, self.message = error, message
+
+
 @dataclass
 class Node:
     """A registered worker. Times: ``*_mono`` are the coordinator's monotonic clock (seconds)."""
@@ -97,11 +105,12 @@ class Node:
     superseded: list = field(default_factory=list)  # instance ids that a later process with this name replaced
     polling: int = 0  # long polls in progress (a node waiting in a poll is alive)
     left: bool = False  # said it leaves (DELETE); offline until its next authenticated request
+    banned: bool = False  # removed by the operator: no token works, its name cannot register
     stop_sent: bool = False
 
     _DURABLE = ("node_id", "name", "device", "num_samples", "system_info", "token_hash", "registered_at",
                 "updates_submitted", "rounds_contributed", "last_train_loss", "last_train_accuracy",
-                "instance_id", "superseded", "left")
+                "instance_id", "superseded", "left", "banned")
 
     def record(self) -> dict:
         """The fields that are stored (liveness is not: it restarts with the coordinator)."""
@@ -137,11 +146,6 @@ class RoundRecord:
     evaluation_s: float
     mean_train_loss: float | None
     max_train_seconds: float | None
-
-
-def hash_token(token: str) -> str:
-    """SHA-256 hex digest of a token; only digests are stored."""
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 def _mean(values) -> float | None:
@@ -304,7 +308,8 @@ class Federation:
             node = Node(**record, last_seen_mono=now, last_seen_wall=time.time())  # a grace of NODE_TIMEOUT
             self.nodes[node.node_id] = node
             self._by_name[node.name] = node.node_id
-            self._by_token[node.token_hash] = node.node_id
+            if not node.banned:
+                self._by_token[node.token_hash] = node.node_id
         for record in s.updates(self.round):
             update = AcceptedUpdate(**record)
             if Path(update.path).exists():
@@ -363,12 +368,19 @@ class Federation:
         ------
         Conflict
             ``name_in_use`` for a process that a later one with the same name replaced.
+        Forbidden
+            ``banned`` for a name the operator banned; ``node_limit`` when MAX_NODES nodes are registered.
         """
         token = secrets.token_urlsafe(32)
         now_mono, now_wall = self._clock(), time.time()
         with self._changed:
             node_id = self._by_name.get(name)
             created = node_id is None
+            if not created and self.nodes[node_id].banned:
+                raise Forbidden("banned", f"the operator banned the node {name!r}")
+            if created and len(self.nodes) >= self.config.max_nodes:
+                raise Forbidden("node_limit", f"the federation is full: MAX_NODES={self.config.max_nodes} "
+                                "nodes are registered")
             if created:
                 node_id = secrets.token_hex(8)
                 node = Node(node_id, name, device, num_samples, system_info, hash_token(token), now_wall,
@@ -425,6 +437,50 @@ class Federation:
             self._changed.notify_all()
         log.info("node %s (%s) left", node.name, node.node_id)
 
+    def ban(self, key: str, reason: str = "") -> Node:
+        """Remove a node (by id or name) for good: its token stops working, its name cannot register again,
+        and an update it sent for the open round is dropped (unless that round is already being aggregated).
+
+        Raises
+        ------
+        UnknownNode
+            If no node has this id or name.
+        """
+        with self._changed:
+            node = self.nodes.get(key) or self.nodes.get(self._by_name.get(key, ""))
+            if node is None:
+                raise UnknownNode(key)
+            node.banned = node.left = True
+            self._by_token.pop(node.token_hash, None)
+            dropped = self.phase == Phase.TRAINING and self.updates.pop(node.node_id, None)
+            if node.node_id in self.participants and self.phase == Phase.TRAINING:
+                self.participants = [i for i in self.participants if i != node.node_id]
+                self.rejected.pop(node.node_id, None)
+            self.store.ban_node(node.node_id, node.record(), self._run_values())
+            if dropped:
+                Path(dropped.path).unlink(missing_ok=True)
+            self._changed.notify_all()
+        log.warning("node %s (%s) banned by the operator%s%s", node.name, node.node_id,
+                    f": {reason}" if reason else "", "; its update for this round was dropped" if dropped else "")
+        return node
+
+    def unban(self, key: str) -> Node:
+        """Allow a banned node (by id or name) to register again (it needs the join token).
+
+        Raises
+        ------
+        UnknownNode
+            If no node has this id or name.
+        """
+        with self._changed:
+            node = self.nodes.get(key) or self.nodes.get(self._by_name.get(key, ""))
+            if node is None:
+                raise UnknownNode(key)
+            node.banned = False
+            self.store.save_node(node.node_id, node.name, node.record())
+        log.warning("node %s (%s) unbanned by the operator", node.name, node.node_id)
+        return node
+
     def _is_online(self, node: Node, now: float) -> bool:
         if node.left:
             return False
@@ -433,6 +489,8 @@ class Federation:
     def node_status(self, node: Node, now: float | None = None) -> str:
         """"offline", "training" (a participant of the open round that has not answered) or "online"."""
         now = self._clock() if now is None else now
+        if node.banned:
+            return "banned"
         if not self._is_online(node, now):
             return "offline"
         return "training" if self._owes_answer(node.node_id) else "online"

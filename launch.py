@@ -57,7 +57,8 @@ class Launch:
 
     def __init__(self, cfg: Config, num_workers: int, port: int) -> None:
         self.cfg, self.num_workers, self.port = cfg, num_workers, port
-        self.token = secrets.token_urlsafe(24)
+        self.token = secrets.token_urlsafe(32)  # join token of the workers
+        self.monitor_token = secrets.token_urlsafe(32)  # read-only: status for this launcher and the monitors
         self.address = f"127.0.0.1:{port}"
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs = Path(cfg.logs_dir)
@@ -75,10 +76,11 @@ class Launch:
         Returns False (after printing why) when the coordinator does not come up."""
         coord_fields = [f for f in LAUNCH_FIELDS if f in COORDINATOR_FIELDS]
         self._spawn("coordinator", "coordinator.py", child_env(self.cfg, coord_fields, {
-            "host": "127.0.0.1", "port": self.port, "token": self.token, "min_nodes_to_start": self.num_workers,
+            "host": "127.0.0.1", "port": self.port, "token": self.token, "monitor_token": self.monitor_token,
+            "min_nodes_to_start": self.num_workers,
             "node_timeout": self.cfg.node_timeout, "heartbeat_interval": self.cfg.heartbeat_interval,
             "keep_serving": "true", "fresh": "true"}))
-        client = CoordinatorClient(self.address, token=self.token, session=make_session(total_retries=0))
+        client = CoordinatorClient(self.address, token=self.monitor_token, session=make_session(total_retries=0))
         deadline = time.monotonic() + 120
         while True:
             if self.procs["coordinator"].poll() is not None:
@@ -117,7 +119,7 @@ class Launch:
         """Print each finished round until the run is finished and every worker has exited.
 
         Returns (last status, exit status: 0 for a completed run, 1 if a process failed)."""
-        client = CoordinatorClient(self.address, token=self.token, session=make_session(total_retries=0))
+        client = CoordinatorClient(self.address, token=self.monitor_token, session=make_session(total_retries=0))
         printed, last, nodes_seen = 0, None, 0
         coordinator = self.procs["coordinator"]
         while coordinator.poll() is None:
@@ -171,9 +173,9 @@ def main(argv=None) -> int:
     launch = Launch(cfg, args.workers, args.port or free_port())
     print(f"starting a coordinator on {launch.address} and {args.workers} workers ({cfg.device}, {cfg.dataset}, "
           f"{cfg.communication_rounds} rounds); logs in {launch.logs}/launch_*.out")
-    print(f"watch it live: open http://{launch.address}/#token={launch.token} in a browser, or run\n"
-          f"  python text_monitor.py --coordinator-address {launch.address} --token {launch.token}\n"
-          f"  python monitor.py --coordinator-address {launch.address} --token {launch.token}")
+    print(f"watch it live: open http://{launch.address}/#token={launch.monitor_token} in a browser, or run\n"
+          f"  python text_monitor.py --coordinator-address {launch.address} --token {launch.monitor_token}\n"
+          f"  python monitor.py --coordinator-address {launch.address} --token {launch.monitor_token}")
     started = time.monotonic()
 
     def on_sigterm(_signum, _frame):

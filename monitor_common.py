@@ -7,13 +7,16 @@ import os
 import time
 from dataclasses import dataclass
 
-from client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable, make_session
+from client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable, CoordinatorUntrusted, make_session
 
 
 def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coordinator-address", default="127.0.0.1:5000",
-                        help="HOST:PORT of the coordinator (default: 127.0.0.1:5000)")
-    parser.add_argument("--token", default=None, help="join token for GET /api/v1/status (default: env FL_TOKEN)")
+                        help="HOST:PORT or https://HOST:PORT of the coordinator (default: 127.0.0.1:5000)")
+    parser.add_argument("--token", default=None, help="monitor token (read-only; the coordinator writes it to "
+                                                      "TEMP_DIR/monitor_token) (default: env FL_MONITOR_TOKEN)")
+    parser.add_argument("--ca-cert", default=os.environ.get("FL_CA_CERT"),
+                        help="PEM certificate to trust for https:// (default: env FL_CA_CERT, else the system store)")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default: 2)")
     parser.add_argument("--once", action="store_true", help="show one snapshot and exit")
 
@@ -24,9 +27,10 @@ def parse_monitor_args(parser: argparse.ArgumentParser, argv=None) -> "tuple[arg
     if not 0 < args.interval <= 3600:
         parser.error("--interval must be a number of seconds in (0, 3600]")
     try:
-        poller = StatusPoller(args.coordinator_address, args.token or os.environ.get("FL_TOKEN"), args.interval)
-    except ValueError as exc:
-        parser.error(str(exc))
+        poller = StatusPoller(args.coordinator_address, args.token or os.environ.get("FL_MONITOR_TOKEN"),
+                              args.interval, args.ca_cert)
+    except (ValueError, OSError) as exc:  # OSError, ssl.SSLError: an unreadable --ca-cert
+        parser.error(f"{exc}")
     return args, poller
 
 
@@ -43,8 +47,8 @@ class Poll:
 class StatusPoller:
     """Reads ``GET /api/v1/status``; after failures, waits longer (1, 2, 4 ... up to 30 s) before the next read."""
 
-    def __init__(self, address: str, token: str | None, interval: float) -> None:
-        self.client = CoordinatorClient(address, token=token, session=make_session(total_retries=0),
+    def __init__(self, address: str, token: str | None, interval: float, ca_cert: str | None = None) -> None:
+        self.client = CoordinatorClient(address, token=token, session=make_session(total_retries=0, ca_cert=ca_cert),
                                         connect_timeout=3.0)
         self.interval = max(0.2, interval)
         self.failures = 0
@@ -54,13 +58,16 @@ class StatusPoller:
     def poll(self) -> Poll:
         try:
             status = self.client.status()
-        except (CoordinatorUnreachable, CoordinatorError) as exc:
+        except (CoordinatorUnreachable, CoordinatorError, CoordinatorUntrusted) as exc:
             self.failures += 1
             if self.unreachable_since is None:
                 self.unreachable_since = time.time()
             if isinstance(exc, CoordinatorError) and exc.status == 401:
-                message = f"the coordinator refused the token ({exc.message}); pass it with --token or FL_TOKEN"
+                message = (f"the coordinator refused the token ({exc.message}); pass the monitor token with --token "
+                           "or FL_MONITOR_TOKEN")
                 return Poll(None, message, self.unreachable_since, refused=True)
+            if isinstance(exc, CoordinatorUntrusted):
+                return Poll(None, str(exc), self.unreachable_since, refused=True)
             return Poll(None, str(exc), self.unreachable_since)
         self.failures, self.unreachable_since, self.last_status = 0, None, status
         return Poll(status)

@@ -113,6 +113,11 @@ class RunStore:
             "ON CONFLICT(node_id) DO UPDATE SET name = excluded.name, record = excluded.record",
             (node_id, name, json.dumps(record)))])
 
+    def ban_node(self, node_id: str, record: dict, values: dict) -> None:
+        """Store a banned node, drop its update of the open round and set the run keys, in one transaction."""
+        self._transaction([("UPDATE nodes SET record = ? WHERE node_id = ?", (json.dumps(record), node_id)),
+                           ("DELETE FROM updates WHERE node_id = ?", (node_id,))] + self._put_statements(values))
+
     def nodes(self) -> list[dict]:
         with self._lock:
             rows = self._db.execute("SELECT record FROM nodes ORDER BY name").fetchall()

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 import config as config_module
-from client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable, make_session
+from client import (CoordinatorClient, CoordinatorError, CoordinatorUnreachable, CoordinatorUntrusted,
+                    make_session)
 from config import WORKER_FIELDS, Config
 from datasets import DatasetUnavailable, LabeledImages, load_dataset
 from model import build_model, local_train
@@ -51,6 +52,14 @@ class StopRequested(BaseException):
 
 class RoundClosed(Exception):
     """The round this node is training for closed (deadline, or restarted without it)."""
+
+
+def _retry_delay(exc: CoordinatorError) -> float:
+    """Seconds to wait after a 429/5xx answer: the coordinator's ``retry_after_s`` (at most 60), else 2."""
+    value = exc.body.get("retry_after_s")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 60:
+        return max(0.1, float(value))
+    return 2.0
 
 
 class FatalError(Exception):
@@ -109,7 +118,7 @@ class Worker:
         self.data = data
         self.name = cfg.name or default_name(cfg)
         # few quick retries per call; longer outages are waited out (and logged) by _wait_for_coordinator
-        self.client = CoordinatorClient(cfg.coordinator_address, session=make_session(total_retries=3))
+        self.client = CoordinatorClient(cfg.coordinator_address, session=self._session(3))
         self.instance_id = secrets.token_hex(8)  # this process; see Federation.register
         self.node_id: str | None = None
         self.heartbeat_interval = 10.0
@@ -124,6 +133,9 @@ class Worker:
         self._unreachable_since: float | None = None
         self._heartbeat_thread: threading.Thread | None = None
 
+    def _session(self, retries: int):
+        return make_session(total_retries=retries, ca_cert=self.cfg.ca_cert)
+
     # ------------------------------------------------------------------ registration and liveness
 
     def register(self) -> None:
@@ -137,7 +149,7 @@ class Worker:
                                  "printed at start-up with --token or FL_TOKEN") from None
             if exc.error == "name_in_use":
                 raise FatalError(f"the name {self.name!r} is in use: {exc.message}") from None
-            if exc.status in (400, 413, 415):
+            if exc.status in (400, 403, 413, 415):
                 raise FatalError(f"registration refused: {exc.message}") from None
             raise
         if answer.get("dataset", self.cfg.dataset) != self.cfg.dataset:
@@ -151,7 +163,7 @@ class Worker:
                  self.name, self.client.url)
 
     def _heartbeat_loop(self) -> None:
-        client = CoordinatorClient(self.cfg.coordinator_address, session=make_session(total_retries=1))
+        client = CoordinatorClient(self.cfg.coordinator_address, session=self._session(1))
         while not self.stop_event.wait(self.heartbeat_interval):
             node_id, client.token = self.node_id, self.client.token
             if node_id is None or self.need_register.is_set():
@@ -171,7 +183,7 @@ class Worker:
                     self.need_register.set()
                 else:
                     log.warning("heartbeat refused: %s", exc)
-            except CoordinatorUnreachable as exc:
+            except (CoordinatorUnreachable, CoordinatorUntrusted) as exc:
                 log.debug("heartbeat failed: %s", exc)
 
     # ------------------------------------------------------------------ main loop
@@ -213,6 +225,8 @@ class Worker:
         except CoordinatorUnreachable as exc:
             self._wait_for_coordinator(exc, started)
             return None
+        except CoordinatorUntrusted as exc:
+            raise FatalError(str(exc)) from None
         except UpdateRejected as exc:
             log.error("the global model from the coordinator could not be loaded (%s); asking again", exc)
             self.stop_event.wait(2.0)
@@ -224,7 +238,7 @@ class Worker:
                 return None
             if exc.status == 429 or exc.status >= 500:
                 log.warning("coordinator error %s; retrying in a moment", exc)
-                self.stop_event.wait(2.0)
+                self.stop_event.wait(_retry_delay(exc))
                 return None
             raise FatalError(f"unexpected answer from the coordinator: {exc}") from None
         self._unreachable_since = None
@@ -250,9 +264,9 @@ class Worker:
         if self.node_id is None:
             return
         try:
-            self.client.session = make_session(total_retries=0)
+            self.client.session = self._session(0)
             self.client.leave(self.node_id)
-        except (CoordinatorError, CoordinatorUnreachable) as exc:
+        except (CoordinatorError, CoordinatorUnreachable, CoordinatorUntrusted) as exc:
             log.info("could not tell the coordinator that this node leaves: %s", exc)
 
     # ------------------------------------------------------------------ one round
@@ -334,7 +348,7 @@ class Worker:
                                 round_number)
                 elif exc.status == 429 or exc.status >= 500:
                     log.warning("round %d: upload answered %s; sending it again", round_number, exc)
-                    self.stop_event.wait(2.0)
+                    self.stop_event.wait(_retry_delay(exc))
                     continue
                 else:
                     raise FatalError(f"unexpected answer to an upload: {exc}") from None
@@ -379,9 +393,9 @@ def _main(argv) -> int:
     parser = build_parser()
     cfg, _ = config_module.parse_config(parser, WORKER_FIELDS, argv)
     try:
-        CoordinatorClient(cfg.coordinator_address)
-    except ValueError as exc:
-        parser.error(str(exc))
+        CoordinatorClient(cfg.coordinator_address, ca_cert=cfg.ca_cert)
+    except (ValueError, OSError) as exc:  # OSError, ssl.SSLError: an unreadable --ca-cert
+        parser.error(f"{exc}" if not cfg.ca_cert else f"{exc} (coordinator address or --ca-cert {cfg.ca_cert})")
     name = cfg.name or default_name(cfg)
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
     try:

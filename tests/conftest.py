@@ -28,7 +28,9 @@ from federation import Federation  # noqa: E402
 from model import SimpleCNN  # noqa: E402
 from utils import state_dict_to_bytes  # noqa: E402
 
-JOIN_TOKEN = "test-join-token"
+JOIN_TOKEN = "test-join-token-0123"
+MONITOR_TOKEN = "test-monitor-token-0123"
+ADMIN_TOKEN = "test-admin-token-0123"
 API = "/api/v1"
 
 
@@ -37,7 +39,8 @@ def make_config(tmp_path: Path, **overrides) -> Config:
     values = dict(
         data_dir=str(tmp_path / "data"), models_dir=str(tmp_path / "models"),
         logs_dir=str(tmp_path / "logs"), temp_dir=str(tmp_path / "temp"),
-        no_eval=True, min_nodes_to_start=1, token=JOIN_TOKEN, round_timeout=5.0,
+        no_eval=True, min_nodes_to_start=1, token=JOIN_TOKEN, monitor_token=MONITOR_TOKEN,
+        admin_token=ADMIN_TOKEN, round_timeout=5.0, rate_limit=0, address_rate_limit=0,
     )
     values.update(overrides)
     return Config(**values)
@@ -58,6 +61,10 @@ class FakeClock:
 
 def bearer(token: str) -> dict:
     return {"Authorization": f"Bearer {token}"}
+
+
+MONITOR = bearer(MONITOR_TOKEN)
+ADMIN = bearer(ADMIN_TOKEN)
 
 
 def register(client, name: str = "node-a", num_samples: int = 100, device: str = "cpu",

@@ -20,6 +20,7 @@ from utils import bytes_to_state_dict, state_dict_to_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "e2e-join-token-0123"
+MONITOR_TOKEN = "e2e-monitor-token-0123"  # read-only: status, metrics, dashboard
 
 
 def free_port() -> int:
@@ -49,7 +50,8 @@ class Processes:
 
     def coordinator(self, port: int, *args: str, env: dict | None = None) -> subprocess.Popen:
         return self.start("coordinator", "coordinator.py", "--host", "127.0.0.1", "--port", str(port),
-                          "--token", TOKEN, "--heartbeat-interval", "1", "--keep-serving", *args, env=env)
+                          "--token", TOKEN, "--monitor-token", MONITOR_TOKEN, "--heartbeat-interval", "1",
+                          "--keep-serving", *args, env=env)
 
     def worker(self, name: str, port: int, *args: str, env: dict | None = None) -> subprocess.Popen:
         return self.start(name, "worker.py", "--coordinator-address", f"127.0.0.1:{port}", "--token", TOKEN,
@@ -85,7 +87,7 @@ class Processes:
 
 
 def status_client(port: int) -> CoordinatorClient:
-    return CoordinatorClient(f"127.0.0.1:{port}", token=TOKEN, session=make_session(total_retries=0))
+    return CoordinatorClient(f"127.0.0.1:{port}", token=MONITOR_TOKEN, session=make_session(total_retries=0))
 
 
 def try_status(client: CoordinatorClient) -> dict | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (API, JOIN_TOKEN, FakeClock, bearer, filled_state_dict, make_config, post_update, register,
+from conftest import (MONITOR, API, JOIN_TOKEN, FakeClock, bearer, filled_state_dict, make_config, post_update, register,
                       update_files)
 from federation import Federation, Phase, load_checkpoint
 from model import SimpleCNN
@@ -39,7 +39,7 @@ def assert_json_error(response, status: int, error: str | None = None) -> dict:
 
 
 def node_status(client, node_id: str) -> str:
-    body = client.get(f"{API}/status", headers=JOIN).get_json()
+    body = client.get(f"{API}/status", headers=MONITOR).get_json()
     return next(n["status"] for n in body["nodes"] if n["node_id"] == node_id)
 
 
@@ -270,7 +270,7 @@ def test_silent_node_goes_offline_and_comes_back(clocked_app, fake_clock, revive
     }
     assert requests_by_name[revive]().status_code == 200
     assert node_status(client, node["node_id"]) == "online"
-    status = client.get(f"{API}/status", headers=JOIN).get_json()
+    status = client.get(f"{API}/status", headers=MONITOR).get_json()
     assert status["nodes"][0]["last_seen_s_ago"] == 0.0
 
 
@@ -975,7 +975,7 @@ def test_status_is_strict_json_even_if_a_node_sent_nan(client):
     if response.status_code == 400:  # refusing such a registration is a fix too
         return
     assert response.status_code == 201
-    text = client.get(f"{API}/status", headers=JOIN).get_data(as_text=True)
+    text = client.get(f"{API}/status", headers=MONITOR).get_data(as_text=True)
 
     def refuse(constant):
         raise ValueError(f"{constant} is not JSON")
@@ -1016,7 +1016,7 @@ def test_status_needs_the_join_token(client):
 def test_status_contents(make_app):
     app = make_app(evaluator=lambda state: (0.125, 0.875), communication_rounds=3)
     client, fed = app.test_client(), app.extensions["federation"]
-    empty = client.get(f"{API}/status", headers=JOIN).get_json()
+    empty = client.get(f"{API}/status", headers=MONITOR).get_json()
     assert (empty["round"], empty["total_rounds"], empty["state"], empty["nodes"], empty["history"]) == \
         (0, 3, "waiting_for_nodes", [], [])
     a = register(client, "node-a", num_samples=40, device="cpu")
@@ -1025,7 +1025,7 @@ def test_status_contents(make_app):
     post_update(client, a, 1, filled_state_dict(1.0, 1), {"num_samples": 40, "train_loss": 0.5})
     post_update(client, b, 1, filled_state_dict(1.0, 1), {"num_samples": 60, "train_loss": 1.5})
     fed.tick()
-    status = client.get(f"{API}/status", headers=JOIN).get_json()
+    status = client.get(f"{API}/status", headers=MONITOR).get_json()
     assert (status["round"], status["total_rounds"], status["state"], status["model_version"]) == \
         (2, 3, "training", 1)
     assert status["current_round"]["round"] == 2 and status["current_round"]["updates_received"] == 0
@@ -1070,7 +1070,7 @@ def test_endpoints_answer_quickly_while_aggregating(make_app):
         timings = {}
         for name, call in {
             "heartbeat": lambda: client.post(f"{API}/nodes/{node['node_id']}/heartbeat", headers=node["headers"]),
-            "status": lambda: client.get(f"{API}/status", headers=JOIN),
+            "status": lambda: client.get(f"{API}/status", headers=MONITOR),
             "task": lambda: client.get(f"{API}/task?wait=0", headers=node["headers"]),
             "health": lambda: client.get(f"{API}/health"),
         }.items():

@@ -12,7 +12,7 @@ import torch
 
 import client as client_module
 from client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable, base_url, make_session
-from conftest import JOIN_TOKEN, filled_state_dict
+from conftest import JOIN_TOKEN, MONITOR_TOKEN, filled_state_dict
 from utils import bytes_to_state_dict, state_dict_to_bytes
 
 
@@ -88,7 +88,7 @@ def test_whole_flow_through_the_client(api, session, fed):
     assert (duplicate.value.status, duplicate.value.error) == (409, "duplicate_update")
     fed.tick()
     assert api.model()[0] == 1
-    status = CoordinatorClient("127.0.0.1:5000", token=JOIN_TOKEN, session=session).status()
+    status = CoordinatorClient("127.0.0.1:5000", token=MONITOR_TOKEN, session=session).status()
     assert status["history"][0]["num_samples"] == 50
     assert api.leave(answer["node_id"])["status"] == "offline"
     assert api.health()["status"] == "ok"

@@ -46,9 +46,9 @@ def test_parse_without_flags_or_env_gives_defaults():
 
 def test_env_overrides_default():
     cfg = _parse(COORDINATOR_FIELDS, [], {"FL_BATCH_SIZE": "64", "FL_LEARNING_RATE": "0.5", "FL_NO_AUTH": "yes",
-                                          "FL_TOKEN": "a-long-token"})
+                                          "FL_TOKEN": "a-long-token-0123456"})
     assert cfg.batch_size == 64 and isinstance(cfg.batch_size, int)
-    assert cfg.learning_rate == 0.5 and cfg.no_auth is True and cfg.token == "a-long-token"
+    assert cfg.learning_rate == 0.5 and cfg.no_auth is True and cfg.token == "a-long-token-0123456"
     assert cfg.communication_rounds == 5  # untouched fields keep their defaults
 
 
@@ -100,7 +100,10 @@ def test_help_states_default_and_env_variable():
     ({"batch_size": True}, "expected int"),
     ({"learning_rate": float("nan")}, "finite"),
     ({"dataset": "cifar"}, "must be one of mnist, fashion-mnist"),
-    ({"token": "short"}, "at least 8"),
+    ({"token": "short"}, "at least 16"),
+    ({"monitor_token": "x" * 15}, "at least 16"),
+    ({"certfile": "c.pem"}, "--certfile and --keyfile must be given together"),
+    ({"aggregation": "mean"}, "must be one of fedavg, median, trimmed_mean"),
     ({"host": "  "}, "must not be empty"),
     ({"max_update_bytes": 1023}, ">= 1024"),
     ({"partition_id": 0}, "given together"),
@@ -119,8 +122,10 @@ def test_int_given_to_float_field_normalised():
 
 
 def test_public_dict_leaves_secret_out():
-    public = Config(token="secret-token-123").public_dict()
-    assert "token" not in public and public["batch_size"] == 32
+    public = Config(token="secret-token-1234", monitor_token="monitor-token-1234",
+                    admin_token="admin-token-12345").public_dict()
+    assert not {"token", "monitor_token", "admin_token"} & set(public) and public["batch_size"] == 32
+    assert "token-12" not in repr(public)
 
 
 # ----------------------------------------------------------------------------- programs exit 2, no traceback

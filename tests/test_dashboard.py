@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from processes import TOKEN, FakeWorker, free_port, procs, status_client, try_status, wait_for  # noqa: F401
+from processes import MONITOR_TOKEN, FakeWorker, free_port, procs, status_client, try_status, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.e2e
 
@@ -47,7 +47,7 @@ def test_dashboard_shows_nodes_and_rounds_and_updates_live(browser, procs, tmp_p
     page.on("pageerror", lambda e: problems.append(str(e)))
     page.on("request", lambda r: problems.append(f"off-site request {r.url}")
             if not r.url.startswith(f"http://127.0.0.1:{port}/") else None)
-    page.goto(f"http://127.0.0.1:{port}/#token={TOKEN}")
+    page.goto(f"http://127.0.0.1:{port}/#token={MONITOR_TOKEN}")
     expect(page.locator("#state")).to_have_text("waiting_for_nodes", timeout=15000)
 
     a, b = FakeWorker(port, "alpha-node", 10), FakeWorker(port, "beta-node", 30)
@@ -77,7 +77,7 @@ def test_dashboard_shows_nodes_and_rounds_and_updates_live(browser, procs, tmp_p
 
     # a phone-sized screen: the page still fits (no horizontal scrolling of the page itself)
     phone = browser.new_page(viewport={"width": 390, "height": 844})
-    phone.goto(f"http://127.0.0.1:{port}/#token={TOKEN}")
+    phone.goto(f"http://127.0.0.1:{port}/#token={MONITOR_TOKEN}")
     expect(phone.locator("#state")).to_have_text("finished", timeout=15000)
     assert phone.evaluate("document.documentElement.scrollWidth") <= 390
     phone.screenshot(path=str(tmp_path / "dashboard_phone.png"), full_page=True)
@@ -90,7 +90,7 @@ def test_dashboard_asks_for_a_token_and_reports_an_outage(browser, procs):
     page = browser.new_page()
     page.goto(f"http://127.0.0.1:{port}/")
     page.wait_for_selector("#token-form:not([hidden])", timeout=15000)
-    page.fill("#token", TOKEN)
+    page.fill("#token", MONITOR_TOKEN)
     page.click("#token-form button")
     expect(page.locator("#state")).to_have_text("waiting_for_nodes", timeout=15000)
     procs.kill("coordinator")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import API, JOIN_TOKEN, bearer, filled_state_dict, post_update, register
+from conftest import MONITOR, API, JOIN_TOKEN, bearer, filled_state_dict, post_update, register
 
 JOIN = bearer(JOIN_TOKEN)
 
 
 def scrape(client) -> dict:
-    response = client.get("/metrics", headers=JOIN)
+    response = client.get("/metrics", headers=MONITOR)
     assert response.status_code == 200 and response.mimetype == "text/plain"
     samples = {}
     for family in text_string_to_metric_families(response.get_data(as_text=True)):

@@ -16,7 +16,7 @@ import pytest
 from rich.console import Console
 
 import text_monitor
-from processes import ROOT, TOKEN, FakeWorker, free_port, procs, status_client, try_status, wait_for  # noqa: F401
+from processes import ROOT, MONITOR_TOKEN, FakeWorker, free_port, procs, status_client, try_status, wait_for  # noqa: F401
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -98,7 +98,7 @@ def test_monitors_against_a_real_coordinator(procs, tmp_path):
     b.upload(1, 2.0, 1)
     status = wait_for(lambda: (s := try_status(status_client(port))) and s["history"] and s, 30, "round 1", procs)
     address = f"127.0.0.1:{port}"
-    once = run_monitor("text_monitor.py", "--coordinator-address", address, "--token", TOKEN, "--once",
+    once = run_monitor("text_monitor.py", "--coordinator-address", address, "--token", MONITOR_TOKEN, "--once",
                        env={"COLUMNS": "100"})
     assert once.returncode == 0, once.stderr
     assert f"round {status['round']}/{status['total_rounds']}" in once.stdout
@@ -106,11 +106,11 @@ def test_monitors_against_a_real_coordinator(procs, tmp_path):
         assert node["name"] in once.stdout and str(node["num_samples"]) in once.stdout
     assert f"{status['history'][0]['num_samples']}" in once.stdout  # the round's samples, as in the JSON
     png = tmp_path / "plot.png"
-    plot = run_monitor("monitor.py", "--coordinator-address", address, "--token", TOKEN, "--once", "--save", str(png))
+    plot = run_monitor("monitor.py", "--coordinator-address", address, "--token", MONITOR_TOKEN, "--once", "--save", str(png))
     assert plot.returncode == 0, plot.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     # without --save and without a display, --once writes the default PNG and says where
-    headless = run_monitor("monitor.py", "--coordinator-address", address, "--token", TOKEN, "--once")
+    headless = run_monitor("monitor.py", "--coordinator-address", address, "--token", MONITOR_TOKEN, "--once")
     assert headless.returncode == 0 and "logs/monitor.png" in headless.stdout
     wrong = run_monitor("text_monitor.py", "--coordinator-address", address, "--token", "not-the-token", "--once")
     assert wrong.returncode == 1 and "refused the token" in wrong.stdout and "unreachable" not in wrong.stdout

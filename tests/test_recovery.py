@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (API, JOIN_TOKEN, FakeClock, bearer, filled_state_dict, make_config, post_update,
+from conftest import (MONITOR, API, JOIN_TOKEN, FakeClock, bearer, filled_state_dict, make_config, post_update,
                       register)
 from federation import Federation, Phase, load_checkpoint, sample_participants
 from store import RunStore, StoreError
@@ -144,7 +144,7 @@ def test_a_completed_run_stays_visible(make_app):
     assert fed.finished
     fed.stop()
     client2 = make_app(communication_rounds=1).test_client()
-    status = client2.get(f"{API}/status", headers=JOIN).get_json()
+    status = client2.get(f"{API}/status", headers=MONITOR).get_json()
     assert status["state"] == "finished" and status["run_id"] == fed.run_id
     assert [(r["round"], r["test_accuracy"]) for r in status["history"]] == [(1, 0.75)]
     assert client2.get(f"{API}/task", headers=node["headers"]).get_json()["action"] == "stop"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from conftest import API, JOIN_TOKEN, bearer, filled_state_dict, post_update, register
+from conftest import MONITOR, API, JOIN_TOKEN, bearer, filled_state_dict, post_update, register
 
 JOIN = bearer(JOIN_TOKEN)
 
@@ -18,7 +18,7 @@ def test_a_refused_update_is_the_nodes_answer_for_the_round(make_app):
     bad = post_update(client, a, 1, filled_state_dict(float("nan"), 1), {"num_samples": 10})
     assert bad.status_code == 400 and bad.get_json()["error"] == "invalid_update"
     assert client.get(f"{API}/task", headers=a["headers"]).get_json()["action"] == "wait"  # not asked again
-    status = client.get(f"{API}/status", headers=JOIN).get_json()
+    status = client.get(f"{API}/status", headers=MONITOR).get_json()
     assert status["current_round"]["updates_refused"] == 1
     assert status["updates_refused_total"] == {"invalid_update": 1}
     assert {n["name"]: n["status"] for n in status["nodes"]} == {"a": "online", "b": "training"}
@@ -102,7 +102,7 @@ def test_a_diverged_model_is_recorded_without_a_test_loss_and_status_stays_json(
     fed.tick()
     post_update(client, node, 1, filled_state_dict(1.0, 1), {"num_samples": 10})
     fed.tick()
-    text = client.get(f"{API}/status", headers=JOIN).get_data(as_text=True)
+    text = client.get(f"{API}/status", headers=MONITOR).get_data(as_text=True)
 
     def refuse(constant):
         raise ValueError(f"{constant} is not JSON")
