@@ -30,6 +30,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 import config as config_module
 import metrics
+from aggregation import UpdateNormTooLarge
 from config import COORDINATOR_FIELDS, Config
 from credentials import KINDS, Credentials, token_path
 from federation import (Conflict, Federation, Forbidden, Node, UnknownNode, archive_run, resume_config,
@@ -344,6 +345,8 @@ def _accept_update(fed: Federation, node: Node, round_number: int):
         return fed.submit_update(node, round_number, metadata, data)
     except Conflict as exc:
         raise ApiError(409, exc.error, exc.message, **exc.details) from None
+    except UpdateNormTooLarge as exc:
+        raise ApiError(400, "update_norm_too_large", str(exc)) from None
     except UpdateRejected as exc:
         raise ApiError(400, "invalid_update", str(exc)) from None
 
@@ -411,7 +414,8 @@ def _node_action(action, key: str, *args) -> Node:
 
 def dashboard():
     """``GET /``: the live web dashboard (static page; it reads /api/v1/status with the token it is given)."""
-    return current_app.send_static_file("dashboard.html")
+    return current_app.response_class((STATIC_DIR / "dashboard.html").read_bytes(), mimetype="text/html",
+                                      headers={"Cache-Control": "no-cache"})
 
 
 def _security_headers(response: Response) -> Response:

@@ -44,6 +44,7 @@ import torch
 
 import failpoints
 from config import RUN_FIELDS, Config
+from aggregation import UpdateNormTooLarge, aggregate, clip_update, delta_norm
 from credentials import hash_token
 from store import RunStore, StoreError
 from utils import (FedAvgAccumulator, UpdateRejected, atomic_write_bytes, bytes_to_state_dict,
@@ -574,7 +575,12 @@ class Federation:
             reference = self.global_state
         update = bytes_to_state_dict(data)
         check_compatible(update, reference)
+        limit = self.config.max_update_norm
+        norm = delta_norm(update, reference) if limit > 0 else 0.0
         del update
+        if norm > limit:
+            raise UpdateNormTooLarge(f"the change from the global model has L2 norm {norm:.4g}, above "
+                                     f"MAX_UPDATE_NORM={limit:g}")
         round_dir = self._updates_dir / f"round_{round_number}"
         round_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{node.node_id}.", suffix=".tmp", dir=round_dir)
@@ -604,8 +610,9 @@ class Federation:
             node.last_train_loss, node.last_train_accuracy = accepted.train_loss, accepted.train_accuracy
             self._touch(node)
             self._changed.notify_all()
-            log.info("round %d: update %d/%d from %s (%d samples)", round_number, len(self.updates),
-                     len(self.participants), node.name, accepted.num_samples)
+            log.info("round %d: update %d/%d from %s (%d samples, change norm %s)", round_number,
+                     len(self.updates), len(self.participants), node.name, accepted.num_samples,
+                     f"{norm:.3g}" if limit > 0 else "not checked")
         return accepted
 
     def record_rejection(self, node: Node, round_number: int, error: str, reason: str) -> None:
@@ -732,16 +739,29 @@ class Federation:
     def _aggregate(self, number: int, num_participants: int, updates: list[AcceptedUpdate],
                    reference) -> None:
         t0 = time.perf_counter()
-        acc = FedAvgAccumulator(reference)
+        c = self.config
+        acc = FedAvgAccumulator(reference) if c.aggregation == "fedavg" else None  # streams: one model in memory
+        loaded = []  # the robust rules need every update at once
+        clipped = 0
         updates = sorted(updates, key=lambda u: u.node_id)  # a fixed order: the same run, the same bits
         for u in list(updates):
             try:
                 with open(u.path, "rb") as f:
-                    acc.add(bytes_to_state_dict(f.read()), u.num_samples)
+                    state = bytes_to_state_dict(f.read())
+                check_compatible(state, reference)
             except (OSError, UpdateRejected) as exc:  # the stored file was lost or damaged on disk
                 log.error("round %d: cannot read the stored update of %s (%s); leaving it out", number,
                           u.node_id, exc)
                 updates.remove(u)
+                continue
+            if c.clip_norm > 0:
+                state, scale = clip_update(state, reference, c.clip_norm)
+                clipped += scale < 1.0
+            if acc is not None:
+                acc.add(state, u.num_samples)
+            else:
+                loaded.append((state, u.num_samples))
+            del state
         if not updates:
             with self._changed:
                 log.error("round %d: no stored update could be read; starting the round again", number)
@@ -749,8 +769,14 @@ class Federation:
                 self.store.start_round(self._run_values())
                 self._changed.notify_all()
             return
-        new_state = acc.result()
-        del acc
+        if acc is not None:
+            new_state = acc.result()
+        else:
+            new_state = aggregate(loaded, reference, c.aggregation, trim_fraction=c.trim_fraction)
+        del acc, loaded
+        if clipped:
+            log.info("round %d: clipped %d of %d updates to CLIP_NORM=%g", number, clipped, len(updates),
+                     c.clip_norm)
         t1 = time.perf_counter()
         test_loss = test_accuracy = None
         if self._evaluator is not None:
@@ -889,6 +915,7 @@ class Federation:
                 "api_version": 1, "run_id": self.run_id, "state": self.phase.value, "round": self.round,
                 "total_rounds": self.config.communication_rounds, "model_version": self.model_version,
                 "model": self.config.model, "dataset": self.config.dataset,
+                "aggregation": self.config.aggregation,
                 "min_nodes_to_start": self.config.min_nodes_to_start,
                 "client_fraction": self.config.client_fraction, "min_updates": self.config.min_updates,
                 "current_round": {
