@@ -13,6 +13,7 @@ import re
 import logging
 import ssl
 from typing import Any, Mapping
+from urllib.parse import quote
 
 import requests
 import truststore
@@ -201,6 +202,21 @@ class CoordinatorClient:
 
     def status(self) -> dict:
         return self._json("GET", "/status", read_timeout=10.0)
+
+    # operator calls (the admin token as ``token``)
+
+    def rotate_token(self, kind: str) -> dict:
+        """Replace the ``kind`` token (join, monitor, admin); the answer holds the new one."""
+        return self._json("POST", f"/admin/tokens/{quote(kind, safe='')}")
+
+    def ban(self, node: str, reason: str = "") -> dict:
+        """Ban a node by id or name."""
+        return self._json("POST", f"/admin/nodes/{quote(node, safe='')}/ban",
+                          json={"reason": reason} if reason else None)
+
+    def unban(self, node: str) -> dict:
+        """Lift the ban of a node (by id or name)."""
+        return self._json("DELETE", f"/admin/nodes/{quote(node, safe='')}/ban")
 
 
 def _error_from(response: requests.Response) -> CoordinatorError:

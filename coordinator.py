@@ -110,6 +110,7 @@ def _rate_limit(key: str) -> None:
         return
     wait = limiter.acquire(key)
     if wait > 0:
+        _federation().count_refusal("too_many_requests")
         raise ApiError(429, "too_many_requests", f"rate limit of {limiter.rate:g} requests/s per credential "
                        f"exceeded; retry in {wait:.1f}s", headers={"Retry-After": retry_after_header(wait)},
                        retry_after_s=round(wait, 3))
@@ -464,6 +465,7 @@ def _before_request():
     if limiter is not None:
         wait = limiter.acquire(request.remote_addr or "unknown")
         if wait > 0:
+            _federation().count_refusal("too_many_requests")
             raise ApiError(429, "too_many_requests", f"rate limit of {limiter.rate:g} requests/s per address "
                            f"exceeded; retry in {wait:.1f}s", headers={"Retry-After": retry_after_header(wait)},
                            retry_after_s=round(wait, 3))

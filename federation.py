@@ -246,6 +246,7 @@ class Federation:
         self.updates: "OrderedDict[str, AcceptedUpdate]" = OrderedDict()
         self.rejected: dict[str, str] = {}  # node id -> why its update for the open round was refused
         self.rejections: dict[str, int] = {}  # error name -> refused updates since start (monitors)
+        self.refusals: dict[str, int] = {}  # error name -> other refused requests since start (rate limits)
         self._bytes_received = 0  # update uploads since this process started
         self._bytes_sent = 0  # global models served since this process started
         self.round_started_mono = 0.0  # deadline base; a restart gives the open round a fresh deadline
@@ -344,6 +345,11 @@ class Federation:
         """Count the body of an update upload (accepted or not)."""
         with self._lock:
             self._bytes_received += num_bytes
+
+    def count_refusal(self, error: str) -> None:
+        """Count a refused request that is not an update (e.g. ``too_many_requests``), for monitors."""
+        with self._lock:
+            self.refusals[error] = self.refusals.get(error, 0) + 1
 
     def traffic(self) -> dict:
         """Bytes received in uploads and sent as global models since this process started."""
@@ -926,6 +932,7 @@ class Federation:
                     "timeout_s": self.config.round_timeout,
                 } if in_round else None,
                 "updates_refused_total": dict(self.rejections),
+                "requests_refused_total": dict(self.refusals),
                 "nodes": nodes,
                 "history": [asdict(r) for r in self.history],
             }

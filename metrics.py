@@ -59,6 +59,11 @@ class FederationCollector(Collector):
         for reason, count in sorted(status["updates_refused_total"].items()):
             rejected.add_metric([reason], count)
         yield rejected
+        refused = CounterMetricFamily("fl_requests_refused", "Other requests refused, by error (429: rate limits)",
+                                      labels=["reason"])
+        for reason, count in sorted(status["requests_refused_total"].items()):
+            refused.add_metric([reason], count)
+        yield refused
         yield CounterMetricFamily("fl_bytes_received", "Bytes of update uploads received",
                                   value=traffic["bytes_received"])
         yield CounterMetricFamily("fl_bytes_sent", "Bytes of global models sent to workers",

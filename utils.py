@@ -111,12 +111,17 @@ def bytes_to_state_dict(data: bytes) -> "OrderedDict[str, torch.Tensor]":
     Only ``torch.load(..., weights_only=True)`` is used (torch's restricted unpickler: tensors,
     containers and plain values; any other global is refused), always onto the CPU.
 
+    Before torch sees the bytes they must be torch's zip format (not the legacy raw pickle), with every
+    entry stored uncompressed (as ``torch.save`` writes them) and no entry claiming more bytes than the
+    payload holds: a zip bomb or a truncated archive is refused without being inflated.
+
     Raises
     ------
     UpdateRejected
-        If the bytes are not a torch archive, hold anything the restricted unpickler refuses,
+        If the bytes are not such a torch archive, hold anything the restricted unpickler refuses,
         or are not a mapping of str to dense tensors.
     """
+    _check_archive(data)
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except _LOAD_ERRORS as exc:
@@ -132,6 +137,23 @@ def bytes_to_state_dict(data: bytes) -> "OrderedDict[str, torch.Tensor]":
             raise UpdateRejected(f"state_dict[{key!r}] is a {type(value).__name__}, expected a dense tensor")
         result[key] = value
     return result
+
+
+def _check_archive(data: bytes) -> None:
+    if not data.startswith(b"PK\x03\x04"):
+        raise UpdateRejected("not a torch zip archive (torch.save's format); a raw pickle is never loaded")
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError) as exc:
+        raise UpdateRejected(f"not a readable zip archive ({exc}); truncated?") from None
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED:
+            raise UpdateRejected(f"archive entry {entry.filename[:100]!r} is compressed; torch.save stores entries "
+                                 "uncompressed")
+        if entry.file_size > len(data) or entry.header_offset + entry.file_size > len(data):
+            raise UpdateRejected(f"archive entry {entry.filename[:100]!r} claims {entry.file_size} bytes, more "
+                                 f"than the {len(data)} bytes received")
 
 
 def check_compatible(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> None:
