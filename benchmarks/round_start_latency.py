@@ -1,6 +1,6 @@
 """How fast a waiting worker learns that a round opened (the long poll of GET /api/v1/task).
 
-Serves a real coordinator with waitress on 127.0.0.1 (no evaluation), and repeats: node A long-polls
+Serves a real coordinator with cheroot (serving.make_server, as coordinator.py does) on 127.0.0.1 (no evaluation), and repeats: node A long-polls
 ``/task?wait=30``; node B registers, which brings the federation to MIN_NODES_TO_START=2 and opens a
 round; we time from B's registration request to A's poll answer "train". Prints the median and maximum.
 
@@ -19,29 +19,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import waitress  # noqa: E402
-
 from client import CoordinatorClient, make_session  # noqa: E402
 from config import Config  # noqa: E402
 from coordinator import create_app  # noqa: E402
+from serving import bound_port, make_server  # noqa: E402
 
-TOKEN = "benchmark-token"
-
-
-def _serve(server) -> None:
-    try:
-        server.run()
-    except OSError:  # the socket closed under the loop at the end of a trial
-        pass
+TOKEN = "benchmark-token-0123"
 
 
 def one_trial(tmp: str) -> float:
     cfg = Config(data_dir=f"{tmp}/data", models_dir=f"{tmp}/models", logs_dir=f"{tmp}/logs", temp_dir=f"{tmp}/temp",
                  no_eval=True, save_model=False, min_nodes_to_start=2, token=TOKEN, communication_rounds=1)
     app = create_app(cfg)
-    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=8)
-    threading.Thread(target=_serve, args=(server,), daemon=True).start()
-    address = f"127.0.0.1:{server.effective_port}"
+    server = make_server(app, "127.0.0.1", 0, threads=8, client_timeout=30)
+    threading.Thread(target=server.serve, daemon=True).start()
+    address = f"127.0.0.1:{bound_port(server)}"
     try:
         a = CoordinatorClient(address, session=make_session())
         answer, _ = a.register("a", "cpu", 100, {}, TOKEN)
@@ -63,7 +55,7 @@ def one_trial(tmp: str) -> float:
         return got["t"] - t0
     finally:
         app.extensions["federation"].stop()
-        server.close()
+        server.stop()
 
 
 def main() -> int:
