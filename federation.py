@@ -444,6 +444,13 @@ class Federation:
             self._changed.notify_all()
         log.info("node %s (%s) left", node.name, node.node_id)
 
+    def _find_node(self, key: str) -> Node:
+        """The node whose id or name is ``key`` (lock held); raises :class:`UnknownNode`."""
+        node = self.nodes.get(key) or self.nodes.get(self._by_name.get(key, ""))
+        if node is None:
+            raise UnknownNode(key)
+        return node
+
     def ban(self, key: str, reason: str = "") -> Node:
         """Remove a node (by id or name) for good: its token stops working, its name cannot register again,
         and an update it sent for the open round is dropped (unless that round is already being aggregated).
@@ -454,9 +461,7 @@ class Federation:
             If no node has this id or name.
         """
         with self._changed:
-            node = self.nodes.get(key) or self.nodes.get(self._by_name.get(key, ""))
-            if node is None:
-                raise UnknownNode(key)
+            node = self._find_node(key)
             node.banned = node.left = True
             self._by_token.pop(node.token_hash, None)
             dropped = self.phase == Phase.TRAINING and self.updates.pop(node.node_id, None)
@@ -480,9 +485,7 @@ class Federation:
             If no node has this id or name.
         """
         with self._changed:
-            node = self.nodes.get(key) or self.nodes.get(self._by_name.get(key, ""))
-            if node is None:
-                raise UnknownNode(key)
+            node = self._find_node(key)
             node.banned = False
             self.store.save_node(node.node_id, node.name, node.record())
         log.warning("node %s (%s) unbanned by the operator", node.name, node.node_id)

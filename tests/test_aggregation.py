@@ -140,3 +140,9 @@ def test_an_absurdly_large_change_is_refused_counted_and_changes_nothing(make_ap
     assert after["updates_refused_total"] == {"update_norm_too_large": 1}
     assert after["current_round"]["updates_received"] == before["current_round"]["updates_received"] == 0
     assert not list((fed._updates_dir).glob("round_1/*.pt"))
+
+
+def test_the_configured_rules_are_the_implemented_ones():
+    import config
+
+    assert config.AGGREGATIONS == RULES
