@@ -103,15 +103,15 @@ def _unauthorized(message: str) -> ApiError:
     return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
 
 
-def _rate_limit(key: str) -> None:
-    """Count one request against ``key``'s bucket; 429 with Retry-After when it is empty."""
-    limiter = current_app.extensions["credential_limiter"]
+def _rate_limit(key: str, limiter_name: str = "credential_limiter", per: str = "credential") -> None:
+    """Count one request against ``key``'s bucket of that limiter; 429 with Retry-After when it is empty."""
+    limiter = current_app.extensions[limiter_name]
     if limiter is None:
         return
     wait = limiter.acquire(key)
     if wait > 0:
         _federation().count_refusal("too_many_requests")
-        raise ApiError(429, "too_many_requests", f"rate limit of {limiter.rate:g} requests/s per credential "
+        raise ApiError(429, "too_many_requests", f"rate limit of {limiter.rate:g} requests/s per {per} "
                        f"exceeded; retry in {wait:.1f}s", headers={"Retry-After": retry_after_header(wait)},
                        retry_after_s=round(wait, 3))
 
@@ -461,14 +461,7 @@ def _handle_unexpected(exc: Exception):
 
 
 def _before_request():
-    limiter = current_app.extensions["address_limiter"]
-    if limiter is not None:
-        wait = limiter.acquire(request.remote_addr or "unknown")
-        if wait > 0:
-            _federation().count_refusal("too_many_requests")
-            raise ApiError(429, "too_many_requests", f"rate limit of {limiter.rate:g} requests/s per address "
-                           f"exceeded; retry in {wait:.1f}s", headers={"Retry-After": retry_after_header(wait)},
-                           retry_after_s=round(wait, 3))
+    _rate_limit(request.remote_addr or "unknown", "address_limiter", "address")
     if request.endpoint == "api_v1.submit_update":
         limit = current_app.extensions["federation"].config.max_update_bytes
         request.max_content_length = limit + MULTIPART_SLACK
