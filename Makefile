@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 WORKERS ?= 3
 ROUNDS  ?= 5
 
-.PHONY: demo test venv dev clean-run
+.PHONY: demo test check lint venv dev clean-run
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ demo: venv
 test: dev
 	@scripts/ensure-chromium.sh
 	$(PY) -m pytest
+
+check: dev  # the inner loop: lint + every test but the end-to-end and browser ones (~2 min)
+	$(PY) -m pytest -m "not e2e" --ignore=tests/test_dashboard.py
+
+lint: dev
+	$(PY) -m ruff check .
 
 clean-run:  # forget every run (including the stored one a restarted coordinator would resume)
 	rm -rf models/*.pt logs/*.log logs/*.out logs/*.png temp/*

@@ -14,24 +14,20 @@ Exit status: 0 done; 1 refused or unreachable (the message says why); 2 bad argu
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable, CoordinatorUntrusted, make_session
-from credentials import KINDS, token_path
+import config as config_module
+from config import ADMIN_FIELDS
+from fedrest.client import (CoordinatorClient, CoordinatorError, CoordinatorUnreachable, CoordinatorUntrusted,
+                            make_session)
+from fedrest.server.credentials import KINDS, token_path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Operator commands for a running coordinator.")
-    parser.add_argument("--coordinator-address", default=os.environ.get("FL_COORDINATOR_ADDRESS", "127.0.0.1:5000"),
-                        help="HOST:PORT or https://HOST:PORT (default: env FL_COORDINATOR_ADDRESS or 127.0.0.1:5000)")
-    parser.add_argument("--ca-cert", default=os.environ.get("FL_CA_CERT"),
-                        help="PEM certificate to trust for https:// (default: env FL_CA_CERT, else the system store)")
-    parser.add_argument("--admin-token", default=None,
-                        help="admin token (default: env FL_ADMIN_TOKEN, else the file TEMP_DIR/admin_token)")
-    parser.add_argument("--temp-dir", default=os.environ.get("FL_TEMP_DIR", "temp"),
-                        help="the coordinator's TEMP_DIR, to read admin_token from (default: temp)")
+    parser = argparse.ArgumentParser(description="Operator commands for a running coordinator. The admin token: "
+                                     "--admin-token, else env FL_ADMIN_TOKEN, else the file TEMP_DIR/admin_token.")
+    config_module.add_arguments(parser, ADMIN_FIELDS)
     commands = parser.add_subparsers(dest="command", required=True)
     rotate = commands.add_parser("rotate", help="replace a shared token now")
     rotate.add_argument("kind", choices=KINDS)
@@ -43,11 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _admin_token(args, parser) -> str:
-    token = args.admin_token or os.environ.get("FL_ADMIN_TOKEN")
-    if token:
-        return token
-    path = token_path(args.temp_dir, "admin")
+def _admin_token(cfg, parser) -> str:
+    if cfg.admin_token:
+        return cfg.admin_token
+    path = token_path(cfg.temp_dir, "admin")
     try:
         return Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
@@ -58,11 +53,11 @@ def _admin_token(args, parser) -> str:
 def main(argv=None) -> int:
     """Run one operator command; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    token = _admin_token(args, parser)
+    cfg, args = config_module.parse_config(parser, ADMIN_FIELDS, argv)
+    token = _admin_token(cfg, parser)
     try:
-        client = CoordinatorClient(args.coordinator_address, token=token,
-                                   session=make_session(total_retries=2, ca_cert=args.ca_cert))
+        client = CoordinatorClient(cfg.coordinator_address, token=token,
+                                   session=make_session(total_retries=2, ca_cert=cfg.ca_cert))
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
     try:

@@ -85,8 +85,8 @@ class Config:
         "updates a round needs to be aggregated; with fewer at its deadline it starts again", lo=1, hi=100_000))
     seed: int = field(default=0, metadata=_meta("seed of data partitioning and shuffling", lo=0, hi=2**32 - 1))
     # --- resources and limits ---
-    cpu_workers: int = field(default=0, metadata=_meta(
-        "torch CPU threads (0: torch's default)", lo=0, hi=4096))
+    cpu_threads: int = field(default=0, metadata=_meta(
+        "torch CPU threads for training and evaluation (0: torch's default, one per core)", lo=0, hi=4096))
     save_model: bool = field(default=True, metadata=_meta("save the global model after every round"))
     max_update_bytes: int = field(default=64 * 1024 * 1024, metadata=_meta(
         "largest accepted update upload, bytes", lo=1024, hi=2**40))
@@ -162,13 +162,16 @@ COORDINATOR_FIELDS = (
     "server_threads", "model", "dataset",
     "batch_size", "test_batch_size", "learning_rate", "momentum", "local_epochs", "communication_rounds",
     "min_nodes_to_start", "client_fraction", "min_updates", "node_timeout", "heartbeat_interval", "round_timeout",
-    "seed", "cpu_workers", "save_model", "max_update_bytes", "max_nodes", "rate_limit", "address_rate_limit",
+    "seed", "cpu_threads", "save_model", "max_update_bytes", "max_nodes", "rate_limit", "address_rate_limit",
     "aggregation", "trim_fraction", "clip_norm", "max_update_norm", "token", "monitor_token", "admin_token",
     "no_auth", "no_eval", "debug", "fresh", "keep_serving",
 )
+MONITOR_FIELDS = ("coordinator_address", "ca_cert", "monitor_token")
+ADMIN_FIELDS = ("coordinator_address", "ca_cert", "admin_token", "temp_dir")
 WORKER_FIELDS = (
-    "coordinator_address", "ca_cert", "device", "token", "name", "data_dir", "dataset", "partition_id", "num_partitions",
-    "partition", "alpha", "seed", "cpu_workers", "logs_dir", "give_up_after", "quiet",
+    "coordinator_address", "ca_cert", "device", "token", "name", "data_dir", "dataset", "partition_id",
+    "num_partitions",
+    "partition", "alpha", "seed", "cpu_threads", "logs_dir", "give_up_after", "quiet",
 )
 # Settings that define a run: on resume the stored values win over new flags (a warning names the ignored ones).
 RUN_FIELDS = (
@@ -181,6 +184,11 @@ ALIASES = {
     "communication_rounds": ["--rounds"],
     "min_nodes_to_start": ["--min-nodes"],
     "learning_rate": ["--lr"],
+    "cpu_threads": ["--cpu-workers"],  # the seed's name
+}
+# Older environment variables still read (after the field's own FL_ name).
+ENV_ALIASES = {
+    "cpu_threads": ["FL_CPU_WORKERS"],
 }
 
 
@@ -270,8 +278,14 @@ def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
-def add_arguments(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
-    """Add one flag per config field in ``names``; defaults are left to :func:`from_args`."""
+def add_arguments(parser: argparse.ArgumentParser, names: Sequence[str],
+                  extra_flags: Mapping[str, Sequence[str]] | None = None) -> None:
+    """Add one flag per config field in ``names``; defaults are left to :func:`from_args`.
+
+    ``extra_flags`` gives a program's own spellings of a field beside ``--field-name`` (the monitors' ``--token``
+    for ``monitor_token``).
+    """
+    extra_flags = extra_flags or {}
     defaults = Config()
     by_name = {f.name: f for f in fields(Config)}
     for name in names:
@@ -279,7 +293,7 @@ def add_arguments(parser: argparse.ArgumentParser, names: Sequence[str]) -> None
         default = getattr(defaults, name)
         shown = "********" if f.metadata["secret"] else default
         help_text = f"{f.metadata['help']} (default: {shown}; env {env_name(name)})"
-        flags = [flag_name(name)] + ALIASES.get(name, [])
+        flags = [flag_name(name)] + ALIASES.get(name, []) + list(extra_flags.get(name, []))
         if _field_type(f) is bool and default:  # on by default: the flag turns it off
             parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_const", const="false",
                                 default=None, help=f"do not: {help_text}")
@@ -305,10 +319,11 @@ def from_args(args: argparse.Namespace, names: Sequence[str],
     for name in names:
         f = by_name[name]
         raw_flag = getattr(args, name, None)
+        env_key = next((k for k in [env_name(name)] + ENV_ALIASES.get(name, []) if k in env), None)
         if raw_flag is not None:
             values[name] = parse_value(f, raw_flag, flag_name(name))
-        elif env_name(name) in env:
-            values[name] = parse_value(f, env[env_name(name)], env_name(name))
+        elif env_key is not None:
+            values[name] = parse_value(f, env[env_key], env_key)
     return Config(**values)
 
 

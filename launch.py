@@ -22,14 +22,14 @@ import time
 from pathlib import Path
 
 import config as config_module
-from client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable, make_session
+from fedrest.client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable, make_session
 from config import COORDINATOR_FIELDS, WORKER_FIELDS, Config
 
 HERE = Path(__file__).resolve().parent
 LAUNCH_FIELDS = (
     "dataset", "data_dir", "models_dir", "logs_dir", "temp_dir", "communication_rounds", "local_epochs",
     "batch_size", "learning_rate", "momentum", "round_timeout", "partition", "alpha", "seed", "device",
-    "cpu_workers", "model",
+    "cpu_threads", "model",
 )
 
 
@@ -167,9 +167,9 @@ def main(argv=None) -> int:
     if not 1 <= args.workers <= 64:
         parser.error("--workers must be in 1..64")
     cfg = dataclasses.replace(cfg, node_timeout=30.0, heartbeat_interval=2.0)
-    if cfg.cpu_workers == 0 and cfg.device != "gpu":
+    if cfg.cpu_threads == 0 and cfg.device != "gpu":
         # N processes sharing this machine's cores: one torch pool each of cores/N avoids oversubscription
-        cfg = dataclasses.replace(cfg, cpu_workers=max(1, (os.cpu_count() or 1) // args.workers))
+        cfg = dataclasses.replace(cfg, cpu_threads=max(1, (os.cpu_count() or 1) // args.workers))
     launch = Launch(cfg, args.workers, args.port or free_port())
     print(f"starting a coordinator on {launch.address} and {args.workers} workers ({cfg.device}, {cfg.dataset}, "
           f"{cfg.communication_rounds} rounds); logs in {launch.logs}/launch_*.out")
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     print("\nsummary")
     print(f"  rounds:              {len(history)}")
     print(f"  final test accuracy: {acc}")
-    print(f"  accuracy per round:  " + ", ".join(
+    print("  accuracy per round:  " + ", ".join(
         "n/a" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}" for r in history))
     print(f"  wall time:           {wall:.1f}s")
     print(f"  global model:        {Path(cfg.models_dir) / 'global_model.pt'}")

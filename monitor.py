@@ -19,7 +19,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from monitor_common import add_monitor_arguments, parse_monitor_args
+from fedrest.monitoring import add_monitor_arguments, parse_monitor_args
 
 DEFAULT_PNG = Path("logs") / "monitor.png"
 SAVE_FORMATS = (".png", ".svg", ".pdf")

@@ -24,7 +24,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from monitor_common import add_monitor_arguments, parse_monitor_args
+from fedrest.monitoring import add_monitor_arguments, parse_monitor_args
 
 SPARK = "▁▂▃▄▅▆▇█"
 STATUS_STYLE = {"online": "green", "training": "cyan", "offline": "red"}
@@ -57,6 +57,38 @@ def _fmt(value, spec: str) -> str:
 NODE_TABLE_LINES = 3  # title, column names, rule
 TREND_LINES = 7  # title, column names, rule, three rounds, sparkline caption
 TREND_ROUNDS = 3
+
+
+def _node_table(nodes: list, rows: int) -> Table:
+    """The node table in at most ``rows`` rows, the last one saying "+N more" when they do not all fit."""
+    table = Table(title=f"nodes ({len(nodes)})", box=box.SIMPLE_HEAD, expand=True, pad_edge=False,
+                  show_edge=False, padding=(0, 1))
+    table.add_column("name", no_wrap=True, ratio=3, overflow="fold")
+    table.add_column("device", no_wrap=True, ratio=2, overflow="ellipsis")
+    for column in ("status", "seen", "rounds", "local acc", "samples"):
+        table.add_column(column, no_wrap=True, overflow="ellipsis")
+    shown = nodes if len(nodes) <= rows else nodes[:rows - 1]
+    for n in shown:
+        table.add_row(n["name"], n["device"], Text(n["status"], style=STATUS_STYLE.get(n["status"], "")),
+                      _ago(n["last_seen_s_ago"]), str(len(n["rounds_contributed"])),
+                      _fmt(n.get("last_train_accuracy"), ".3f"), str(n["num_samples"]))
+    if len(shown) < len(nodes):
+        table.add_row(f"+{len(nodes) - len(shown)} more", "", "", "", "", "", "")
+    return table
+
+
+def _trend_table(history: list) -> Table:
+    """The last TREND_ROUNDS rounds' test metrics, with sparklines of the whole run."""
+    trend = Table(title="global model on the test set", box=box.SIMPLE_HEAD, expand=True, pad_edge=False,
+                  show_edge=False, padding=(0, 1))
+    for column in ("round", "accuracy", "loss", "updates", "samples", "seconds"):
+        trend.add_column(column, no_wrap=True)
+    for r in history[-TREND_ROUNDS:]:
+        trend.add_row(str(r["round"]), _fmt(r["test_accuracy"], ".4f"), _fmt(r["test_loss"], ".4f"),
+                      str(r["num_updates"]), str(r["num_samples"]), f"{r['duration_s']:.1f}")
+    trend.caption = (f"accuracy {sparkline([r['test_accuracy'] for r in history])}   "
+                     f"loss {sparkline([r['test_loss'] for r in history])}")
+    return trend
 
 
 def render(status: dict | None, error: str | None = None, unreachable_since: float | None = None,
@@ -92,34 +124,9 @@ def render(status: dict | None, error: str | None = None, unreachable_since: flo
                       f"{current['timeout_s']:.0f}s deadline" if current else "", no_wrap=True, overflow="ellipsis"))
 
     fixed = len(parts) + NODE_TABLE_LINES + (TREND_LINES if history else 0) + 1  # parts: error? + header
-    rows = max(1, height - fixed)
-    nodes = status["nodes"]
-    table = Table(title=f"nodes ({len(nodes)})", box=box.SIMPLE_HEAD, expand=True, pad_edge=False,
-                  show_edge=False, padding=(0, 1))
-    table.add_column("name", no_wrap=True, ratio=3, overflow="fold")
-    table.add_column("device", no_wrap=True, ratio=2, overflow="ellipsis")
-    for column in ("status", "seen", "rounds", "local acc", "samples"):
-        table.add_column(column, no_wrap=True, overflow="ellipsis")
-    shown = nodes if len(nodes) <= rows else nodes[:rows - 1]
-    for n in shown:
-        table.add_row(n["name"], n["device"], Text(n["status"], style=STATUS_STYLE.get(n["status"], "")),
-                      _ago(n["last_seen_s_ago"]), str(len(n["rounds_contributed"])),
-                      _fmt(n.get("last_train_accuracy"), ".3f"), str(n["num_samples"]))
-    if len(shown) < len(nodes):
-        table.add_row(f"+{len(nodes) - len(shown)} more", "", "", "", "", "", "")
-    parts.append(table)
-
+    parts.append(_node_table(status["nodes"], rows=max(1, height - fixed)))
     if history:
-        trend = Table(title="global model on the test set", box=box.SIMPLE_HEAD, expand=True, pad_edge=False,
-                      show_edge=False, padding=(0, 1))
-        for column in ("round", "accuracy", "loss", "updates", "samples", "seconds"):
-            trend.add_column(column, no_wrap=True)
-        for r in history[-TREND_ROUNDS:]:
-            trend.add_row(str(r["round"]), _fmt(r["test_accuracy"], ".4f"), _fmt(r["test_loss"], ".4f"),
-                          str(r["num_updates"]), str(r["num_samples"]), f"{r['duration_s']:.1f}")
-        trend.caption = (f"accuracy {sparkline([r['test_accuracy'] for r in history])}   "
-                         f"loss {sparkline([r['test_loss'] for r in history])}")
-        parts.append(trend)
+        parts.append(_trend_table(history))
     return Group(*parts)
 
 

@@ -31,14 +31,14 @@ from pathlib import Path
 import torch
 
 import config as config_module
-from client import (CoordinatorClient, CoordinatorError, CoordinatorUnreachable, CoordinatorUntrusted,
-                    make_session)
 from config import WORKER_FIELDS, Config
-from datasets import DatasetUnavailable, LabeledImages, load_dataset
+from fedrest.client import CoordinatorClient, CoordinatorError, make_session
+from fedrest.data import DatasetUnavailable, LabeledImages, load_dataset
+from fedrest.partition import partition_indices
+from fedrest.serialization import bytes_to_state_dict, state_dict_to_bytes
+from fedrest.worker_policy import CALL_ERRORS, Action, Reaction, react
 from model import build_model, local_train
-from partition import partition_indices
-from utils import (DeviceUnavailable, UpdateRejected, bytes_to_state_dict, device_description,
-                   run_program, select_device, set_cpu_threads, setup_logging, state_dict_to_bytes)
+from utils import DeviceUnavailable, device_description, run_program, select_device, set_cpu_threads, setup_logging
 
 log = logging.getLogger("fl.worker")
 
@@ -52,14 +52,6 @@ class StopRequested(BaseException):
 
 class RoundClosed(Exception):
     """The round this node is training for closed (deadline, or restarted without it)."""
-
-
-def _retry_delay(exc: CoordinatorError) -> float:
-    """Seconds to wait after a 429/5xx answer: the coordinator's ``retry_after_s`` (at most 60), else 2."""
-    value = exc.body.get("retry_after_s")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 60:
-        return max(0.1, float(value))
-    return 2.0
 
 
 class FatalError(Exception):
@@ -139,19 +131,9 @@ class Worker:
     # ------------------------------------------------------------------ registration and liveness
 
     def register(self) -> None:
-        """Register (or re-register under the same name); raises FatalError if the join token is refused."""
-        try:
-            answer, created = self.client.register(self.name, device_description(self.device), len(self.data),
-                                                   system_info(self.device), self.cfg.token, self.instance_id)
-        except CoordinatorError as exc:
-            if exc.status == 401:
-                raise FatalError(f"the coordinator refused the join token ({exc.message}); pass the token it "
-                                 "printed at start-up with --token or FL_TOKEN") from None
-            if exc.error == "name_in_use":
-                raise FatalError(f"the name {self.name!r} is in use: {exc.message}") from None
-            if exc.status in (400, 403, 413, 415):
-                raise FatalError(f"registration refused: {exc.message}") from None
-            raise
+        """Register (or re-register under the same name). Errors: see :func:`fedrest.worker_policy.react`."""
+        answer, created = self.client.register(self.name, device_description(self.device), len(self.data),
+                                               system_info(self.device), self.cfg.token, self.instance_id)
         if answer.get("dataset", self.cfg.dataset) != self.cfg.dataset:
             raise FatalError(f"the coordinator trains on {answer['dataset']} but this worker holds "
                              f"{self.cfg.dataset} data; start it with --dataset {answer['dataset']}")
@@ -176,27 +158,27 @@ class Worker:
                     log.info("heartbeat: round %s is %s and this node is %s; stopping local training",
                              training, answer.get("state"), answer.get("node_status"))
                     self.abort_training.set()
-            except CoordinatorError as exc:
-                if exc.status in (401, 404):
-                    log.warning("heartbeat: the coordinator does not know this node (%s); registering again",
-                                exc.error)
+            except CALL_ERRORS as exc:
+                reaction = react(exc, "heartbeat")
+                if reaction.action == Action.REGISTER:
+                    log.warning("heartbeat: %s", reaction.message)
                     self.need_register.set()
+                elif isinstance(exc, CoordinatorError):
+                    log.warning("%s", reaction.message)
                 else:
-                    log.warning("heartbeat refused: %s", exc)
-            except (CoordinatorUnreachable, CoordinatorUntrusted) as exc:
-                log.debug("heartbeat failed: %s", exc)
+                    log.debug("heartbeat failed: %s", exc)
 
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> int:
         """Work until told to stop; returns the exit status."""
         try:
-            self._call(self.register)
+            self._call(self.register, "register")
             self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
             self._heartbeat_thread.start()
             while True:
                 if self.need_register.is_set():
-                    self._call(self.register)
+                    self._call(self.register, "register")
                 task = self._call(lambda: self.client.task(wait=LONG_POLL_SECONDS))
                 if task is None:
                     continue
@@ -206,7 +188,7 @@ class Worker:
                              self.rounds_done)
                     return 0
                 if action == "train":
-                    self._call(lambda: self.train_round(task))
+                    self._call(lambda task=task: self.train_round(task))
         except StopRequested:
             log.info("stopping on signal; telling the coordinator")
             self._leave()
@@ -217,34 +199,32 @@ class Worker:
         finally:
             self.stop_event.set()
 
-    def _call(self, fn):
+    def _call(self, fn, during: str = "call"):
         """Run ``fn``, surviving outages: returns its result, or None after a handled error."""
         started = time.monotonic()
         try:
             result = fn()
-        except CoordinatorUnreachable as exc:
-            self._wait_for_coordinator(exc, started)
+        except CALL_ERRORS as exc:
+            self._carry_out(react(exc, during), started)
             return None
-        except CoordinatorUntrusted as exc:
-            raise FatalError(str(exc)) from None
-        except UpdateRejected as exc:
-            log.error("the global model from the coordinator could not be loaded (%s); asking again", exc)
-            self.stop_event.wait(2.0)
-            return None
-        except CoordinatorError as exc:
-            if exc.status == 401 or exc.error == "unknown_node":
-                log.warning("the coordinator no longer knows this node (%s); registering again", exc.message)
-                self.need_register.set()
-                return None
-            if exc.status == 429 or exc.status >= 500:
-                log.warning("coordinator error %s; retrying in a moment", exc)
-                self.stop_event.wait(_retry_delay(exc))
-                return None
-            raise FatalError(f"unexpected answer from the coordinator: {exc}") from None
         self._unreachable_since = None
         return result
 
-    def _wait_for_coordinator(self, exc: Exception, failing_since: float | None = None) -> None:
+    def _carry_out(self, reaction: Reaction, started: float, prefix: str = "") -> None:
+        """Do what :func:`fedrest.worker_policy.react` said (ACCEPTED and DROP need nothing here)."""
+        action, message = reaction.action, prefix + reaction.message
+        if action == Action.FATAL:
+            raise FatalError(message)
+        if action == Action.WAIT_OUTAGE:
+            self._wait_for_coordinator(reaction.message, started)  # raises FatalError after GIVE_UP_AFTER
+            return
+        log.log(reaction.level, "%s", message)
+        if action == Action.REGISTER:
+            self.need_register.set()
+        elif action == Action.RETRY:
+            self.stop_event.wait(reaction.delay)
+
+    def _wait_for_coordinator(self, exc: Exception | str, failing_since: float | None = None) -> None:
         """Sleep before the next try (backoff), or raise FatalError after GIVE_UP_AFTER seconds unreachable.
 
         ``failing_since`` is when the failed call began (its own quick retries count as time unreachable).
@@ -266,7 +246,7 @@ class Worker:
         try:
             self.client.session = self._session(0)
             self.client.leave(self.node_id)
-        except (CoordinatorError, CoordinatorUnreachable, CoordinatorUntrusted) as exc:
+        except CALL_ERRORS as exc:  # leaving is best effort: the node times out anyway
             log.info("could not tell the coordinator that this node leaves: %s", exc)
 
     # ------------------------------------------------------------------ one round
@@ -330,29 +310,14 @@ class Worker:
                 self.client.submit_update(round_number, metadata, data)
                 self._unreachable_since = None
                 return True
-            except CoordinatorUnreachable as exc:
-                self._wait_for_coordinator(exc, started)  # raises FatalError after GIVE_UP_AFTER
-            except CoordinatorError as exc:
-                if exc.error == "duplicate_update":
-                    log.info("round %d: the update had already arrived (a retried upload); counted once",
-                             round_number)
-                    return True
-                if exc.status == 409:
-                    log.warning("round %d: update not taken (%s); joining the current round", round_number,
-                                exc.message)
-                elif exc.status in (400, 413):
-                    log.error("round %d: update rejected (%s); not sending these bytes again", round_number, exc)
-                elif exc.status == 401 or exc.error == "unknown_node":
-                    self.need_register.set()  # the coordinator lost this node: register, then train again
-                    log.warning("round %d: the coordinator no longer knows this node; registering again",
-                                round_number)
-                elif exc.status == 429 or exc.status >= 500:
-                    log.warning("round %d: upload answered %s; sending it again", round_number, exc)
-                    self.stop_event.wait(_retry_delay(exc))
-                    continue
-                else:
-                    raise FatalError(f"unexpected answer to an upload: {exc}") from None
-                return False
+            except CALL_ERRORS as exc:
+                reaction = react(exc, "upload")
+            if reaction.action == Action.ACCEPTED:
+                log.info("round %d: %s", round_number, reaction.message)
+                return True
+            self._carry_out(reaction, started, prefix=f"round {round_number}: ")
+            if reaction.action not in (Action.RETRY, Action.WAIT_OUTAGE):
+                return False  # dropped, or registering again (then this node trains again)
 
     def _progress(self, round_number: int, epochs: int):
         """Per-batch callback: a tqdm bar (unless --quiet), and the check that the round is still open."""
@@ -408,7 +373,7 @@ def _main(argv) -> int:
     except DeviceUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    set_cpu_threads(cfg.cpu_workers)
+    set_cpu_threads(cfg.cpu_threads)
     log.info("worker %s on %s, torch %s, %d CPU threads", name, device_description(device), torch.__version__,
              torch.get_num_threads())
     try:

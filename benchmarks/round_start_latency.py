@@ -1,8 +1,9 @@
 """How fast a waiting worker learns that a round opened (the long poll of GET /api/v1/task).
 
-Serves a real coordinator with cheroot (serving.make_server, as coordinator.py does) on 127.0.0.1 (no evaluation), and repeats: node A long-polls
-``/task?wait=30``; node B registers, which brings the federation to MIN_NODES_TO_START=2 and opens a
-round; we time from B's registration request to A's poll answer "train". Prints the median and maximum.
+Serves a real coordinator with cheroot (serving.make_server, as coordinator.py does) on 127.0.0.1 (no evaluation),
+and repeats: node A long-polls ``/task?wait=30``; node B registers, which brings the federation to
+MIN_NODES_TO_START=2 and opens a round; we time from B's registration request to A's poll answer
+"train". Prints the median and maximum.
 
     .venv/bin/python benchmarks/round_start_latency.py [--repeats 20]
 """
@@ -19,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client import CoordinatorClient, make_session  # noqa: E402
+from fedrest.client import CoordinatorClient, make_session  # noqa: E402
 from config import Config  # noqa: E402
 from coordinator import create_app  # noqa: E402
-from serving import bound_port, make_server  # noqa: E402
+from fedrest.server.serving import bound_port, make_server  # noqa: E402
 
 TOKEN = "benchmark-token-0123"
 

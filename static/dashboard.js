@@ -1,5 +1,5 @@
 // Live dashboard of a federation: reads GET /api/v1/status every few seconds and draws it with Chart.js
-// (shipped in static/vendor, no network access needed). The join token comes from the URL fragment
+// (shipped in static/vendor, no network access needed). The monitor token comes from the URL fragment
 // (#token=...), from this tab's sessionStorage, or from the form shown after a 401.
 "use strict";
 
@@ -138,7 +138,7 @@ async function refresh() {
     clearTimeout(timer);
     if (response.status === 401) {
       document.getElementById("token-form").hidden = false;
-      showBanner(token ? "The coordinator refused this token." : "Enter the coordinator's join token.");
+      showBanner(token ? "The coordinator refused this token." : "Enter the coordinator's monitor token (the file TEMP_DIR/monitor_token).");
       return;  // wait for the form
     }
     if (!response.ok) throw new Error(`HTTP ${response.status}`);

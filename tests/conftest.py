@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Mapping
@@ -22,11 +23,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import coordinator  # noqa: E402
+from fedrest.server.app import create_app  # noqa: E402
 from config import Config  # noqa: E402
-from federation import Federation  # noqa: E402
+from fedrest.server.federation import Federation  # noqa: E402
 from model import SimpleCNN  # noqa: E402
-from utils import state_dict_to_bytes  # noqa: E402
+from fedrest.serialization import state_dict_to_bytes  # noqa: E402
 
 JOIN_TOKEN = "test-join-token-0123"
 MONITOR_TOKEN = "test-monitor-token-0123"
@@ -140,6 +141,18 @@ def update_files(cfg: Config) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
 
+def fingerprint(app) -> tuple:
+    """Everything a refused request must leave as it was (liveness and refusal counters aside): the round, the
+    global model, participants, accepted updates, history, nodes (token digests, bans), the shared tokens'
+    digests and the files of the update spool. No driver thread runs in these tests, so nothing else moves."""
+    fed, creds = app.extensions["federation"], app.extensions["credentials"]
+    return (fed.phase, fed.round, fed.state.attempt, fed.model_version, fed.global_bytes,
+            tuple(fed.state.participants), tuple(fed.state.updates), len(fed.state.history),
+            tuple((n.node_id, n.name, n.token_hash, n.banned, n.num_samples, n.device, n.updates_submitted,
+                   json.dumps(n.system_info)) for n in fed.nodes.values()),
+            tuple(sorted(creds.digests().items())), sorted(p.name for p in fed.spool.directory.rglob("*")))
+
+
 @pytest.fixture
 def cfg(tmp_path) -> Config:
     return make_config(tmp_path)
@@ -147,14 +160,15 @@ def cfg(tmp_path) -> Config:
 
 @pytest.fixture
 def make_app(tmp_path) -> Callable:
-    """Factory: ``make_app(**config_overrides, evaluator=None)`` -> an app without a driver thread.
+    """Factory: ``make_app(**config_overrides, evaluator=None, clock=time.monotonic)`` -> an app without a
+    driver thread.
 
     Every federation it made is stopped at teardown.
     """
     made = []
 
-    def _make(evaluator=None, **overrides):
-        app = coordinator.create_app(make_config(tmp_path, **overrides), start_driver=False, evaluator=evaluator)
+    def _make(evaluator=None, clock=time.monotonic, **overrides):
+        app = create_app(make_config(tmp_path, **overrides), start_driver=False, evaluator=evaluator, clock=clock)
         app.config["TESTING"] = True
         made.append(app)
         return app
@@ -166,7 +180,7 @@ def make_app(tmp_path) -> Callable:
 
 @pytest.fixture
 def app(cfg):
-    app = coordinator.create_app(cfg, start_driver=False)
+    app = create_app(cfg, start_driver=False)
     app.config["TESTING"] = True
     yield app
     app.extensions["federation"].stop()

@@ -15,8 +15,8 @@ import pytest
 
 import torch
 
-from client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable, make_session
-from utils import bytes_to_state_dict, state_dict_to_bytes
+from fedrest.client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable, make_session
+from fedrest.serialization import bytes_to_state_dict, state_dict_to_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "e2e-join-token-0123"

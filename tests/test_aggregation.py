@@ -1,4 +1,5 @@
-"""Property tests of the aggregation rules (aggregation.py) with hypothesis, plus the rules inside a round."""
+"""Property tests of the aggregation strategies and rules (fedrest.aggregation) with hypothesis, plus the rules
+inside a round. ``aggregate`` runs the same Strategy.aggregate path as the coordinator."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregation import RULES, aggregate, clip_update, coordinate_median, delta_norm, trimmed_mean
+from config import AGGREGATIONS
+from fedrest.aggregation import (aggregate, clip_update, coordinate_median, delta_norm, make_strategy,
+                                 trimmed_mean)
 from conftest import API, MONITOR, filled_state_dict, post_update, register
 
 WIDTH = 5  # coordinates of the float32 vector
@@ -27,7 +30,8 @@ def make_sd(vec32, mat64, count) -> OrderedDict:
 
 state_dicts = st.builds(make_sd, st.lists(finite32, min_size=WIDTH, max_size=WIDTH),
                         st.lists(finite64, min_size=4, max_size=4), st.integers(0, 10**6))
-weighted = st.lists(st.tuples(state_dicts, st.integers(1, 10**6)), min_size=1, max_size=7)
+weighted = st.lists(st.tuples(state_dicts, st.integers(1, 10**6)), min_size=1, max_size=7).map(
+    lambda pairs: [(f"node{i:02d}", sd, n) for i, (sd, n) in enumerate(pairs)])  # (node id, state_dict, n_k)
 REFERENCE = make_sd([0.0] * WIDTH, [0.0] * 4, 0)
 
 
@@ -35,9 +39,9 @@ REFERENCE = make_sd([0.0] * WIDTH, [0.0] * 4, 0)
 @given(weighted)
 def test_fedavg_matches_a_float64_reference(updates):
     out = aggregate(updates, REFERENCE, "fedavg")
-    weights = np.array([n for _, n in updates], dtype=np.float64)
+    weights = np.array([n for _, _, n in updates], dtype=np.float64)
     for key in ("w", "m", "n"):
-        stacked = np.stack([sd[key].numpy().astype(np.float64) for sd, _ in updates])
+        stacked = np.stack([sd[key].numpy().astype(np.float64) for _, sd, _ in updates])
         expected = np.tensordot(weights, stacked, axes=1) / weights.sum()
         got = out[key].numpy()
         if key == "n":  # integers: the mean rounded half to even (a float64 tie can sit one ulp away)
@@ -49,7 +53,7 @@ def test_fedavg_matches_a_float64_reference(updates):
 
 
 @settings(max_examples=100, deadline=None)
-@given(weighted, st.randoms(use_true_random=False), st.sampled_from(RULES), st.sampled_from([0.0, 1.0, 1e5]))
+@given(weighted, st.randoms(use_true_random=False), st.sampled_from(AGGREGATIONS), st.sampled_from([0.0, 1.0, 1e5]))
 def test_result_is_bit_identical_under_any_order_of_the_updates(updates, rnd, rule, clip):
     shuffled = list(updates)
     rnd.shuffle(shuffled)
@@ -98,7 +102,7 @@ def test_clipping_bounds_the_change_and_keeps_its_direction(update, max_norm):
 
 def test_hand_computed_values_of_each_rule():
     values = [1.0, 2.0, 100.0, 4.0]
-    updates = [(OrderedDict(w=torch.tensor([v])), 1) for v in values]
+    updates = [(f"n{i}", OrderedDict(w=torch.tensor([v])), 1) for i, v in enumerate(values)]
     reference = OrderedDict(w=torch.tensor([0.0]))
     assert aggregate(updates, reference, "median")["w"].item() == 3.0  # (2 + 4) / 2
     assert aggregate(updates, reference, "trimmed_mean", trim_fraction=0.25)["w"].item() == 3.0  # drop 1 and 100
@@ -139,10 +143,15 @@ def test_an_absurdly_large_change_is_refused_counted_and_changes_nothing(make_ap
     after = client.get(f"{API}/status", headers=MONITOR).get_json()
     assert after["updates_refused_total"] == {"update_norm_too_large": 1}
     assert after["current_round"]["updates_received"] == before["current_round"]["updates_received"] == 0
-    assert not list((fed._updates_dir).glob("round_1/*.pt"))
+    assert not list(fed.spool.directory.glob("round_1/*.pt"))
 
 
-def test_the_configured_rules_are_the_implemented_ones():
-    import config
+@pytest.mark.parametrize("name", AGGREGATIONS)
+def test_every_configurable_rule_builds_its_strategy(name):
+    assert make_strategy(name).name == name
 
-    assert config.AGGREGATIONS == RULES
+
+def test_two_updates_with_one_key_are_refused():
+    sd = make_sd([1.0] * WIDTH, [0.0] * 4, 0)
+    with pytest.raises(ValueError, match="share a key"):
+        aggregate([("a", sd, 1), ("a", sd, 2)], REFERENCE, "fedavg")

@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (MONITOR, API, JOIN_TOKEN, FakeClock, bearer, filled_state_dict, make_config, post_update, register,
-                      update_files)
-from federation import Federation, Phase, load_checkpoint
+from conftest import (MONITOR, API, JOIN_TOKEN, bearer, filled_state_dict, post_update,
+                      register, update_files)
+from fedrest.server.checkpoints import load_checkpoint
+from fedrest.server.federation import Phase
 from model import SimpleCNN
-from utils import bytes_to_state_dict, state_dict_to_bytes
+from fedrest.serialization import bytes_to_state_dict, state_dict_to_bytes
 
 JOIN = bearer(JOIN_TOKEN)
 
@@ -404,11 +405,11 @@ def round_one(client, fed, cfg):
 
 
 def assert_nothing_recorded(fed, cfg, global_bytes, node_id):
-    assert len(fed.updates) == 0
+    assert len(fed.state.updates) == 0
     assert fed.global_bytes == global_bytes
     assert fed.nodes[node_id].updates_submitted == 0
     assert update_files(cfg) == []
-    assert (fed.phase, fed.round, fed.history) == (Phase.TRAINING, 1, [])
+    assert (fed.phase, fed.round, fed.state.history) == (Phase.TRAINING, 1, [])
 
 
 def test_update_accepted(client, fed, cfg, round_one):
@@ -418,7 +419,7 @@ def test_update_accepted(client, fed, cfg, round_one):
     response = post_update(client, node, 1, update, meta)
     assert response.status_code == 202
     assert response.get_json() == {"accepted": True, "round": 1, "node_id": node["node_id"], "num_samples": 60}
-    accepted = fed.updates[node["node_id"]]
+    accepted = fed.state.updates[node["node_id"]]
     assert (accepted.num_samples, accepted.train_loss, accepted.train_accuracy, accepted.train_seconds) == \
         (60, 0.5, 0.9, 1.5)
     files = update_files(cfg)
@@ -438,7 +439,7 @@ def test_real_model_sized_update_accepted(client, fed, round_one):
     assert len(data) > 4_500_000
     response = post_update(client, node, 1, data=data, metadata={"num_samples": 100})
     assert response.status_code == 202, response.get_json()
-    assert list(fed.updates) == [node["node_id"]]
+    assert list(fed.state.updates) == [node["node_id"]]
 
 
 def test_duplicate_update_is_409_and_counts_once(client, fed, cfg, round_one):
@@ -448,7 +449,7 @@ def test_duplicate_update_is_409_and_counts_once(client, fed, cfg, round_one):
     body = assert_json_error(post_update(client, node, 1, filled_state_dict(9.0, 9), {"num_samples": 99}), 409,
                              "duplicate_update")
     assert body["current_round"] == 1
-    assert len(fed.updates) == 1 and fed.updates[node["node_id"]].num_samples == 10
+    assert len(fed.state.updates) == 1 and fed.state.updates[node["node_id"]].num_samples == 10
     assert fed.nodes[node["node_id"]].updates_submitted == 1
     assert update_files(cfg) == files
     assert bytes_to_state_dict(files[0].read_bytes())["fc2.bias"][0].item() == 1.0  # first upload kept
@@ -466,7 +467,7 @@ def test_update_before_any_round_is_409(client, fed, cfg):
     node = register(client)
     body = assert_json_error(post_update(client, node, 1, filled_state_dict(1.0, 1)), 409, "stale_round")
     assert (body["current_round"], body["state"]) == (0, "waiting_for_nodes")
-    assert fed.updates == {} and update_files(cfg) == []
+    assert fed.state.updates == {} and update_files(cfg) == []
 
 
 def test_node_registered_after_round_start_is_not_participant(client, fed, cfg, round_one):
@@ -475,7 +476,7 @@ def test_node_registered_after_round_start_is_not_participant(client, fed, cfg, 
     assert client.get(f"{API}/task", headers=late["headers"]).get_json()["action"] == "wait"
     body = assert_json_error(post_update(client, late, 1, filled_state_dict(1.0, 1)), 409, "not_participant")
     assert body["current_round"] == 1
-    assert fed.updates == {} and update_files(cfg) == [] and fed.global_bytes == global_bytes
+    assert fed.state.updates == {} and update_files(cfg) == [] and fed.global_bytes == global_bytes
     assert fed.nodes[late["node_id"]].updates_submitted == 0
 
 
@@ -588,7 +589,7 @@ def test_metadata_at_the_limits_is_accepted(client, fed, round_one):
     node, _ = round_one
     meta = {"num_samples": 100, "train_accuracy": 1, "train_loss": 0, "train_seconds": 0, "extra": "ignored"}
     assert post_update(client, node, 1, filled_state_dict(0.5, 1), meta).status_code == 202
-    accepted = fed.updates[node["node_id"]]
+    accepted = fed.state.updates[node["node_id"]]
     assert (accepted.num_samples, accepted.train_accuracy, accepted.train_loss) == (100, 1.0, 0.0)
 
 
@@ -650,35 +651,35 @@ def test_two_nodes_aggregate_once_to_the_hand_computed_mean_round_after_round(cl
     a = register(client, "node-a", num_samples=10)
     b = register(client, "node-b", num_samples=30)
     fed.tick()
-    assert (fed.round, sorted(fed.participants)) == (1, sorted([a["node_id"], b["node_id"]]))
+    assert (fed.round, sorted(fed.state.participants)) == (1, sorted([a["node_id"], b["node_id"]]))
     reference = global_state_copy(fed)
 
     # round 1: floats 1.0 (n=1) and 5.0 (n=3) -> (1 + 15)/4 = 4.0; counters 2 and 6 -> (2 + 18)/4 = 5
     assert post_update(client, a, 1, filled_state_dict(1.0, 2), {"num_samples": 1}).status_code == 202
     fed.tick()  # b has not answered and is online: nothing happens
-    assert (fed.phase, fed.round, fed.history) == (Phase.TRAINING, 1, [])
+    assert (fed.phase, fed.round, fed.state.history) == (Phase.TRAINING, 1, [])
     assert post_update(client, b, 1, filled_state_dict(5.0, 6), {"num_samples": 3}).status_code == 202
     fed.tick()
-    assert (fed.phase, fed.round, fed.model_version, len(fed.history)) == (Phase.TRAINING, 2, 1, 1)
+    assert (fed.phase, fed.round, fed.model_version, len(fed.state.history)) == (Phase.TRAINING, 2, 1, 1)
     fed.tick()  # nothing more: round 2 waits for its updates, round 1 is not aggregated again
-    assert (fed.round, len(fed.history)) == (2, 1)
+    assert (fed.round, len(fed.state.history)) == (2, 1)
     for key, value in fed.global_state.items():
         assert value.dtype == reference[key].dtype and value.shape == reference[key].shape, key
         expected = 4.0 if value.is_floating_point() else 5
         assert torch.equal(value, torch.full_like(value, expected)), key
     assert fed.global_state["bn1.num_batches_tracked"].dim() == 0
-    record = fed.history[0]
+    record = fed.state.history[0]
     assert (record.round, record.num_updates, record.num_samples, record.num_participants) == (1, 2, 4, 2)
     assert sorted(record.node_ids) == sorted([a["node_id"], b["node_id"]])
     assert update_files(cfg) == []  # round 1's stored updates are gone
-    assert fed.updates == {}
+    assert fed.state.updates == {}
 
     # round 2: the accumulator starts from zero again. floats 2.0 (n=3) and -2.0 (n=1) -> (6 - 2)/4 = 1.0;
     # counters 4 and 9 -> (12 + 9)/4 = 5.25 -> 5
     assert post_update(client, a, 2, filled_state_dict(2.0, 4), {"num_samples": 3}).status_code == 202
     assert post_update(client, b, 2, filled_state_dict(-2.0, 9), {"num_samples": 1}).status_code == 202
     fed.tick()
-    assert (fed.round, fed.model_version, len(fed.history)) == (3, 2, 2)
+    assert (fed.round, fed.model_version, len(fed.state.history)) == (3, 2, 2)
     for key, value in fed.global_state.items():
         expected = 1.0 if value.is_floating_point() else 5
         assert torch.equal(value, torch.full_like(value, expected)), key
@@ -709,7 +710,7 @@ def test_real_model_updates_average_to_the_sample_weighted_mean(client, fed, cfg
     assert post_update(client, a, 1, states[0], {"num_samples": 100}).status_code == 202
     assert post_update(client, b, 1, states[1], {"num_samples": 300}).status_code == 202
     fed.tick()
-    assert len(fed.history) == 1
+    assert len(fed.state.history) == 1
     for key, value in fed.global_state.items():
         if value.is_floating_point():
             expected = ((states[0][key].double() * 100 + states[1][key].double() * 300) / 400).float()
@@ -780,7 +781,7 @@ def test_concurrent_uploads_and_ticks_aggregate_exactly_once(app, fed, cfg):
     for t in threads:
         t.join()
     assert statuses == [202] * 4
-    assert len(fed.updates) == 4
+    assert len(fed.state.updates) == 4
     tick_barrier = threading.Barrier(4)
 
     def tick():
@@ -792,8 +793,8 @@ def test_concurrent_uploads_and_ticks_aggregate_exactly_once(app, fed, cfg):
         t.start()
     for t in tickers:
         t.join()
-    assert len(fed.history) == 1 and fed.round == 2 and fed.model_version == 1
-    assert fed.history[0].num_updates == 4 and fed.history[0].num_samples == 100
+    assert len(fed.state.history) == 1 and fed.round == 2 and fed.model_version == 1
+    assert fed.state.history[0].num_updates == 4 and fed.state.history[0].num_samples == 100
     # (10*1 + 20*2 + 30*3 + 40*4) / 100 = 300/100 = 3.0
     assert torch.equal(fed.global_state["fc2.weight"], torch.full((10, 128), 3.0))
 
@@ -815,110 +816,21 @@ def test_no_tensor_of_an_earlier_round_stays_referenced(client, fed):
     assert all(r() is not None for r in current_refs)  # the references do track live tensors
     assert all(r() is None for r in initial_refs)
     assert all(r() is None for r in round_one_refs)
-    assert fed.updates == {} and len(fed.history) == 2
+    assert fed.state.updates == {} and len(fed.state.history) == 2
 
 
 def test_reregistration_mid_round_keeps_participation(client, fed, cfg):
     node = register(client, "node-a", num_samples=10)
     fed.tick()
     again = register(client, "node-a", num_samples=20, expected=200)  # e.g. a restarted worker
-    assert fed.participants == [node["node_id"]]
+    assert fed.state.participants == [node["node_id"]]
     assert client.get(f"{API}/task", headers=again["headers"]).get_json()["action"] == "train"
     assert post_update(client, again, 1, filled_state_dict(1.0, 1), {"num_samples": 20}).status_code == 202
     fed.tick()
-    assert len(fed.history) == 1 and fed.history[0].num_samples == 20
+    assert len(fed.state.history) == 1 and fed.state.history[0].num_samples == 20
 
 
-# ============================================================================= deadline (F4) with a fake clock
-
-
-def _tiny_federation(tmp_path, clock, **overrides):
-    cfg = make_config(tmp_path, **{"round_timeout": 30.0, "node_timeout": 60.0, **overrides})
-    initial = OrderedDict(w=torch.zeros(2), n=torch.tensor(0))
-    return Federation(cfg, initial, clock=clock)
-
-
-def _submit(fed, node, round_number, w, n_counter, num_samples):
-    data = state_dict_to_bytes(OrderedDict(w=torch.tensor(w), n=torch.tensor(n_counter)))
-    return fed.submit_update(node, round_number, {"num_samples": num_samples}, data)
-
-
-def test_deadline_aggregates_what_arrived(tmp_path):
-    clock = FakeClock()
-    fed = _tiny_federation(tmp_path, clock, min_nodes_to_start=2)
-    a, _, _ = fed.register("node-a", "cpu", 10, {})
-    b, _, _ = fed.register("node-b", "cpu", 10, {})
-    fed.tick()
-    assert (fed.phase, fed.round, len(fed.participants)) == (Phase.TRAINING, 1, 2)
-    _submit(fed, a, 1, [2.0, -6.0], 3, 7)
-    clock.advance(29.0)
-    fed.tick()
-    assert (fed.phase, fed.history) == (Phase.TRAINING, [])  # b is online and the deadline is ahead
-    clock.advance(1.5)  # past ROUND_TIMEOUT = 30 s, b still within NODE_TIMEOUT
-    assert fed.node_status(fed.nodes[b.node_id]) == "training"
-    fed.tick()
-    assert len(fed.history) == 1
-    record = fed.history[0]
-    assert (record.num_updates, record.num_participants, record.num_samples, record.node_ids) == (1, 2, 7, [a.node_id])
-    assert torch.equal(fed.global_state["w"], torch.tensor([2.0, -6.0])) and fed.global_state["n"].item() == 3
-    assert (fed.phase, fed.round) == (Phase.TRAINING, 2)
-    fed.stop()
-
-
-def test_deadline_without_updates_restarts_the_same_round(tmp_path):
-    clock = FakeClock()
-    fed = _tiny_federation(tmp_path, clock)
-    node, token, _ = fed.register("node-a", "cpu", 10, {})
-    fed.tick()
-    first_start = fed.round_started_mono
-    assert (fed.round, fed.round_attempt) == (1, 1)
-    clock.advance(31.0)
-    assert fed.authenticate(token) is node  # the node is alive (as after a heartbeat)
-    fed.tick()
-    assert (fed.phase, fed.round, fed.round_attempt) == (Phase.TRAINING, 1, 2)
-    assert fed.history == [] and fed.model_version == 0
-    assert fed.round_started_mono == first_start + 31.0  # a fresh deadline
-    assert fed.participants == [node.node_id]
-    fed.tick()  # the new deadline is ahead: nothing happens
-    assert (fed.round, fed.round_attempt) == (1, 2)
-    _submit(fed, node, 1, [1.0, 1.0], 1, 5)  # the restarted round takes updates for the same number
-    fed.tick()
-    assert (fed.round, len(fed.history), fed.history[0].round) == (2, 1, 1)
-    fed.stop()
-
-
-def test_all_participants_offline_goes_back_to_waiting(tmp_path):
-    clock = FakeClock()
-    fed = _tiny_federation(tmp_path, clock, node_timeout=10.0, round_timeout=600.0)
-    fed.register("node-a", "cpu", 10, {})
-    fed.tick()
-    assert fed.round == 1
-    clock.advance(11.0)  # silent past NODE_TIMEOUT, long before the round deadline
-    fed.tick()
-    assert (fed.phase, fed.round, fed.history) == (Phase.WAITING, 0, [])
-    status = fed.status()
-    assert status["state"] == "waiting_for_nodes" and status["current_round"] is None
-    fed.stop()
-
-
-def test_offline_participant_does_not_hold_the_round(tmp_path):
-    clock = FakeClock()
-    fed = _tiny_federation(tmp_path, clock, node_timeout=10.0, round_timeout=600.0)
-    a, _, _ = fed.register("node-a", "cpu", 10, {})
-    b, _, _ = fed.register("node-b", "cpu", 10, {})
-    fed.tick()
-    clock.advance(8.0)
-    _submit(fed, a, 1, [4.0, 4.0], 2, 2)  # a answers (and is seen); b stays silent
-    fed.tick()
-    assert fed.history == []
-    clock.advance(5.0)  # b silent for 13 s > NODE_TIMEOUT; a seen 5 s ago
-    fed.tick()
-    assert len(fed.history) == 1 and fed.history[0].num_updates == 1
-    assert fed.participants == [a.node_id]  # round 2 starts with the nodes online now
-    fed.stop()
-
-
-# ============================================================================= regressions: leaving, failures in aggregation, hostile JSON
+# ==================================================== regressions: leaving, failures in aggregation, hostile JSON
 
 
 def test_leave_while_a_long_poll_is_pending_takes_effect(app, client, fed):
@@ -943,7 +855,7 @@ def test_leave_while_a_long_poll_is_pending_takes_effect(app, client, fed):
     assert node_status(client, a["node_id"]) == "offline"  # the end of the abandoned poll does not revive it
     assert post_update(client, b, 1, filled_state_dict(3.0, 1), {"num_samples": 10}).status_code == 202
     fed.tick()
-    assert fed.round == 2 and fed.participants == [b["node_id"]]  # nobody waits for the node that left
+    assert fed.round == 2 and fed.state.participants == [b["node_id"]]  # nobody waits for the node that left
 
 
 def _failing_evaluator(state):
@@ -1000,7 +912,7 @@ def test_bad_client_input_never_answers_5xx(client, fed, cfg, case):
            "metadata-huge-int": '{"num_samples": 10, "train_loss": 1' + "0" * 400 + "}"}[case]
     response = post_update(client, node, 1, filled_state_dict(0.5, 1), raw_metadata=raw)
     assert_json_error(response, 400, "bad_request")
-    assert fed.updates == {} and update_files(cfg) == []
+    assert fed.state.updates == {} and update_files(cfg) == []
 
 
 # ============================================================================= status
@@ -1085,4 +997,4 @@ def test_endpoints_answer_quickly_while_aggregating(make_app):
     finally:
         release.set()
         ticker.join(10)
-    assert len(fed.history) == 1 and fed.round == 2
+    assert len(fed.state.history) == 1 and fed.round == 2

@@ -10,10 +10,10 @@ import pytest
 import requests
 import torch
 
-import client as client_module
-from client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable, base_url, make_session
+import fedrest.client as client_module
+from fedrest.client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable, base_url, make_session
 from conftest import JOIN_TOKEN, MONITOR_TOKEN, filled_state_dict
-from utils import bytes_to_state_dict, state_dict_to_bytes
+from fedrest.serialization import bytes_to_state_dict, state_dict_to_bytes
 
 
 class AppSession:
@@ -151,7 +151,7 @@ def test_an_answer_cut_in_the_middle_of_its_body_is_unreachable_not_a_crash():
     import socket
     import threading
 
-    from client import CoordinatorClient, CoordinatorUnreachable, make_session
+    from fedrest.client import CoordinatorClient, CoordinatorUnreachable, make_session
 
     server = socket.create_server(("127.0.0.1", 0))
 

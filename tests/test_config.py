@@ -36,7 +36,7 @@ def test_defaults_as_documented():
     assert cfg.token is None and cfg.no_auth is False and cfg.no_eval is False and cfg.save_model is True
     assert (cfg.device, cfg.coordinator_address, cfg.partition, cfg.alpha) == ("auto", "127.0.0.1:5000", "iid", 0.5)
     assert cfg.partition_id is None and cfg.num_partitions is None and cfg.name is None
-    assert (cfg.seed, cfg.cpu_workers, cfg.give_up_after) == (0, 0, 600.0)
+    assert (cfg.seed, cfg.cpu_threads, cfg.give_up_after) == (0, 0, 600.0)
 
 
 def test_parse_without_flags_or_env_gives_defaults():

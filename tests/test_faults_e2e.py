@@ -7,16 +7,15 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from client import CoordinatorError
-from federation import load_checkpoint
+from fedrest.client import CoordinatorError
+from fedrest.server.checkpoints import load_checkpoint
 from processes import (ROOT, TOKEN, FakeWorker, free_port, procs, status_client, try_status,  # noqa: F401
                        wait_for)
-from utils import bytes_to_state_dict
+from fedrest.serialization import bytes_to_state_dict
 
 pytestmark = pytest.mark.e2e
 

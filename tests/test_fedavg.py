@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model import SimpleCNN
-from utils import FedAvgAccumulator, UpdateRejected, fedavg
+from fedrest.aggregation import FedAvgAccumulator, fedavg
+from fedrest.serialization import UpdateRejected
 
 
 def sd(**tensors) -> "OrderedDict[str, torch.Tensor]":

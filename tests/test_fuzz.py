@@ -7,8 +7,9 @@ the federation's state as it was: global model, round, phase, participants, acce
 tokens, history. (Liveness counters and the refusal counters of monitors are not "state" here: any
 authenticated request counts as liveness, and a refused update is counted by design.)
 
-FL_FUZZ_EXAMPLES sets the examples per operation and mode (valid / invalid by the schema; default 300; ``FL_FUZZ_EXAMPLES=5000 pytest
-tests/test_fuzz.py`` is the longer run). The number of requests sent is printed at the end of the module.
+FL_FUZZ_EXAMPLES sets the examples per operation and mode (valid / invalid by the schema; default 300;
+``FL_FUZZ_EXAMPLES=5000 pytest tests/test_fuzz.py`` is the longer run). The number of requests sent is printed at the
+end of the module.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.specs.openapi import checks as openapi_checks
 from schemathesis import checks as core_checks
 
-from conftest import ADMIN_TOKEN, JOIN_TOKEN, MONITOR_TOKEN, make_config, register
+from conftest import ADMIN_TOKEN, JOIN_TOKEN, MONITOR_TOKEN, fingerprint, make_config, register
 
-import coordinator
+from fedrest.server.app import create_app
 
 EXAMPLES = int(os.environ.get("FL_FUZZ_EXAMPLES", "300"))  # per operation and mode
 SENT: Counter = Counter()
@@ -40,7 +41,7 @@ CASES = ([(op, POSITIVE) for op in WITH_INPUT + WITHOUT_INPUT] + [(op, NEGATIVE)
 
 
 def make_fuzz_app(tmp_path):
-    app = coordinator.create_app(make_config(tmp_path, min_nodes_to_start=1, max_nodes=50), start_driver=False)
+    app = create_app(make_config(tmp_path, min_nodes_to_start=1, max_nodes=50), start_driver=False)
     node = register(app.test_client(), "fuzz-node")
     app.extensions["federation"].tick()  # round 1 opens with this node as a participant
     tokens = {"joinToken": JOIN_TOKEN, "monitorToken": MONITOR_TOKEN, "adminToken": ADMIN_TOKEN,
@@ -48,15 +49,6 @@ def make_fuzz_app(tmp_path):
     return app, tokens
 
 
-def fingerprint(app) -> tuple:
-    fed = app.extensions["federation"]
-    creds = app.extensions["credentials"]
-    with fed._lock:
-        return (fed.phase, fed.round, fed.round_attempt, fed.model_version, id(fed.global_bytes),
-                tuple(fed.participants), tuple(fed.updates), len(fed.history),
-                tuple((n.node_id, n.name, n.token_hash, n.banned, n.num_samples, n.device, n.updates_submitted)
-                      for n in fed.nodes.values()),
-                tuple(sorted(creds._hashes.items())))
 
 
 @pytest.mark.parametrize("operation_id, mode", CASES, ids=[f"{op}-{m.value}" for op, m in CASES])

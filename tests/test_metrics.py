@@ -44,7 +44,7 @@ def test_metrics_follow_the_run(make_app):
     assert m[("fl_round_duration_seconds_count", ())] == 1
     assert m[("fl_aggregation_duration_seconds_count", ())] == 1
     assert m[("fl_aggregation_duration_seconds_bucket", (("le", "+Inf"),))] == 1
-    assert m[("fl_aggregation_duration_seconds_sum", ())] == fed.history[0].aggregation_s
+    assert m[("fl_aggregation_duration_seconds_sum", ())] == fed.state.history[0].aggregation_s
 
 
 def test_metrics_need_the_join_token(client):

@@ -24,7 +24,8 @@ GOLDEN = Path(__file__).parent / "golden"
 def fixed_status(num_nodes: int = 100) -> dict:
     """A status as the coordinator sends it, with fixed values."""
     nodes = [{"node_id": f"id{i:03d}", "name": f"worker-{i:03d}",
-              "device": "cuda (NVIDIA H200)" if i % 3 == 0 else "cpu", "status": ("online", "training", "offline")[i % 3],
+              "device": "cuda (NVIDIA H200)" if i % 3 == 0 else "cpu",
+              "status": ("online", "training", "offline")[i % 3],
               "num_samples": 1000 + i, "updates_submitted": i % 5, "rounds_contributed": list(range(1, i % 5 + 1)),
               "last_train_loss": 0.5 + i / 1000 if i % 2 else None,
               "last_train_accuracy": 0.9 + i / 10000 if i % 2 else None,
@@ -106,14 +107,18 @@ def test_monitors_against_a_real_coordinator(procs, tmp_path):
         assert node["name"] in once.stdout and str(node["num_samples"]) in once.stdout
     assert f"{status['history'][0]['num_samples']}" in once.stdout  # the round's samples, as in the JSON
     png = tmp_path / "plot.png"
-    plot = run_monitor("monitor.py", "--coordinator-address", address, "--token", MONITOR_TOKEN, "--once", "--save", str(png))
+    plot = run_monitor("monitor.py", "--coordinator-address", address, "--token", MONITOR_TOKEN, "--once", "--save",
+                       str(png))
     assert plot.returncode == 0, plot.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     # without --save and without a display, --once writes the default PNG and says where
     headless = run_monitor("monitor.py", "--coordinator-address", address, "--token", MONITOR_TOKEN, "--once")
     assert headless.returncode == 0 and "logs/monitor.png" in headless.stdout
-    wrong = run_monitor("text_monitor.py", "--coordinator-address", address, "--token", "not-the-token", "--once")
+    wrong = run_monitor("text_monitor.py", "--coordinator-address", address, "--token", "not-the-monitor-token",
+                        "--once")
     assert wrong.returncode == 1 and "refused the token" in wrong.stdout and "unreachable" not in wrong.stdout
+    short = run_monitor("text_monitor.py", "--coordinator-address", address, "--token", "too-short", "--once")
+    assert short.returncode == 2 and "must be at least 16 characters" in short.stderr  # as for --token of workers
 
 
 @pytest.fixture

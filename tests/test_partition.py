@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from partition import dirichlet_partition, iid_partition, partition_indices
+from fedrest.partition import dirichlet_partition, iid_partition, partition_indices
 
 NUM_CLASSES = 10
 

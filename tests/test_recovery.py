@@ -13,9 +13,11 @@ import torch
 
 from conftest import (MONITOR, API, JOIN_TOKEN, FakeClock, bearer, filled_state_dict, make_config, post_update,
                       register)
-from federation import Federation, Phase, load_checkpoint, sample_participants
-from store import RunStore, StoreError
-from utils import bytes_to_state_dict, state_dict_to_bytes
+from fedrest.server.checkpoints import load_checkpoint
+from fedrest.server.federation import Federation, Phase
+from fedrest.server.rounds import sample_participants
+from fedrest.server.store import RunStore, StoreError
+from fedrest.serialization import bytes_to_state_dict, state_dict_to_bytes
 
 JOIN = bearer(JOIN_TOKEN)
 
@@ -44,19 +46,19 @@ def test_restart_mid_round_keeps_every_acknowledged_update(make_app):
     app2 = make_app(min_nodes_to_start=3)
     client2, fed2 = app2.test_client(), app2.extensions["federation"]
     assert (fed2.run_id, fed2.round, fed2.phase) == (fed.run_id, 1, Phase.TRAINING)
-    assert set(fed2.updates) == {a["node_id"], b["node_id"]}
-    assert sorted(fed2.participants) == sorted([a["node_id"], b["node_id"], c["node_id"]])
+    assert set(fed2.state.updates) == {a["node_id"], b["node_id"]}
+    assert sorted(fed2.state.participants) == sorted([a["node_id"], b["node_id"], c["node_id"]])
     # the node tokens survive: c uploads with the token it got before the restart; a's retry counts once
     assert post_update(client2, a, 1, filled_state_dict(1.0, 1), {"num_samples": 10}).status_code == 409
     assert post_update(client2, c, 1, filled_state_dict(3.0, 3), {"num_samples": 30}).status_code == 202
     fed2.tick()
-    assert [r.round for r in fed2.history] == [1] and fed2.history[0].num_updates == 3
+    assert [r.round for r in fed2.state.history] == [1] and fed2.state.history[0].num_updates == 3
     model = global_model(client2, a)
     assert torch.allclose(model["fc1.weight"], torch.full_like(model["fc1.weight"],
                                                                expected_mean([(1.0, 10), (2.0, 20), (3.0, 30)])))
     # integer buffers: weighted mean (1*10 + 2*20 + 3*30) / 60 = 2.33 -> 2
     assert model["bn1.num_batches_tracked"].item() == 2
-    assert fed2.history[0].num_samples == 60
+    assert fed2.state.history[0].num_samples == 60
 
 
 def test_kill_during_aggregation_then_restart_aggregates_once(make_app, monkeypatch):
@@ -80,12 +82,12 @@ def test_kill_during_aggregation_then_restart_aggregates_once(make_app, monkeypa
 
     app2 = make_app(min_nodes_to_start=2, communication_rounds=3)
     fed2 = app2.extensions["federation"]
-    assert fed2.phase == Phase.AGGREGATING and len(fed2.updates) == 2 and fed2.model_version == 0
+    assert fed2.phase == Phase.AGGREGATING and len(fed2.state.updates) == 2 and fed2.model_version == 0
     fed2.tick()
-    assert fed2.model_version == 1 and len(fed2.history) == 1
+    assert fed2.model_version == 1 and len(fed2.state.history) == 1
     assert fed2.round == 2 and fed2.phase == Phase.TRAINING
     fed2.tick()  # nothing more happens: exactly one aggregation of round 1
-    assert len(fed2.history) == 1
+    assert len(fed2.state.history) == 1
     value = expected_mean([(1.0, 10), (5.0, 30)])
     assert torch.allclose(fed2.global_state["conv1.weight"], torch.full_like(fed2.global_state["conv1.weight"], value))
     checkpoint = load_checkpoint(Path(fed2.config.models_dir) / "global_model.pt")
@@ -161,8 +163,8 @@ def test_too_few_updates_at_the_deadline_restart_the_round(tmp_path):
     clock.advance(11)
     a.last_seen_mono = b.last_seen_mono = clock.now
     fed.tick()
-    assert (fed.round, fed.round_attempt, fed.phase) == (1, 2, Phase.TRAINING)
-    assert fed.updates == {} and fed.history == []
+    assert (fed.round, fed.state.attempt, fed.phase) == (1, 2, Phase.TRAINING)
+    assert fed.state.updates == {} and fed.state.history == []
     assert RunStore(Path(cfg.temp_dir) / "coordinator.sqlite3").get("attempt") == 2
 
 
@@ -196,7 +198,7 @@ def test_fifty_rounds_keep_memory_for_updates_flat(tmp_path):
         if r in (10, 50):
             gc.collect()
             counts[r] = sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
-    assert fed.finished and len(fed.history) == 50
+    assert fed.finished and len(fed.state.history) == 50
     assert counts[50] == counts[10], counts
     assert fed.global_state["w"][0, 0].item() == pytest.approx((50 * 10 + 51 * 30) / 40)
     assert not any((Path(cfg.temp_dir) / "updates").glob("round_*/*.pt"))
@@ -215,10 +217,10 @@ def test_a_new_attempt_after_too_few_updates_accepts_uploads_again(tmp_path):
     clock.advance(1)
     a.last_seen_mono = clock.now
     fed.tick()  # every live participant answered, but MIN_UPDATES=2: attempt 2
-    assert (fed.round, fed.round_attempt, len(fed.updates)) == (1, 2, 0)
+    assert (fed.round, fed.state.attempt, len(fed.state.updates)) == (1, 2, 0)
     accepted = fed.submit_update(a, 1, {"num_samples": 10}, state_dict_to_bytes(filled_state_dict(3.0, 1)))
     assert accepted.num_samples == 10
     fed.stop()
     again = Federation(cfg, filled_state_dict(0.0, 0), clock=clock)
-    assert list(again.updates) == [a.node_id] and again.round_attempt == 2
-    assert bytes_to_state_dict(Path(again.updates[a.node_id].path).read_bytes())["fc2.bias"].eq(3.0).all()
+    assert list(again.state.updates) == [a.node_id] and again.state.attempt == 2
+    assert bytes_to_state_dict(Path(again.state.updates[a.node_id].path).read_bytes())["fc2.bias"].eq(3.0).all()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from conftest import MONITOR, API, JOIN_TOKEN, bearer, filled_state_dict, post_update, register
+from conftest import MONITOR, API, JOIN_TOKEN, FakeClock, bearer, filled_state_dict, post_update, register
 
 JOIN = bearer(JOIN_TOKEN)
 
@@ -24,12 +24,13 @@ def test_a_refused_update_is_the_nodes_answer_for_the_round(make_app):
     assert {n["name"]: n["status"] for n in status["nodes"]} == {"a": "online", "b": "training"}
     assert post_update(client, b, 1, filled_state_dict(2.0, 1), {"num_samples": 10}).status_code == 202
     fed.tick()  # nobody is waited for any more: the round closes at once, without a's refused work
-    assert len(fed.history) == 1 and fed.history[0].node_ids == [b["node_id"]]
+    assert len(fed.state.history) == 1 and fed.state.history[0].node_ids == [b["node_id"]]
     assert fed.global_state["fc2.bias"].eq(2.0).all()
 
 
 def test_when_every_update_is_refused_the_round_restarts_and_says_why(make_app, caplog):
-    app = make_app(min_nodes_to_start=1, max_update_bytes=1024)
+    clock = FakeClock()
+    app = make_app(min_nodes_to_start=1, max_update_bytes=1024, clock=clock)
     client, fed = app.test_client(), app.extensions["federation"]
     a = register(client, "a", num_samples=10)
     fed.tick()
@@ -38,12 +39,12 @@ def test_when_every_update_is_refused_the_round_restarts_and_says_why(make_app, 
     with caplog.at_level(logging.WARNING, logger="fl.federation"):
         fed.tick()
     # it backs off (2 s, doubling up to ROUND_TIMEOUT) instead of retrying the same refused work at once
-    assert (fed.phase.value, fed.round, fed.history) == ("waiting_for_nodes", 0, [])
+    assert (fed.phase.value, fed.round, fed.state.history) == ("waiting_for_nodes", 0, [])
     assert any("refused 1 of the updates" in r.getMessage() and "MAX_UPDATE_BYTES" in r.getMessage()
                and "next attempt in 2s" in r.getMessage() for r in caplog.records)
     fed.tick()
     assert fed.phase.value == "waiting_for_nodes"  # still backing off
-    fed._not_before = 0.0  # the back-off is over
+    clock.advance(2.0)  # the back-off is over
     fed.tick()
     assert (fed.phase.value, fed.round) == ("training", 1)
     assert fed.store.updates(1) == []  # the refused attempt left nothing behind
@@ -57,7 +58,7 @@ def test_refusals_for_a_closed_round_are_counted_but_change_nothing(make_app):
     fed.tick()
     response = post_update(client, a, 7, filled_state_dict(1.0, 1), {"num_samples": 0})  # metadata first: 400
     assert response.status_code == 400
-    assert fed.rejected == {} and fed.rejections == {"bad_request": 1}
+    assert fed.state.refused == {} and fed.updates_refused_total == {"bad_request": 1}
     assert client.get(f"{API}/task", headers=a["headers"]).get_json()["action"] == "train"
 
 

@@ -16,25 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-import coordinator
-from conftest import (ADMIN, ADMIN_TOKEN, API, JOIN_TOKEN, MONITOR, MONITOR_TOKEN, FakeClock, bearer,
-                      filled_state_dict, make_config, post_update, register)
-from credentials import Credentials, hash_token, token_path
-from ratelimit import RateLimiter, retry_after_header
-from utils import state_dict_to_bytes
+from fedrest.server.app import create_app
+from conftest import (ADMIN, API, JOIN_TOKEN, MONITOR, FakeClock, bearer,
+                      filled_state_dict, fingerprint, make_config, post_update, register)
+from fedrest.server.credentials import Credentials, hash_token, token_path
+from fedrest.server.ratelimit import RateLimiter, retry_after_header
+from fedrest.serialization import state_dict_to_bytes
 
 JOIN = bearer(JOIN_TOKEN)
 
 
-def fingerprint(app) -> tuple:
-    """Everything a refused request must leave as it was (liveness and refusal counters aside)."""
-    fed, creds = app.extensions["federation"], app.extensions["credentials"]
-    with fed._lock:
-        return (fed.phase, fed.round, fed.round_attempt, fed.model_version, fed.global_bytes,
-                tuple(fed.participants), tuple(fed.updates), len(fed.history),
-                tuple((n.node_id, n.name, n.token_hash, n.banned, n.num_samples, n.device, n.updates_submitted,
-                       json.dumps(n.system_info)) for n in fed.nodes.values()),
-                tuple(sorted(creds._hashes.items())), sorted(p.name for p in fed._updates_dir.rglob("*")))
 
 
 # ----------------------------------------------------------------------------- tokens and roles
@@ -43,7 +34,7 @@ def fingerprint(app) -> tuple:
 def test_tokens_are_stored_as_digests_and_generated_ones_only_in_0600_files(tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
     cfg = make_config(tmp_path, token=None, monitor_token=None, admin_token=None)
-    app = coordinator.create_app(cfg, start_driver=False)
+    app = create_app(cfg, start_driver=False)
     creds = app.extensions["credentials"]
     assert sorted(creds.generated) == ["admin", "join", "monitor"]
     stored = json.loads((tmp_path / "temp" / "credentials.json").read_text())
@@ -57,7 +48,7 @@ def test_tokens_are_stored_as_digests_and_generated_ones_only_in_0600_files(tmp_
     join = token_path(cfg.temp_dir, "join").read_text().strip()
     token_path(cfg.temp_dir, "join").unlink()
     app.extensions["federation"].stop()
-    again = coordinator.create_app(cfg, start_driver=False)
+    again = create_app(cfg, start_driver=False)
     assert again.extensions["credentials"].generated == [] and again.extensions["credentials"].verify("join", join)
     assert not token_path(cfg.temp_dir, "join").exists()
     again.extensions["federation"].stop()
@@ -89,7 +80,7 @@ def test_a_node_cannot_act_as_another(client, fed):
     assert client.post(f"{API}/nodes/{b['node_id']}/heartbeat", headers=bearer("x" * 43)).status_code == 401
     # an upload is always the token holder's: a's token cannot put an update in b's name
     assert post_update(client, a, 1, filled_state_dict(1.0, 1), {"num_samples": 10}).status_code == 202
-    assert list(fed.updates) == [a["node_id"]]
+    assert list(fed.state.updates) == [a["node_id"]]
     assert fed.nodes[b["node_id"]].updates_submitted == 0
 
 
@@ -116,8 +107,8 @@ def test_a_banned_node_loses_its_update_its_token_and_its_name_until_unbanned(ma
     assert post_update(client, bad, 1, filled_state_dict(5.0, 1), {"num_samples": 10}).status_code == 202
     answer = client.post(f"{API}/admin/nodes/bad/ban", json={"reason": "poisoning"}, headers=ADMIN)
     assert answer.status_code == 200 and answer.get_json()["status"] == "banned"
-    assert fed.participants == [good["node_id"]] and not fed.updates
-    assert not list(fed._updates_dir.rglob("*.pt")) and fed.store.updates(1) == []
+    assert fed.state.participants == [good["node_id"]] and not fed.state.updates
+    assert not list(fed.spool.directory.rglob("*.pt")) and fed.store.updates(1) == []
     assert client.get(f"{API}/task", headers=bad["headers"]).status_code == 401
     again = client.post(f"{API}/nodes", json={"name": "bad", "device": "cpu", "num_samples": 5}, headers=JOIN)
     assert again.status_code == 403 and again.get_json()["error"] == "banned"

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable, make_session
+from fedrest.client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable, make_session
 from make_cert import write_pair
 from processes import MONITOR_TOKEN, ROOT, TOKEN, free_port, procs, wait_for  # noqa: F401 - procs is a fixture
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from model import SimpleCNN
-from utils import UpdateRejected, atomic_write_bytes, bytes_to_state_dict, state_dict_to_bytes
+from fedrest.files import atomic_write_bytes
+from fedrest.serialization import UpdateRejected, bytes_to_state_dict, state_dict_to_bytes
 
 
 def create_marker(path: str) -> int:

@@ -20,7 +20,7 @@ import secrets
 import threading
 from pathlib import Path
 
-from utils import atomic_write_bytes
+from fedrest.files import atomic_write_bytes, replace_durably, write_temporary
 
 log = logging.getLogger("fl.credentials")
 
@@ -44,14 +44,7 @@ def token_path(temp_dir: str | os.PathLike, kind: str) -> Path:
 
 
 def _write_secret(path: Path, token: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(token + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace_durably(write_temporary(path, (token + "\n").encode("utf-8")), path)  # mode 0600
 
 
 class Credentials:
@@ -112,6 +105,11 @@ class Credentials:
         with self._lock:
             expected = self._hashes[kind]
         return hmac.compare_digest(hash_token(token), expected)
+
+    def digests(self) -> dict[str, str]:
+        """The current SHA-256 digests by kind (a copy)."""
+        with self._lock:
+            return dict(self._hashes)
 
     def rotate(self, kind: str) -> str:
         """Replace the token of ``kind`` by a new one at once (the old one stops working); returns it.

@@ -1,7 +1,5 @@
-"""Aggregation rules for the global model, pure functions (no I/O): FedAvg and two robust rules.
+"""The robust aggregation rules and norm clipping, pure functions (no I/O).
 
-- ``fedavg``: the sample-weighted mean of McMahan et al. 2017 (Algorithm 1), computed by
-  :class:`utils.FedAvgAccumulator` in float64.
 - ``median``: the coordinate-wise median (Yin et al. 2018, "Byzantine-Robust Distributed Learning: Towards
   Optimal Statistical Rates", Definition 1); with an even number of updates the mean of the two middle values.
   Unweighted. Each coordinate stays within the honest values while fewer than half of the updates are hostile.
@@ -14,29 +12,28 @@ update w_k whose change from the global model d_k = w_k - w has L2 norm above C 
 w + d_k * C / ||d_k||. Norms are taken over every floating-point tensor of the state_dict (buffers included)
 in float64; integer tensors (``num_batches_tracked``) are left as they are.
 
-Every rule keeps each tensor's dtype and shape (integer tensors: the float64 result rounded half to even).
-The result does not depend on the order of the updates, bit for bit: the robust rules sort every coordinate,
-and :func:`aggregate` feeds FedAvg in a canonical order (by content digest), so a run is reproducible.
-Memory: ``median`` and ``trimmed_mean`` hold all m updates of a round (m x the model in float64 per tensor);
-``fedavg`` streams them (one model).
+Every rule keeps each tensor's dtype and shape (integer tensors: the float64 result rounded half to even, the
+rule of :mod:`fedrest.aggregation.fedavg`). Both rules sort every coordinate, so their result does not depend
+on the order of the updates. Memory: they hold all m updates of a round (m x the model in float64 per tensor).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import OrderedDict
 from typing import Mapping, Sequence
 
 import torch
 
-from utils import FedAvgAccumulator, UpdateRejected, check_compatible
-
-RULES = ("fedavg", "median", "trimmed_mean")
+from fedrest.aggregation.fedavg import cast_like
+from fedrest.serialization import UpdateRejected
 
 
 class UpdateNormTooLarge(UpdateRejected):
     """An update's change from the global model is larger than the coordinator accepts (MAX_UPDATE_NORM)."""
+
+    error = "update_norm_too_large"
+
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -44,7 +41,7 @@ StateDict = Mapping[str, torch.Tensor]
 def delta_norm(update: StateDict, reference: StateDict) -> float:
     """L2 norm of ``update - reference`` over the floating-point tensors, in float64 (a Python float >= 0).
 
-    Both must have the same keys and shapes (see :func:`utils.check_compatible`).
+    Both must have the same keys and shapes (see :func:`fedrest.serialization.check_compatible`).
     """
     total = 0.0
     for key, ref in reference.items():
@@ -82,12 +79,6 @@ def clip_update(update: StateDict, reference: StateDict, max_norm: float) -> "tu
     return out, scale
 
 
-def _cast_like(values: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    if not (ref.is_floating_point() or ref.is_complex()):
-        values = torch.round(values)
-    return values.to(ref.dtype)
-
-
 def coordinate_median(updates: Sequence[StateDict], reference: StateDict) -> "OrderedDict[str, torch.Tensor]":
     """Coordinate-wise median of ``updates`` (each matching ``reference``); see the module docstring.
 
@@ -106,7 +97,7 @@ def coordinate_median(updates: Sequence[StateDict], reference: StateDict) -> "Or
             middle = stacked[m // 2]
         else:
             middle = (stacked[m // 2 - 1] + stacked[m // 2]) / 2
-        out[key] = _cast_like(middle, ref)
+        out[key] = cast_like(middle, ref)
     return out
 
 
@@ -129,57 +120,8 @@ def trimmed_mean(updates: Sequence[StateDict], reference: StateDict,
     for key, ref in reference.items():
         stacked, _ = torch.sort(torch.stack([u[key].detach().to("cpu", torch.float64) for u in updates]), dim=0)
         kept = stacked[k:m - k]
-        out[key] = _cast_like(kept.sum(dim=0) / (m - 2 * k), ref)
+        out[key] = cast_like(kept.sum(dim=0) / (m - 2 * k), ref)
     return out
 
 
-def _digest(state_dict: StateDict) -> bytes:
-    h = hashlib.sha256()
-    for key, value in state_dict.items():
-        h.update(key.encode("utf-8", "surrogatepass"))
-        h.update(value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.digest()
-
-
-def aggregate(updates: Sequence[tuple[StateDict, int]], reference: StateDict, rule: str = "fedavg", *,
-              trim_fraction: float = 0.1, clip_norm: float = 0.0) -> "OrderedDict[str, torch.Tensor]":
-    """The new global model from ``(state_dict, num_samples)`` pairs by ``rule`` (see the module docstring).
-
-    Parameters
-    ----------
-    updates : each state_dict must match ``reference``'s keys, shapes and dtypes and be finite; num_samples
-        is an int >= 1 (the weight of FedAvg; the robust rules are unweighted).
-    reference : the current global model (the base of clipping, and the keys/shapes/dtypes to keep).
-    rule : one of :data:`RULES`.
-    trim_fraction : beta of ``trimmed_mean``.
-    clip_norm : clip every update's change to this L2 norm first (0: no clipping).
-
-    Raises
-    ------
-    UpdateRejected
-        For an update that does not match ``reference``, or a bad num_samples.
-    ValueError
-        For an unknown rule or an empty list of updates.
-    """
-    if rule not in RULES:
-        raise ValueError(f"unknown aggregation rule {rule!r}; one of {', '.join(RULES)}")
-    if not updates:
-        raise ValueError(f"{rule} of zero updates")
-    prepared = []
-    for state_dict, num_samples in updates:
-        check_compatible(state_dict, reference)
-        if clip_norm > 0:
-            state_dict, _ = clip_update(state_dict, reference, clip_norm)
-        prepared.append((state_dict, num_samples))
-    if rule == "median":
-        return coordinate_median([sd for sd, _ in prepared], reference)
-    if rule == "trimmed_mean":
-        return trimmed_mean([sd for sd, _ in prepared], reference, trim_fraction)
-    acc = FedAvgAccumulator(reference)
-    for state_dict, num_samples in sorted(prepared, key=lambda p: (_digest(p[0]), p[1])):
-        acc.add(state_dict, num_samples)
-    return acc.result()
-
-
-__all__ = ["RULES", "UpdateNormTooLarge", "UpdateRejected", "aggregate", "clip_update", "coordinate_median", "delta_norm",
-           "trimmed_mean"]
+__all__ = ["UpdateNormTooLarge", "clip_update", "coordinate_median", "delta_norm", "trimmed_mean"]

@@ -33,53 +33,48 @@ def _histogram(name: str, documentation: str, values: list[float], bounds: tuple
 
 
 class FederationCollector(Collector):
-    """Reads one federation's :meth:`~federation.Federation.status` and traffic counters at each scrape."""
+    """Reads one federation's typed :meth:`~fedrest.server.federation.Federation.snapshot` at each scrape."""
 
     def __init__(self, federation) -> None:
         self.federation = federation
 
     def collect(self):
-        status = self.federation.status()
-        traffic = self.federation.traffic()
-        history = status["history"]
+        snap = self.federation.snapshot()
+        history = snap.history
         yield CounterMetricFamily("fl_rounds_completed", "Rounds aggregated into the global model",
                                   value=len(history))
-        yield GaugeMetricFamily("fl_current_round", "Round in progress, or the last one finished",
-                                value=status["round"])
+        yield GaugeMetricFamily("fl_current_round", "Round in progress, or the last one finished", value=snap.round)
         yield GaugeMetricFamily("fl_total_rounds", "Rounds this run trains (COMMUNICATION_ROUNDS)",
-                                value=status["total_rounds"])
+                                value=snap.total_rounds)
         nodes = GaugeMetricFamily("fl_nodes", "Registered nodes by status", labels=["status"])
         for state in ("online", "training", "offline"):
-            nodes.add_metric([state], sum(1 for n in status["nodes"] if n["status"] == state))
+            nodes.add_metric([state], sum(1 for n in snap.nodes if n.status == state))
         yield nodes
         yield CounterMetricFamily("fl_updates_accepted", "Updates accepted (answered 202)",
-                                  value=sum(n["updates_submitted"] for n in status["nodes"]))
-        rejected = CounterMetricFamily("fl_updates_rejected", "Updates refused (400/413), by error",
-                                       labels=["reason"])
-        for reason, count in sorted(status["updates_refused_total"].items()):
-            rejected.add_metric([reason], count)
-        yield rejected
-        refused = CounterMetricFamily("fl_requests_refused", "Other requests refused, by error (429: rate limits)",
-                                      labels=["reason"])
-        for reason, count in sorted(status["requests_refused_total"].items()):
-            refused.add_metric([reason], count)
-        yield refused
-        yield CounterMetricFamily("fl_bytes_received", "Bytes of update uploads received",
-                                  value=traffic["bytes_received"])
-        yield CounterMetricFamily("fl_bytes_sent", "Bytes of global models sent to workers",
-                                  value=traffic["bytes_sent"])
+                                  value=sum(n.updates_submitted for n in snap.nodes))
+        yield _by_reason("fl_updates_rejected", "Updates refused (400/413), by error", snap.updates_refused_total)
+        yield _by_reason("fl_requests_refused", "Other requests refused, by error (429: rate limits)",
+                         snap.requests_refused_total)
+        yield CounterMetricFamily("fl_bytes_received", "Bytes of update uploads received", value=snap.bytes_received)
+        yield CounterMetricFamily("fl_bytes_sent", "Bytes of global models sent to workers", value=snap.bytes_sent)
         yield _histogram("fl_round_duration_seconds", "Duration of completed rounds (first attempt to saved model)",
-                         [r["duration_s"] for r in history], ROUND_BUCKETS)
+                         [r.duration_s for r in history], ROUND_BUCKETS)
         yield _histogram("fl_aggregation_duration_seconds", "FedAvg time of completed rounds",
-                         [r["aggregation_s"] for r in history], AGGREGATION_BUCKETS)
-        evaluated = [r for r in history if r["test_accuracy"] is not None]
-        if evaluated:
+                         [r.aggregation_s for r in history], AGGREGATION_BUCKETS)
+        accuracies = [r.test_accuracy for r in history if r.test_accuracy is not None]
+        if accuracies:
             yield GaugeMetricFamily("fl_test_accuracy", "Test accuracy of the last evaluated global model",
-                                    value=evaluated[-1]["test_accuracy"])
-        evaluated = [r for r in history if r["test_loss"] is not None]
-        if evaluated:
-            yield GaugeMetricFamily("fl_test_loss", "Test loss of the last evaluated global model",
-                                    value=evaluated[-1]["test_loss"])
+                                    value=accuracies[-1])
+        losses = [r.test_loss for r in history if r.test_loss is not None]
+        if losses:
+            yield GaugeMetricFamily("fl_test_loss", "Test loss of the last evaluated global model", value=losses[-1])
+
+
+def _by_reason(name: str, documentation: str, counts: dict) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=["reason"])
+    for reason, count in sorted(counts.items()):
+        family.add_metric([reason], count)
+    return family
 
 
 def make_registry(federation) -> CollectorRegistry:

@@ -3,32 +3,30 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from dataclasses import dataclass
 
-from client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable, CoordinatorUntrusted, make_session
+import config as config_module
+from config import MONITOR_FIELDS
+from fedrest.client import (CoordinatorClient, CoordinatorError, CoordinatorUnreachable, CoordinatorUntrusted,
+                            make_session)
 
 
 def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--coordinator-address", default="127.0.0.1:5000",
-                        help="HOST:PORT or https://HOST:PORT of the coordinator (default: 127.0.0.1:5000)")
-    parser.add_argument("--token", default=None, help="monitor token (read-only; the coordinator writes it to "
-                                                      "TEMP_DIR/monitor_token) (default: env FL_MONITOR_TOKEN)")
-    parser.add_argument("--ca-cert", default=os.environ.get("FL_CA_CERT"),
-                        help="PEM certificate to trust for https:// (default: env FL_CA_CERT, else the system store)")
+    """The monitors' flags: the coordinator's address, its CA and the monitor token (config.MONITOR_FIELDS, also
+    read from FL_* variables; ``--token`` is the monitor token), the refresh interval and ``--once``."""
+    config_module.add_arguments(parser, MONITOR_FIELDS, extra_flags={"monitor_token": ["--token"]})
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default: 2)")
     parser.add_argument("--once", action="store_true", help="show one snapshot and exit")
 
 
 def parse_monitor_args(parser: argparse.ArgumentParser, argv=None) -> "tuple[argparse.Namespace, StatusPoller]":
     """Parse the monitor's flags (bad values end the program with status 2) and build its poller."""
-    args = parser.parse_args(argv)
+    cfg, args = config_module.parse_config(parser, MONITOR_FIELDS, argv)
     if not 0 < args.interval <= 3600:
         parser.error("--interval must be a number of seconds in (0, 3600]")
     try:
-        poller = StatusPoller(args.coordinator_address, args.token or os.environ.get("FL_MONITOR_TOKEN"),
-                              args.interval, args.ca_cert)
+        poller = StatusPoller(cfg.coordinator_address, cfg.monitor_token, args.interval, cfg.ca_cert)
     except (ValueError, OSError) as exc:  # OSError, ssl.SSLError: an unreadable --ca-cert
         parser.error(f"{exc}")
     return args, poller

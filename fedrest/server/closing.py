@@ -1,0 +1,119 @@
+"""Closing a round, outside the federation's lock: aggregate the stored updates, evaluate, write the files.
+
+:func:`close_round` runs the strategy over the round's stored updates (in the canonical order, loading one
+file at a time) and evaluates the result; :func:`write_round_files` writes the new global model's resume copy
+and the user's checkpoint before the federation commits the round (:mod:`.checkpoints` says why both).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+from config import Config
+from fedrest import failpoints
+from fedrest.aggregation import ClientUpdate, Strategy
+from fedrest.serialization import state_dict_to_bytes
+from fedrest.server.checkpoints import GlobalModels, save_checkpoint
+from fedrest.server.evaluation import Evaluator
+from fedrest.server.rounds import RoundRecord
+from fedrest.server.spool import AcceptedUpdate
+
+log = logging.getLogger("fl.federation")
+
+
+@dataclass
+class ClosedRound:
+    """The outcome of :func:`close_round` (times in seconds)."""
+
+    state_dict: "dict[str, torch.Tensor]"
+    state_bytes: bytes  # the serialised state_dict, as workers download it
+    used: list  # the AcceptedUpdates aggregated, canonical order
+    aggregation_s: float
+    evaluation_s: float
+    test_loss: float | None
+    test_accuracy: float | None
+
+    def record(self, number: int, started_at: float, num_participants: int) -> RoundRecord:
+        """The round's history record; ``finished_at`` and ``duration_s`` are set at the commit."""
+        used = self.used
+        return RoundRecord(
+            round=number, test_loss=self.test_loss, test_accuracy=self.test_accuracy, num_updates=len(used),
+            num_samples=sum(u.num_samples for u in used), num_participants=num_participants,
+            node_ids=[u.node_id for u in used], started_at=started_at, finished_at=0.0, duration_s=0.0,
+            aggregation_s=self.aggregation_s, evaluation_s=self.evaluation_s,
+            mean_train_loss=_mean(u.train_loss for u in used),
+            max_train_seconds=max((u.train_seconds for u in used if u.train_seconds is not None), default=None))
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def close_round(number: int, updates: list[AcceptedUpdate], reference: Mapping[str, torch.Tensor],
+                strategy: Strategy, load: Callable[[AcceptedUpdate], Mapping[str, torch.Tensor]],
+                evaluator: Evaluator | None, config: Config) -> ClosedRound | None:
+    """Aggregate round ``number``'s stored ``updates`` onto ``reference`` and evaluate the result.
+
+    An update whose file cannot be read is left out (logged). Returns None when none could be read.
+    """
+    t0 = time.perf_counter()
+    by_node = {u.node_id: u for u in updates}
+    result = strategy.aggregate([ClientUpdate(u.node_id, u.num_samples, lambda u=u: load(u)) for u in updates],
+                                reference)
+    for node_id, reason in result.skipped:  # the stored file was lost or damaged on disk
+        log.error("round %d: cannot read the stored update of %s (%s); leaving it out", number, node_id, reason)
+    if result.state_dict is None:
+        return None
+    if result.clipped:
+        log.info("round %d: clipped %d of %d updates to CLIP_NORM=%g", number, result.clipped,
+                 len(result.used), config.clip_norm)
+    t1 = time.perf_counter()
+    test_loss, test_accuracy = _evaluate(number, result.state_dict, evaluator)
+    t2 = time.perf_counter()
+    return ClosedRound(result.state_dict, state_dict_to_bytes(result.state_dict),
+                       [by_node[k] for k in result.used], t1 - t0, t2 - t1, test_loss, test_accuracy)
+
+
+def _evaluate(number: int, state_dict, evaluator: Evaluator | None) -> tuple[float | None, float | None]:
+    if evaluator is None:
+        return None, None
+    test_loss = test_accuracy = None
+    try:
+        test_loss, test_accuracy = evaluator(state_dict)
+    except Exception:  # noqa: BLE001 - a pluggable evaluator must not stop the run; logged in full
+        log.exception("round %d: evaluation failed; the round is recorded without test metrics", number)
+    if test_loss is not None and not (math.isfinite(test_loss) and math.isfinite(test_accuracy)):
+        log.warning("round %d: the global model's test loss is %s (the model diverged); recorded as "
+                    "unknown", number, test_loss)
+        test_loss = None
+    return test_loss, test_accuracy
+
+
+def write_round_files(number: int, closed: ClosedRound, record: RoundRecord, global_models: GlobalModels,
+                      config: Config) -> None:
+    """Write the resume copy of the new global model (version ``number``), then the user's checkpoint (a
+    failure of the latter is logged, not raised). Raises OSError when the resume copy cannot be written."""
+    global_models.write(number, closed.state_bytes)
+    failpoints.hit("aggregate.before_checkpoint")
+    if config.save_model:
+        try:
+            save_checkpoint(config.models_dir, number, closed.state_dict, config.model, record.test_loss,
+                            record.test_accuracy, config.public_dict())
+        except OSError as exc:
+            log.error("round %d: could not save the global model in %s: %s", number, config.models_dir, exc)
+    failpoints.hit("aggregate.before_commit")
+
+
+def log_round_done(record: RoundRecord, total_rounds: int) -> None:
+    acc_text = "n/a" if record.test_accuracy is None else f"{record.test_accuracy:.4f}"
+    loss_text = "n/a" if record.test_loss is None else f"{record.test_loss:.4f}"
+    log.info("round %d/%d done: %d updates, %d samples, test accuracy %s, test loss %s, %.1fs",
+             record.round, total_rounds, record.num_updates, record.num_samples, acc_text, loss_text,
+             record.duration_s)

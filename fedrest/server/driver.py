@@ -1,0 +1,186 @@
+"""The round driver: the one place that applies the round state machine's decisions, and its thread.
+
+:meth:`RoundDriver.tick` takes the federation's lock, gathers the facts, asks :func:`rounds.decide` what to do,
+carries it out and stores it (:class:`~fedrest.server.store.RunStore`); when a round closes it aggregates,
+evaluates and writes the round's files outside the lock (:mod:`.closing`), then commits the round under the
+lock. The driver has no lock of its own: it uses the federation's (``federation.changed``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict
+
+from fedrest.server import closing
+from fedrest.server.rounds import Action, Decision, Phase, RoundRecord, Settings, after_round, decide
+from fedrest.server.spool import AcceptedUpdate
+
+log = logging.getLogger("fl.federation")
+
+WAITING_LOG_EVERY = 10.0  # seconds between "waiting for nodes" log lines
+
+
+class RoundDriver:
+    """Advances the rounds of ``federation`` (a :class:`~fedrest.server.federation.Federation`)."""
+
+    def __init__(self, federation) -> None:
+        self.fed = federation
+        self._aggregating = False
+        self._last_wait_log = -math.inf
+        self._thread: threading.Thread | None = None
+
+    def tick(self) -> None:
+        """Advance the state machine by at most one step; aggregates outside the lock when a round closes."""
+        with self.fed.changed:
+            st = self.fed.state
+            if st.phase == Phase.AGGREGATING:  # a restart in the middle of aggregation: do it again
+                if self._aggregating:
+                    return
+                log.info("round %d: aggregating the %d stored updates again after a restart", st.round,
+                         len(st.updates))
+            elif not self._apply(self.fed.clock()):
+                return
+            self._aggregating = True
+            number, updates, reference = st.round, list(st.updates.values()), self.fed.global_state
+            num_participants = len(st.participants)
+            self.fed.changed.notify_all()
+        try:
+            self._aggregate(number, num_participants, updates, reference)
+        finally:
+            self._aggregating = False
+
+    def _apply(self, now: float) -> bool:
+        """Decide (:func:`rounds.decide`) and carry the decision out and store it; True: aggregate now."""
+        st, c = self.fed.state, self.fed.config
+        online = self.fed.registry.online_ids(now)
+        decision = decide(st.facts(now, online, c.round_timeout),
+                          Settings(c.min_nodes_to_start, c.min_updates, c.round_timeout))
+        if decision.action == Action.NOTHING:
+            if st.phase == Phase.WAITING and now >= st.not_before and now - self._last_wait_log >= WAITING_LOG_EVERY:
+                self._last_wait_log = now
+                log.info("waiting for nodes: %d online, %d needed to start round %d", len(online),
+                         c.min_nodes_to_start, st.round + 1)
+            return False
+        if decision.action == Action.AGGREGATE:
+            if decision.missing:
+                log.warning("round %d: closing with %d of %d updates (%s); missing: %s", st.round, len(st.updates),
+                            len(st.participants), decision.reason,
+                            ", ".join(self.fed.nodes[i].name for i in decision.missing))
+            st.phase = Phase.AGGREGATING
+            self.fed.store.put(st.values())
+            return True
+        if decision.action == Action.OPEN:
+            self._open_round(st.round + 1, 1, now, decision.reason)
+        else:
+            self._restart(decision, now)
+        self.fed.store.start_round(st.values())
+        self.fed.changed.notify_all()
+        return False
+
+    def _restart(self, decision: Decision, now: float) -> None:
+        """A round that closed with fewer than MIN_UPDATES updates: back off, start again, or wait for nodes."""
+        st = self.fed.state
+        log.warning("round %d: %s with %d of MIN_UPDATES=%d updates; starting it again", st.round,
+                    decision.reason, len(st.updates), self.fed.config.min_updates)
+        if decision.action == Action.BACK_OFF:
+            st.refused_streak += 1
+            log.error("round %d: the coordinator refused %d of the updates (%s); check the training settings "
+                      "(e.g. --learning-rate) and MAX_UPDATE_BYTES; next attempt in %.0fs", st.round,
+                      len(st.refused), "; ".join(sorted(set(st.refused.values())))[:500], decision.delay)
+            st.not_before = now + decision.delay
+        if decision.action == Action.REOPEN:
+            self._open_round(st.round, st.attempt + 1, now, f"attempt {st.attempt + 1}")
+        else:  # BACK_OFF, WAIT_FOR_NODES: the next round to open is this one again
+            st.round -= 1
+            self._wait_for_nodes()
+
+    def _open_round(self, number: int, attempt: int, now: float, reason: str) -> None:
+        """Open round ``number`` (attempt ``attempt``) with sampled online nodes; the caller stores it."""
+        online = self.fed.registry.online_ids(now)
+        self.fed.state.open(number, attempt, online, self.fed.config, now, time.time())
+        if attempt > 1:  # the files of the attempt that failed (their rows go with the start_round commit)
+            self.fed.spool.discard_round(number)
+        participants = self.fed.state.participants
+        log.info("round %d/%d started (%s) with %d of %d online nodes: %s", number,
+                 self.fed.config.communication_rounds, reason, len(participants), len(online),
+                 ", ".join(self.fed.nodes[i].name for i in participants))
+
+    def _wait_for_nodes(self) -> None:
+        self.fed.state.wait_for_nodes()
+        self._last_wait_log = -math.inf
+
+    def _aggregate(self, number: int, num_participants: int, updates: list[AcceptedUpdate], reference) -> None:
+        fed = self.fed
+        closed = closing.close_round(number, updates, reference, fed.strategy, fed.spool.load, fed.evaluator,
+                                     fed.config)
+        if closed is None:
+            with self.fed.changed:
+                log.error("round %d: no stored update could be read; starting the round again", number)
+                self._open_round(number, self.fed.state.attempt + 1, self.fed.clock(), "stored updates unreadable")
+                self.fed.store.start_round(self.fed.state.values())
+                self.fed.changed.notify_all()
+            return
+        record = closed.record(number, self.fed.state.started_wall, num_participants)
+        closing.write_round_files(number, closed, record, self.fed.global_models, self.fed.config)
+        with self.fed.changed:
+            self._commit_round(number, closed, record)
+        self.fed.spool.discard_round(number)
+        self.fed.global_models.keep_only(number)
+
+    def _commit_round(self, number: int, closed: closing.ClosedRound, record: RoundRecord) -> None:
+        """Make round ``number``'s aggregate the global model and open what comes next, in one transaction."""
+        st, c = self.fed.state, self.fed.config
+        self.fed.global_state, self.fed.global_bytes = closed.state_dict, closed.state_bytes
+        st.model_version = number
+        record.finished_at = time.time()
+        record.duration_s = record.finished_at - st.started_wall
+        st.history.append(record)
+        contributors = {}
+        for u in closed.used:
+            node = self.fed.nodes.get(u.node_id)
+            if node is not None:
+                node.rounds_contributed.append(number)
+                contributors[node.node_id] = node.record()
+        st.updates = OrderedDict()
+        st.refused_streak = 0
+        now = self.fed.clock()
+        action = after_round(number, c.communication_rounds, len(self.fed.registry.online_ids(now)),
+                             c.min_nodes_to_start)
+        if action == Action.FINISH:
+            st.phase, st.participants = Phase.FINISHED, []
+        elif action == Action.OPEN:
+            self._open_round(number + 1, 1, now, "previous round done")
+        else:
+            self._wait_for_nodes()
+        self.fed.store.finish_round(number, asdict(record), st.values(), contributors)
+        closing.log_round_done(record, c.communication_rounds)
+        if st.phase == Phase.FINISHED:
+            log.info("all %d rounds done; telling workers to stop", number)
+        self.fed.changed.notify_all()
+
+    def start(self) -> None:
+        """Start the driver thread that calls :meth:`tick` (every 0.2 s, or at once on a change)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._drive, name="round-driver", daemon=True)
+            self._thread.start()
+
+    def _drive(self) -> None:
+        while not self.fed.stopping.is_set():
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - last resort: the driver thread must outlive any bug
+                log.exception("the round driver failed; trying again in 1 s")
+                self.fed.stopping.wait(1.0)
+            with self.fed.changed:
+                self.fed.changed.wait(0.2)
+
+    def join(self, timeout: float) -> None:
+        """Wait for the driver thread to end (after ``federation.stopping`` is set), at most ``timeout`` s."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+

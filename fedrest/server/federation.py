@@ -1,0 +1,389 @@
+"""The federation: one run's state behind one lock, and the operations the API calls on it.
+
+:class:`Federation` is a façade over parts with one job each and no lock of their own, called under its lock:
+
+- :class:`~fedrest.server.registry.NodeRegistry`: nodes, names, token digests, liveness, bans;
+- :class:`~fedrest.server.spool.UpdateSpool`: the update files of the open round;
+- :class:`~fedrest.server.round_state.RoundState`: phase, round, participants, the open round's updates;
+- :mod:`~fedrest.server.rounds`: the pure decisions of the round state machine (what happens next);
+- :class:`~fedrest.server.store.RunStore`: the database every change is committed to;
+- :mod:`~fedrest.server.checkpoints`: the global model's resume copy and the user's checkpoints;
+- :class:`~fedrest.server.driver.RoundDriver`: the driver thread, the one place that applies the decisions;
+- :mod:`~fedrest.server.closing`: the aggregation and evaluation of a closed round (outside the lock).
+
+Aggregation, evaluation and checkpoint writing run outside the lock, so heartbeats, task polls and status
+requests are answered while a round is being aggregated.
+
+Durability: every file is written atomically before the transaction that refers to it commits, so a
+coordinator killed at any moment restarts on a consistent state (the same round and phase, the global model of
+the last completed round, every acknowledged update, the same nodes and tokens). A restart in the middle of
+aggregation aggregates again from the stored updates (aggregation is deterministic).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+
+from config import Config
+from fedrest.aggregation import make_strategy
+from fedrest.files import remove_stale_temporaries
+from fedrest.serialization import UpdateRejected, bytes_to_state_dict, check_compatible, state_dict_to_bytes
+from fedrest.server.checkpoints import GlobalModels
+from fedrest.server.credentials import hash_token
+from fedrest.server.errors import Conflict
+from fedrest.server.evaluation import Evaluator
+from fedrest.server.driver import RoundDriver
+from fedrest.server.registry import Node, NodeRegistry
+from fedrest.server.round_state import RoundState
+from fedrest.server.rounds import Phase
+from fedrest.server.spool import AcceptedUpdate, UpdateSpool
+from fedrest.server.state_dir import DB_NAME, GLOBAL, UPDATES
+from fedrest.server.status import Snapshot, take_snapshot
+from fedrest.server.store import RunStore, StoreError
+
+log = logging.getLogger("fl.federation")
+
+__all__ = ["Federation", "Node", "Phase"]
+
+
+class Federation:
+    """State and rules of one federated run, stored durably under ``config.temp_dir``.
+
+    Parameters
+    ----------
+    config : the run's settings (for a resumed run, pass it through :func:`state_dir.resume_config` first).
+    initial_state_dict : the global model of round 0 (its keys, shapes and dtypes define valid updates).
+    evaluator : returns (test loss, test accuracy) of a state_dict; None disables evaluation.
+    clock : monotonic clock in seconds (tests may pass a fake one).
+
+    Attributes (read them under the lock, or in tests): ``state`` (:class:`RoundState`), ``registry``,
+    ``spool``, ``store``, ``global_state`` / ``global_bytes`` (the global model), ``updates_refused_total``
+    and ``requests_refused_total`` (error name -> count since this process started).
+
+    Raises
+    ------
+    StoreError
+        If a stored run cannot be read or its global model file is missing or damaged.
+    """
+
+    def __init__(self, config: Config, initial_state_dict: Mapping[str, torch.Tensor],
+                 evaluator: Evaluator | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.evaluator = evaluator
+        self.clock = clock
+        self._lock = threading.Lock()
+        self.changed = threading.Condition(self._lock)  # the one lock, notified on every change
+        self.registry = NodeRegistry(config.node_timeout, config.max_nodes)
+        self.strategy = make_strategy(config.aggregation, clip_norm=config.clip_norm,
+                                      trim_fraction=config.trim_fraction)
+        self.state = RoundState()
+        self.updates_refused_total: dict[str, int] = {}
+        self.requests_refused_total: dict[str, int] = {}
+        self.traffic = {"bytes_received": 0, "bytes_sent": 0}  # update uploads, global models served
+        state_dir = Path(config.temp_dir)
+        self.spool = UpdateSpool(state_dir / UPDATES)
+        self.global_models = GlobalModels(state_dir / GLOBAL)
+        self.stopping = threading.Event()  # set by stop(): the driver ends, long polls answer at once
+        self.driver = RoundDriver(self)
+        remove_stale_temporaries([state_dir, self.spool.directory, self.global_models.directory,
+                                  Path(config.models_dir)])
+        self.store = RunStore(state_dir / DB_NAME)
+        reference = OrderedDict((k, v.detach().cpu().clone()) for k, v in initial_state_dict.items())
+        if self.store.is_empty():
+            self._new_run(reference)
+        else:
+            self._resume(reference)
+
+    # Read-only views of the round state that the HTTP layer and monitors use.
+    phase = property(lambda self: self.state.phase)
+    round = property(lambda self: self.state.round)
+    model_version = property(lambda self: self.state.model_version)
+    finished = property(lambda self: self.state.phase == Phase.FINISHED)
+    nodes = property(lambda self: self.registry.nodes, doc="Every registered node by id.")
+
+    # ------------------------------------------------------------------ persistence
+
+    def _new_run(self, initial: "OrderedDict[str, torch.Tensor]") -> None:
+        self.run_id = secrets.token_hex(6)
+        self._set_global(initial)
+        self.global_models.write(0, self.global_bytes)
+        self.store.put({"run_id": self.run_id, "config": self.config.public_dict(), "created_at": time.time(),
+                        **self.state.values()})
+        log.info("new run %s", self.run_id)
+
+    def _resume(self, reference: "OrderedDict[str, torch.Tensor]") -> None:
+        s = self.store
+        self.run_id = s.get("run_id")
+        version = s.get("model_version")
+        try:
+            state = bytes_to_state_dict(self.global_models.read(version))
+            check_compatible(state, reference)
+        except (OSError, UpdateRejected) as exc:
+            raise StoreError(f"cannot resume run {self.run_id}: global model version {version} "
+                             f"({self.global_models.path(version)}) is unreadable: {exc}. Start with --fresh "
+                             "for a new run.") from None
+        self._set_global(state)
+        now = self.clock()
+        values = {k: s.get(k) for k in ("phase", "round", "attempt", "participants", "round_started_wall",
+                                        "model_version")}
+        updates = [AcceptedUpdate(**record) for record in s.updates(values["round"])]
+        for update in updates:
+            if not Path(update.path).exists():  # pragma: no cover - written and fsynced before its row commits
+                log.error("round %d: stored update of %s is missing on disk; leaving it out", values["round"],
+                          update.node_id)
+        updates = [u for u in updates if Path(u.path).exists()]
+        self.state = RoundState.from_values(values, updates, s.history(), now)
+        self.registry.load(s.nodes(), now, time.time())
+        self.spool.remove_other_rounds(self.state.round)
+        st = self.state
+        log.info("resumed run %s: %s, round %d/%d (attempt %d), model version %d, %d nodes, %d updates of "
+                 "this round kept, %d rounds in the history", self.run_id, st.phase.value, st.round,
+                 self.config.communication_rounds, st.attempt, st.model_version, len(self.nodes),
+                 len(st.updates), len(st.history))
+
+    # ------------------------------------------------------------------ global model and counters
+
+    def _set_global(self, state_dict: "OrderedDict[str, torch.Tensor]") -> None:
+        self.global_state = state_dict
+        self.global_bytes = state_dict_to_bytes(state_dict)
+
+    def model_bytes(self) -> tuple[int, bytes]:
+        """(model version, serialised global model); counted as sent."""
+        with self._lock:
+            self.traffic["bytes_sent"] += len(self.global_bytes)
+            return self.state.model_version, self.global_bytes
+
+    def count_received(self, num_bytes: int) -> None:
+        """Count the body of an update upload (accepted or not)."""
+        with self._lock:
+            self.traffic["bytes_received"] += num_bytes
+
+    def count_refused_request(self, error: str) -> None:
+        """Count a refused request that is not an update (e.g. ``too_many_requests``), for monitors."""
+        with self._lock:
+            self.requests_refused_total[error] = self.requests_refused_total.get(error, 0) + 1
+
+    # ------------------------------------------------------------------ nodes
+
+    def register(self, name: str, device: str, num_samples: int, system_info: dict,
+                 instance_id: str | None = None) -> tuple[Node, str, bool]:
+        """Register a node, or re-register the node already called ``name`` (same id, history and place in
+        the open round; a new token, the old one stops working). Stored before this returns.
+
+        Returns (node, new node token, created). The rules, and how ``instance_id`` (the worker process) keeps
+        two workers given one name from stealing it from each other: :meth:`NodeRegistry.prepare_registration`.
+
+        Raises
+        ------
+        Conflict
+            ``name_in_use`` for a process that a later one with the same name replaced.
+        Forbidden
+            ``banned`` for a name the operator banned; ``node_limit`` when MAX_NODES nodes are registered.
+        """
+        token = secrets.token_urlsafe(32)
+        with self.changed:
+            node, created = self.registry.prepare_registration(name, device, num_samples, system_info,
+                                                               instance_id, hash_token(token), self.clock(),
+                                                               time.time())
+            self.store.save_node(node.node_id, name, node.record())
+            self.registry.add(node)
+            self.changed.notify_all()
+        log.info("%s node %s (%s) on %s with %d samples", "registered" if created else "re-registered",
+                 name, node.node_id, device, num_samples)
+        return node, token, created
+
+    def authenticate(self, token: str) -> Node | None:
+        """The node holding ``token`` (and mark it alive), or None."""
+        with self._lock:
+            node = self.registry.by_token(hash_token(token))
+            if node is not None:
+                node.left = False
+                self._touch(node)
+            return node
+
+    def _touch(self, node: Node) -> None:
+        node.last_seen_mono, node.last_seen_wall = self.clock(), time.time()
+
+    def get_node(self, node_id: str) -> Node:
+        """Raises :class:`UnknownNode` for an unknown id."""
+        with self._lock:
+            return self.registry.get(node_id)
+
+    def leave(self, node: Node) -> None:
+        """A worker says it is leaving: it is offline from now and no longer waited for."""
+        with self.changed:
+            node.left = True
+            self.changed.notify_all()
+        log.info("node %s (%s) left", node.name, node.node_id)
+
+    def ban(self, key: str, reason: str = "") -> Node:
+        """Remove a node (by id or name) for good: its token stops working, its name cannot register again,
+        and an update it sent for the open round is dropped (unless that round is already being aggregated).
+
+        Raises
+        ------
+        UnknownNode
+            If no node has this id or name.
+        """
+        with self.changed:
+            node = self.registry.find(key)
+            self.registry.ban(node)
+            dropped = self.state.drop_participant(node.node_id)
+            self.store.ban_node(node.node_id, node.record(), self.state.values())
+            if dropped:
+                Path(dropped.path).unlink(missing_ok=True)
+            self.changed.notify_all()
+        log.warning("node %s (%s) banned by the operator%s%s", node.name, node.node_id,
+                    f": {reason}" if reason else "", "; its update for this round was dropped" if dropped else "")
+        return node
+
+    def unban(self, key: str) -> Node:
+        """Allow a banned node (by id or name) to register again (it needs the join token).
+
+        Raises
+        ------
+        UnknownNode
+            If no node has this id or name.
+        """
+        with self.changed:
+            node = self.registry.find(key)
+            node.banned = False
+            self.store.save_node(node.node_id, node.name, node.record())
+        log.warning("node %s (%s) unbanned by the operator", node.name, node.node_id)
+        return node
+
+    def node_status(self, node: Node, now: float | None = None) -> str:
+        """"banned", "offline", "training" (a participant of the open round that has not answered) or
+        "online"."""
+        now = self.clock() if now is None else now
+        if node.banned:
+            return "banned"
+        if not self.registry.is_online(node, now):
+            return "offline"
+        return "training" if self.state.owes_answer(node.node_id) else "online"
+
+    # ------------------------------------------------------------------ tasks
+
+    def wait_for_task(self, node: Node, wait: float) -> dict:
+        """The node's task; while it is "wait", block up to ``wait`` seconds for a change (long poll)."""
+        deadline = self.clock() + wait
+        with self.changed:
+            node.polling += 1
+            try:
+                while True:
+                    task = self.state.task(node.node_id, self.config, self.clock())
+                    node.stop_sent = node.stop_sent or task["action"] == "stop"
+                    remaining = deadline - self.clock()
+                    if task["action"] != "wait" or remaining <= 0 or self.stopping.is_set() or node.left:
+                        return task
+                    self.changed.wait(min(remaining, 1.0))
+            finally:
+                node.polling -= 1
+                if not node.left:
+                    self._touch(node)
+
+    # ------------------------------------------------------------------ updates
+
+    def submit_update(self, node: Node, round_number: int, metadata: Mapping, data: bytes) -> AcceptedUpdate:
+        """Check and durably store one update. Nothing is changed unless it is accepted.
+
+        The bytes are written and fsynced, then the update's row commits; only then does this return (and
+        the API answer 202), so an acknowledged update survives a crash of the coordinator.
+
+        Parameters
+        ----------
+        metadata : validated metadata: ``num_samples`` (int >= 1) and optional ``train_loss``,
+            ``train_accuracy``, ``train_seconds`` (floats).
+        data : the serialised state_dict.
+
+        Raises
+        ------
+        Conflict
+            Stale round, duplicate submission, or a node that is not a participant.
+        UpdateRejected
+            As :meth:`UpdateSpool.check` (undecodable, mismatched, non-finite, change above MAX_UPDATE_NORM).
+        """
+        with self._lock:
+            self.state.check_can_submit(node.node_id, round_number)
+            reference = self.global_state
+        norm = self.spool.check(data, reference, self.config.max_update_norm)
+        temporary = self.spool.write(round_number, node.node_id, data)
+        with self.changed:
+            try:
+                self.state.check_can_submit(node.node_id, round_number)
+            except Conflict:
+                temporary.unlink()
+                raise
+            final = self.spool.commit(temporary, round_number, node.node_id)
+            accepted = AcceptedUpdate(node.node_id, int(metadata["num_samples"]), str(final),
+                                      metadata.get("train_loss"), metadata.get("train_accuracy"),
+                                      metadata.get("train_seconds"), time.time())
+            record = node.record()
+            record.update(updates_submitted=node.updates_submitted + 1, last_train_loss=accepted.train_loss,
+                          last_train_accuracy=accepted.train_accuracy)
+            self.store.add_update(round_number, node.node_id, asdict(accepted), record)
+            self.state.updates[node.node_id] = accepted
+            self.state.refused.pop(node.node_id, None)
+            node.updates_submitted += 1
+            node.last_train_loss, node.last_train_accuracy = accepted.train_loss, accepted.train_accuracy
+            self._touch(node)
+            self.changed.notify_all()
+            log.info("round %d: update %d/%d from %s (%d samples, change norm %s)", round_number,
+                     len(self.state.updates), len(self.state.participants), node.name, accepted.num_samples,
+                     "not checked" if norm is None else f"{norm:.3g}")
+        return accepted
+
+    def record_refusal(self, node: Node, round_number: int, refusal: UpdateRejected) -> None:
+        """Count a refused update (:class:`UpdateRejected`, by its ``error``), and log it.
+
+        When the node is a participant of the open round that still owes an answer, the refusal is its answer:
+        the round stops waiting for it and it is not asked to train again in this attempt (the same work would
+        be refused again). Refusals for other rounds only count.
+        """
+        with self.changed:
+            self.updates_refused_total[refusal.error] = self.updates_refused_total.get(refusal.error, 0) + 1
+            counts = round_number == self.state.round and self.state.owes_answer(node.node_id)
+            if counts:
+                self.state.refused[node.node_id] = str(refusal)
+                self.changed.notify_all()
+        log.warning("round %d: refused the update of %s (%s: %s)%s", round_number, node.name, refusal.error,
+                    refusal, "" if counts else "; not a pending participant")
+
+    # ------------------------------------------------------------------ rounds (fedrest.server.driver)
+
+    def tick(self) -> None:
+        """Advance the state machine by at most one step (see :meth:`RoundDriver.tick`)."""
+        self.driver.tick()
+
+    def start(self) -> None:
+        """Start the driver thread that advances the rounds (every 0.2 s, or at once on a change)."""
+        self.driver.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the driver thread (waits for an aggregation in progress) and wake long polls."""
+        self.stopping.set()
+        with self.changed:
+            self.changed.notify_all()
+        self.driver.join(timeout)
+
+    def all_told_to_stop(self) -> bool:
+        """True when the run is finished and every node still online has been told to stop."""
+        with self._lock:
+            now = self.clock()
+            return self.finished and all(n.stop_sent or not self.registry.is_online(n, now)
+                                         for n in self.nodes.values())
+
+    def snapshot(self) -> Snapshot:
+        """The state for monitors, taken under the lock (see :mod:`.status`)."""
+        with self._lock:
+            now = self.clock()
+            return take_snapshot(self, now)

@@ -1,0 +1,119 @@
+"""Every error the coordinator answers, as one JSON shape: ``{"error": ..., "message": ..., **details}``.
+
+Views raise :class:`ApiError` for what they check themselves (a token, a body); the federation's domain
+exceptions (:mod:`.errors`) are mapped to their answers here, by handlers registered once on the app
+(:func:`register_error_handlers`), so no view translates them by hand.
+
+=============================  ======  =====================================
+domain exception               status  ``error``
+=============================  ======  =====================================
+``Conflict``                   409     its own (stale_round, duplicate_update, not_participant, name_in_use)
+``Forbidden``                  403     its own (banned, node_limit)
+``UnknownNode``                404     unknown_node
+``UpdateTooLarge``             413     payload_too_large (+ ``limit_bytes``)
+``UpdateRejected`` and others  400     its ``error`` (invalid_update, update_norm_too_large, bad_request)
+=============================  ======  =====================================
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+from flask import Flask, Response, current_app, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from fedrest.serialization import UpdateRejected
+from fedrest.server.errors import Conflict, Forbidden, UnknownNode, UpdateTooLarge
+
+log = logging.getLogger("fl.coordinator")
+
+JSON_BODY_LIMIT = 64 * 1024  # bytes, every endpoint but update uploads
+METADATA_LIMIT = 256 * 1024  # bytes of a non-file form field (werkzeug also applies it per read chunk of 64 KiB)
+MULTIPART_SLACK = 64 * 1024  # bytes of multipart framing and metadata allowed above MAX_UPDATE_BYTES
+UPLOAD_ENDPOINT = "rounds.submit_update"
+
+
+class ApiError(HTTPException):
+    """An HTTP error answered as JSON ``{"error": ..., "message": ...}`` plus optional details."""
+
+    def __init__(self, code: int, error: str, message: str, headers: Mapping[str, str] | None = None,
+                 **details) -> None:
+        super().__init__(message)
+        self.code, self.error, self.message, self.details = code, error, message, details
+        self.extra_headers = dict(headers or {})
+
+
+def json_error(code: int, error: str, message: str, headers=None, **details) -> Response:
+    """The JSON error answer (see the module docstring)."""
+    response = jsonify({"error": error, "message": message, **details})
+    response.status_code = code
+    for key, value in (headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+def too_large(limit: int) -> Response:
+    """413 for an update upload over MAX_UPDATE_BYTES (``limit``, bytes)."""
+    exc = UpdateTooLarge(limit)
+    return json_error(413, exc.error, str(exc), limit_bytes=limit)
+
+
+def _error_name(exc: HTTPException) -> str:
+    return (exc.name or "error").lower().replace(" ", "_").replace("'", "")
+
+
+def _http_error(exc: HTTPException) -> Response:
+    if isinstance(exc, ApiError):
+        return json_error(exc.code, exc.error, exc.message, exc.extra_headers, **exc.details)
+    if isinstance(exc, RequestEntityTooLarge):
+        return _body_too_large()
+    valid = getattr(exc, "valid_methods", None)
+    return json_error(exc.code or 500, _error_name(exc), exc.description or exc.name,
+                      headers={"Allow": ", ".join(valid)} if valid else None)
+
+
+def _body_too_large() -> Response:
+    """413 raised by werkzeug while reading a body (over the request's max_content_length or a form limit)."""
+    if request.endpoint != UPLOAD_ENDPOINT:
+        return json_error(413, "payload_too_large", f"request bodies here are limited to {JSON_BODY_LIMIT} bytes")
+    limit = current_app.extensions["federation"].config.max_update_bytes
+    if request.content_length is not None and request.content_length <= limit + MULTIPART_SLACK:
+        return json_error(413, "payload_too_large",
+                          f"form field 'metadata' (or another part that is not a file) is larger than "
+                          f"{METADATA_LIMIT} bytes, or the multipart boundary does not match the "
+                          "Content-Type header")
+    return too_large(limit)
+
+
+def _conflict(exc: Conflict) -> Response:
+    return json_error(409, exc.error, exc.message, **exc.details)
+
+
+def _forbidden(exc: Forbidden) -> Response:
+    return json_error(403, exc.error, exc.message)
+
+
+def _unknown_node(exc: UnknownNode) -> Response:
+    return json_error(404, "unknown_node", exc.message)
+
+
+def _refused_update(exc: UpdateRejected) -> Response:
+    if isinstance(exc, UpdateTooLarge):
+        return too_large(exc.limit)
+    return json_error(400, exc.error, str(exc))
+
+
+def _unexpected(exc: Exception) -> Response:
+    log.exception("internal error on %s %s", request.method, request.path)
+    return json_error(500, "internal_error", "the coordinator failed to handle this request; see its log")
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Answer every HTTP error, domain exception and unexpected exception of ``app`` as JSON."""
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Conflict, _conflict)
+    app.register_error_handler(Forbidden, _forbidden)
+    app.register_error_handler(UnknownNode, _unknown_node)
+    app.register_error_handler(UpdateRejected, _refused_update)
+    app.register_error_handler(Exception, _unexpected)

@@ -1,0 +1,153 @@
+"""The node registry: who is registered, under which name and token digest, and who is alive.
+
+Lock-free: the federation (:mod:`.federation`) calls it under its own lock and stores what changes. Times
+``*_mono`` are the coordinator's monotonic clock, ``*_wall`` seconds since the epoch.
+
+Liveness: a node is online while it has a long poll open or made any authenticated request within
+NODE_TIMEOUT seconds, unless it said it leaves (DELETE) or was banned.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass, field
+
+from fedrest.server.errors import Conflict, Forbidden, UnknownNode
+
+log = logging.getLogger("fl.federation")
+
+
+@dataclass
+class Node:
+    """A registered worker."""
+
+    node_id: str
+    name: str
+    device: str
+    num_samples: int
+    system_info: dict
+    token_hash: str
+    registered_at: float  # wall clock, seconds since the epoch
+    last_seen_mono: float
+    last_seen_wall: float
+    updates_submitted: int = 0
+    rounds_contributed: list = field(default_factory=list)
+    last_train_loss: float | None = None
+    last_train_accuracy: float | None = None
+    instance_id: str | None = None  # the worker process now using this name
+    superseded: list = field(default_factory=list)  # instance ids that a later process with this name replaced
+    polling: int = 0  # long polls in progress (a node waiting in a poll is alive)
+    left: bool = False  # said it leaves (DELETE); offline until its next authenticated request
+    banned: bool = False  # removed by the operator: no token works, its name cannot register
+    stop_sent: bool = False
+
+    _DURABLE = ("node_id", "name", "device", "num_samples", "system_info", "token_hash", "registered_at",
+                "updates_submitted", "rounds_contributed", "last_train_loss", "last_train_accuracy",
+                "instance_id", "superseded", "left", "banned")
+
+    def record(self) -> dict:
+        """The fields that are stored (liveness is not: it restarts with the coordinator)."""
+        return {k: getattr(self, k) for k in self._DURABLE}
+
+
+class NodeRegistry:
+    """Nodes by id, name and token digest.
+
+    Parameters
+    ----------
+    node_timeout : seconds without a request before a node counts as offline.
+    max_nodes : most registered nodes (banned ones included).
+    """
+
+    def __init__(self, node_timeout: float, max_nodes: int) -> None:
+        self.node_timeout = node_timeout
+        self.max_nodes = max_nodes
+        self.nodes: dict[str, Node] = {}
+        self._by_name: dict[str, str] = {}
+        self._by_token: dict[str, str] = {}
+
+    def load(self, records, now_mono: float, now_wall: float) -> None:
+        """Put stored nodes back after a restart; each gets a grace of NODE_TIMEOUT to show it is alive."""
+        for record in records:
+            self.add(Node(**record, last_seen_mono=now_mono, last_seen_wall=now_wall))
+
+    def add(self, node: Node) -> None:
+        """Index ``node`` by id, name and (unless banned) token digest."""
+        self.nodes[node.node_id] = node
+        self._by_name[node.name] = node.node_id
+        if not node.banned:
+            self._by_token[node.token_hash] = node.node_id
+
+    def prepare_registration(self, name: str, device: str, num_samples: int, system_info: dict,
+                             instance_id: str | None, token_hash: str, now_mono: float,
+                             now_wall: float) -> tuple[Node, bool]:
+        """The node that registering ``name`` gives: a new one (not yet added: store it, then :meth:`add`
+        it), or the existing one updated with the new token and facts. Returns (node, created).
+
+        Raises
+        ------
+        Forbidden
+            ``banned`` for a banned name; ``node_limit`` when MAX_NODES nodes are registered.
+        Conflict
+            ``name_in_use`` for a worker process that a later one with the same name replaced.
+        """
+        node_id = self._by_name.get(name)
+        if node_id is not None and self.nodes[node_id].banned:
+            raise Forbidden("banned", f"the operator banned the node {name!r}")
+        if node_id is None:
+            if len(self.nodes) >= self.max_nodes:
+                raise Forbidden("node_limit", f"the federation is full: MAX_NODES={self.max_nodes} "
+                                "nodes are registered")
+            return Node(secrets.token_hex(8), name, device, num_samples, system_info, token_hash, now_wall,
+                        now_mono, now_wall, instance_id=instance_id), True
+        node = self.nodes[node_id]
+        if instance_id is not None and instance_id in node.superseded:
+            raise Conflict("name_in_use", f"another worker registered later as {name!r}; give every "
+                           "worker its own --name", node_id=node_id)
+        if instance_id != node.instance_id and node.instance_id is not None:
+            node.superseded = (node.superseded + [node.instance_id])[-16:]
+            log.warning("node %s (%s): a new worker process took the name over", name, node_id)
+        node.instance_id = instance_id
+        self._by_token.pop(node.token_hash, None)
+        node.device, node.num_samples, node.system_info = device, num_samples, system_info
+        node.token_hash = token_hash
+        node.last_seen_mono, node.last_seen_wall = now_mono, now_wall
+        node.stop_sent = node.left = False
+        return node, False
+
+    def by_token(self, token_hash: str) -> Node | None:
+        """The node holding the token with this digest, or None (banned nodes hold none)."""
+        node_id = self._by_token.get(token_hash)
+        return None if node_id is None else self.nodes[node_id]
+
+    def get(self, node_id: str) -> Node:
+        """Raises :class:`UnknownNode` for an unknown id."""
+        try:
+            return self.nodes[node_id]
+        except KeyError:
+            raise UnknownNode(node_id) from None
+
+    def find(self, key: str) -> Node:
+        """The node whose id or name is ``key``; raises :class:`UnknownNode`."""
+        node = self.nodes.get(key) or self.nodes.get(self._by_name.get(key, ""))
+        if node is None:
+            raise UnknownNode(key, f"no node with id or name {key!r}")
+        return node
+
+    def ban(self, node: Node) -> None:
+        """Revoke the node's token and mark it banned (and gone)."""
+        node.banned = node.left = True
+        self._by_token.pop(node.token_hash, None)
+
+    def is_online(self, node: Node, now: float) -> bool:
+        if node.left:
+            return False
+        return node.polling > 0 or now - node.last_seen_mono <= self.node_timeout
+
+    def online_ids(self, now: float) -> list[str]:
+        """Ids of the online nodes, ordered by name."""
+        return [n.node_id for n in sorted(self.nodes.values(), key=lambda n: n.name) if self.is_online(n, now)]
+
+    def sorted_by_name(self) -> list[Node]:
+        return sorted(self.nodes.values(), key=lambda n: n.name)

@@ -1,0 +1,160 @@
+"""Request validation: each helper returns a clean value or raises a 400 (or 413/415) naming the bad field.
+
+Nothing here touches the federation's state, so a refused request leaves it unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from flask import request
+
+from fedrest.server.errors import BadUpdateMetadata, UpdateTooLarge
+from fedrest.server.federation import Node
+from fedrest.server.http_errors import MULTIPART_SLACK, ApiError
+
+MAX_NAME_LENGTH = 128
+MAX_DEVICE_LENGTH = 64
+MAX_SYSTEM_INFO_BYTES = 4096
+MAX_LONG_POLL = 60.0  # seconds
+MAX_NUM_SAMPLES = 10**9
+
+
+def json_object() -> dict:
+    """The request's JSON object body (415 for another content type, 400 for anything but an object)."""
+    if not request.is_json:
+        raise ApiError(415, "unsupported_media_type", "send a JSON object with Content-Type: application/json")
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # nesting deeper than the parser's recursion limit
+        body = None
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_request", "the body must be a JSON object")
+    return body
+
+
+def finite_number(value, name: str, lo: float, hi: float) -> float:
+    """``value`` as a float in [lo, hi] (bools, strings, NaN and infinities refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ApiError(400, "bad_request", f"{name} must be a finite number")
+    try:
+        value = float(value)  # an int beyond float range raises OverflowError
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):
+        raise ApiError(400, "bad_request", f"{name} must be a finite number")
+    if not lo <= value <= hi:
+        raise ApiError(400, "bad_request", f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def positive_int(value, name: str, hi: int = MAX_NUM_SAMPLES) -> int:
+    """``value`` as an int in [1, hi] (bools and floats refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
+        raise ApiError(400, "bad_request", f"{name} must be an integer in [1, {hi}], got {value!r}")
+    return value
+
+
+def short_text(value, name: str, max_length: int) -> str:
+    """A non-empty printable unicode string of at most ``max_length`` characters."""
+    if not isinstance(value, str) or not value.strip() or len(value) > max_length:
+        raise ApiError(400, "bad_request", f"{name} must be a non-empty string of at most {max_length} characters")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise ApiError(400, "bad_request", f"{name} must not contain control characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate such as "\ud800": not text, cannot be logged or shown
+        raise ApiError(400, "bad_request", f"{name} must be valid unicode text") from None
+    return value
+
+
+def registration() -> dict:
+    """The body of ``POST /nodes``: name, device, num_samples, system_info and the optional instance_id."""
+    body = json_object()
+    name = short_text(body.get("name"), "name", MAX_NAME_LENGTH)
+    device = short_text(body.get("device"), "device", MAX_DEVICE_LENGTH)
+    num_samples = positive_int(body.get("num_samples"), "num_samples")
+    system_info = body.get("system_info", {})
+    try:
+        encoded = json.dumps(system_info, allow_nan=False, ensure_ascii=False)
+        encoded.encode("utf-8")  # lone surrogates cannot be logged or shown
+    except ValueError:  # NaN/Infinity would make /status invalid JSON; UnicodeEncodeError is a ValueError
+        raise ApiError(400, "bad_request", "system_info must not hold NaN, Infinity or invalid unicode") from None
+    if not isinstance(system_info, dict) or len(encoded) > MAX_SYSTEM_INFO_BYTES:
+        raise ApiError(400, "bad_request", f"system_info must be a JSON object of at most "
+                                           f"{MAX_SYSTEM_INFO_BYTES} bytes")
+    instance_id = body.get("instance_id")
+    if instance_id is not None:
+        instance_id = short_text(instance_id, "instance_id", 64)
+    return {"name": name, "device": device, "num_samples": num_samples, "system_info": system_info,
+            "instance_id": instance_id}
+
+
+def long_poll_wait() -> float:
+    """The ``wait`` query parameter of ``GET /task``: seconds in [0, MAX_LONG_POLL] (default 0)."""
+    raw_wait = request.args.get("wait", "0")
+    try:
+        wait = float(raw_wait)
+    except ValueError:
+        raise ApiError(400, "bad_request", f"wait must be a number of seconds, got {raw_wait!r}") from None
+    if not 0 <= wait <= MAX_LONG_POLL:
+        raise ApiError(400, "bad_request", f"wait must be in [0, {MAX_LONG_POLL:g}] seconds, got {raw_wait!r}")
+    return wait
+
+
+def parse_update_metadata(raw: str | None, node: Node) -> dict:
+    """Validate the ``metadata`` form field of an update upload.
+
+    Returns a dict with ``num_samples`` (int in [1, the node's registered num_samples]) and the optional
+    floats ``train_loss`` (>= 0), ``train_accuracy`` (in [0, 1]) and ``train_seconds`` (>= 0).
+
+    Raises
+    ------
+    BadUpdateMetadata
+        (400) naming the bad field.
+    """
+    if raw is None:
+        raise BadUpdateMetadata("missing form field 'metadata' (JSON)")
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise BadUpdateMetadata("form field 'metadata' is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise BadUpdateMetadata("form field 'metadata' must be a JSON object")
+    try:
+        result = {"num_samples": positive_int(meta.get("num_samples"), "metadata.num_samples",
+                                              hi=max(1, node.num_samples))}
+        for key, hi in (("train_loss", 1e12), ("train_accuracy", 1.0), ("train_seconds", 1e9)):
+            if meta.get(key) is not None:
+                result[key] = finite_number(meta[key], f"metadata.{key}", 0.0, hi)
+    except ApiError as exc:
+        raise BadUpdateMetadata(exc.message) from None
+    return result
+
+
+def update_upload(node: Node, limit: int) -> tuple[dict, bytes]:
+    """The (metadata, state_dict bytes) of an update upload (multipart/form-data) of at most ``limit`` bytes.
+
+    Raises
+    ------
+    UpdateTooLarge
+        (413) over ``limit``; checked on Content-Length before the body is read, and on the bytes read.
+    BadUpdateMetadata
+        (400) for missing or bad metadata, or a missing file part.
+    ApiError
+        415 for a body that is not multipart/form-data.
+    """
+    if request.content_length is not None and request.content_length > limit + MULTIPART_SLACK:
+        raise UpdateTooLarge(limit)
+    if not request.mimetype == "multipart/form-data":
+        raise ApiError(415, "unsupported_media_type", "send multipart/form-data with fields "
+                                                      "'metadata' (JSON) and 'state_dict' (file)")
+    metadata = parse_update_metadata(request.form.get("metadata"), node)
+    upload = request.files.get("state_dict")
+    if upload is None:
+        raise BadUpdateMetadata("missing file part 'state_dict'")
+    data = upload.stream.read(limit + 1)
+    if len(data) > limit:
+        raise UpdateTooLarge(limit)
+    return metadata, data

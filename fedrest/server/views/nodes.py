@@ -1,0 +1,56 @@
+"""Workers' calls about themselves: register, heartbeat, leave, the next task, the global model."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify
+
+from fedrest.server import validation
+from fedrest.server.auth import federation, require_node, require_own_node, require_token
+from fedrest.server.views import API
+
+bp = Blueprint("nodes", __name__, url_prefix=API)
+
+
+@bp.post("/nodes")
+def register():
+    require_token("join")
+    body = validation.registration()
+    fed = federation()
+    node, token, created = fed.register(**body)
+    return jsonify({"node_id": node.node_id, "node_token": token, "name": node.name,
+                    "heartbeat_interval": fed.config.heartbeat_interval,
+                    "node_timeout": fed.config.node_timeout, "run_id": fed.run_id,
+                    "model": fed.config.model, "dataset": fed.config.dataset}), (201 if created else 200)
+
+
+@bp.post("/nodes/<node_id>/heartbeat")
+def heartbeat(node_id: str):
+    node = require_own_node(node_id)
+    fed = federation()
+    return jsonify({"node_id": node.node_id, "round": fed.round, "state": fed.phase.value,
+                    "model_version": fed.model_version, "node_status": fed.node_status(node),
+                    "heartbeat_interval": fed.config.heartbeat_interval})
+
+
+@bp.delete("/nodes/<node_id>")
+def leave(node_id: str):
+    node = require_own_node(node_id)
+    federation().leave(node)
+    return jsonify({"node_id": node.node_id, "status": "offline"})
+
+
+@bp.get("/task")
+def task():
+    node = require_node()
+    wait = validation.long_poll_wait()
+    return jsonify(federation().wait_for_task(node, wait))
+
+
+@bp.get("/model")
+def model():
+    require_node()
+    fed = federation()
+    version, data = fed.model_bytes()
+    return Response(data, mimetype="application/octet-stream",
+                    headers={"X-Model-Version": str(version), "X-Model-Name": fed.config.model,
+                             "Cache-Control": "no-store"})

@@ -1,0 +1,28 @@
+"""Update uploads: ``POST /api/v1/rounds/<round>/updates`` (multipart: metadata JSON + state_dict file)."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify, request
+
+from fedrest.serialization import UpdateRejected
+from fedrest.server import validation
+from fedrest.server.auth import federation, require_node
+from fedrest.server.views import API
+
+bp = Blueprint("rounds", __name__, url_prefix=API)
+
+
+@bp.post("/rounds/<int:round_number>/updates")
+def submit_update(round_number: int):
+    """202 once the update is fsynced and committed; a refused one (400/413) is the node's answer."""
+    fed = federation()
+    node = require_node()
+    fed.count_received(request.content_length or 0)
+    try:
+        metadata, data = validation.update_upload(node, fed.config.max_update_bytes)
+        accepted = fed.submit_update(node, round_number, metadata, data)
+    except UpdateRejected as refusal:
+        fed.record_refusal(node, round_number, refusal)
+        raise
+    return jsonify({"accepted": True, "round": round_number, "node_id": node.node_id,
+                    "num_samples": accepted.num_samples}), 202

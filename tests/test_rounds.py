@@ -1,0 +1,78 @@
+"""The round state machine's decisions (fedrest.server.rounds), as a table: facts in, decision out. No HTTP, no
+threads, no clock, no disk."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from fedrest.server.rounds import Action, Phase, RoundFacts, Settings, after_round, decide
+
+SETTINGS = Settings(min_nodes_to_start=2, min_updates=2, round_timeout=60.0)
+ABC = ("a", "b", "c")
+
+
+def training(now=10.0, updates=(), refused=(), online=ABC, participants=ABC, streak=0) -> RoundFacts:
+    """Round open since t=0 with deadline t=60 (ROUND_TIMEOUT)."""
+    return RoundFacts(Phase.TRAINING, now, participants=participants, updates=frozenset(updates),
+                      refused=frozenset(refused), online=frozenset(online), deadline=60.0, refused_streak=streak)
+
+
+# (name, facts, expected action, expected delay or None)
+TABLE = [
+    ("waiting, too few online", RoundFacts(Phase.WAITING, 0.0, online=frozenset("a")), Action.NOTHING, None),
+    ("waiting, enough online", RoundFacts(Phase.WAITING, 0.0, online=frozenset("ab")), Action.OPEN, None),
+    ("waiting, enough online but backing off",
+     RoundFacts(Phase.WAITING, 5.0, online=frozenset("ab"), not_before=6.0), Action.NOTHING, None),
+    ("waiting, back-off over", RoundFacts(Phase.WAITING, 6.0, online=frozenset("ab"), not_before=6.0),
+     Action.OPEN, None),
+    ("training, a live participant still owes its update", training(updates="ab"), Action.NOTHING, None),
+    ("training, every participant answered", training(updates="abc"), Action.AGGREGATE, None),
+    ("training, the one missing went offline", training(updates="ab", online="ab"), Action.AGGREGATE, None),
+    ("training, the one missing was refused", training(updates="ab", refused="c"), Action.AGGREGATE, None),
+    ("training, deadline passed with enough", training(now=60.0, updates="ab"), Action.AGGREGATE, None),
+    ("training, deadline not yet passed", training(now=59.9, updates="ab"), Action.NOTHING, None),
+    ("training, deadline passed with too few, enough online", training(now=60.0, updates="a"),
+     Action.REOPEN, None),
+    ("training, all answered but too few (MIN_UPDATES)", training(updates="a", online="ab", participants=("a",)),
+     Action.REOPEN, None),
+    ("training, too few and too few online", training(now=60.0, updates="a", online="a"),
+     Action.WAIT_FOR_NODES, None),
+    ("training, every answer refused", training(refused="abc"), Action.BACK_OFF, 2.0),
+    ("training, every answer refused, third time", training(refused="abc", streak=2), Action.BACK_OFF, 8.0),
+    ("training, every answer refused, back-off capped", training(refused="abc", streak=20), Action.BACK_OFF, 60.0),
+    ("training, refused and accepted but too few", training(updates="a", refused="bc"), Action.BACK_OFF, 2.0),
+    ("aggregating: the driver is on it", RoundFacts(Phase.AGGREGATING, 0.0), Action.NOTHING, None),
+    ("finished", RoundFacts(Phase.FINISHED, 0.0, online=frozenset("abc")), Action.NOTHING, None),
+]
+
+
+@pytest.mark.parametrize("name, facts, action, delay", TABLE, ids=[row[0] for row in TABLE])
+def test_decide(name, facts, action, delay):
+    decision = decide(facts, SETTINGS)
+    assert decision.action == action
+    if delay is not None:
+        assert decision.delay == delay
+
+
+def test_a_closing_round_names_the_missing_participants_in_their_order():
+    decision = decide(training(now=60.0, updates="b", online=ABC, participants=("c", "a", "b")),
+                      Settings(2, 1, 60.0))
+    assert decision.action == Action.AGGREGATE
+    assert decision.missing == ("c", "a") and decision.timed_out and decision.reason == "deadline passed"
+
+
+def test_an_open_decision_says_how_many_nodes_are_online():
+    assert decide(RoundFacts(Phase.WAITING, 0.0, online=frozenset("abc")), SETTINGS).reason == "3 nodes online"
+
+
+@pytest.mark.parametrize("number, online, action", [(5, 3, Action.FINISH), (6, 0, Action.FINISH),
+                                                    (4, 2, Action.OPEN), (4, 1, Action.WAIT_FOR_NODES)])
+def test_after_a_round(number, online, action):
+    assert after_round(number, total_rounds=5, num_online=online, min_nodes_to_start=2) == action
+
+
+def test_no_deadline_means_wait_forever_for_live_participants():
+    facts = RoundFacts(Phase.TRAINING, 1e12, participants=("a",), online=frozenset("a"), deadline=math.inf)
+    assert decide(facts, SETTINGS).action == Action.NOTHING

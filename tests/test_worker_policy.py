@@ -1,0 +1,71 @@
+"""The worker's error policy (fedrest.worker_policy.react), one table: every answer x every kind of call."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedrest.client import CoordinatorError, CoordinatorUnreachable, CoordinatorUntrusted
+from fedrest.serialization import UpdateRejected
+from fedrest.worker_policy import CALLS, Action, react, retry_delay
+
+
+def answer(status: int, error: str, **body) -> CoordinatorError:
+    return CoordinatorError(status, error, f"{error} message", {"error": error, **body})
+
+
+UNREACHABLE = CoordinatorUnreachable("GET http://127.0.0.1:5000/api/v1/task: [Errno 111] Connection refused")
+UNTRUSTED = CoordinatorUntrusted("cannot verify the TLS certificate of https://127.0.0.1:5000")
+BAD_MODEL = UpdateRejected("not a torch zip archive")
+
+# (exception, {call: expected action}); a call left out of the dict expects the "*" entry.
+TABLE = [
+    (UNREACHABLE, {"heartbeat": Action.IGNORE, "*": Action.WAIT_OUTAGE}),
+    (UNTRUSTED, {"heartbeat": Action.IGNORE, "*": Action.FATAL}),
+    (BAD_MODEL, {"*": Action.RETRY}),
+    (answer(401, "unauthorized"), {"register": Action.FATAL, "*": Action.REGISTER}),
+    (answer(404, "unknown_node"), {"*": Action.REGISTER}),
+    (answer(409, "name_in_use"), {"register": Action.FATAL, "upload": Action.DROP, "heartbeat": Action.IGNORE,
+                                  "*": Action.FATAL}),
+    (answer(403, "banned"), {"register": Action.FATAL, "heartbeat": Action.IGNORE, "*": Action.FATAL}),
+    (answer(413, "payload_too_large"), {"register": Action.FATAL, "upload": Action.DROP,
+                                        "heartbeat": Action.IGNORE, "*": Action.FATAL}),
+    (answer(400, "invalid_update"), {"register": Action.FATAL, "upload": Action.DROP, "heartbeat": Action.IGNORE,
+                                     "*": Action.FATAL}),
+    (answer(415, "unsupported_media_type"), {"register": Action.FATAL, "heartbeat": Action.IGNORE,
+                                             "*": Action.FATAL}),
+    (answer(409, "duplicate_update"), {"upload": Action.ACCEPTED, "heartbeat": Action.IGNORE, "*": Action.FATAL}),
+    (answer(409, "stale_round"), {"upload": Action.DROP, "heartbeat": Action.IGNORE, "*": Action.FATAL}),
+    (answer(429, "too_many_requests", retry_after_s=0.5), {"heartbeat": Action.IGNORE, "*": Action.RETRY}),
+    (answer(503, "http_error"), {"heartbeat": Action.IGNORE, "*": Action.RETRY}),
+    (answer(500, "internal_error"), {"heartbeat": Action.IGNORE, "*": Action.RETRY}),
+    (answer(404, "not_found"), {"heartbeat": Action.IGNORE, "*": Action.FATAL}),
+]
+CASES = [(exc, call, expected.get(call, expected["*"])) for exc, expected in TABLE for call in CALLS]
+
+
+@pytest.mark.parametrize("exc, call, action", CASES,
+                         ids=[f"{type(e).__name__}-{getattr(e, 'error', '')}-{c}" for e, c, _ in CASES])
+def test_each_answer_gets_the_reaction_of_the_table(exc, call, action):
+    reaction = react(exc, call)
+    assert reaction.action == action
+    assert reaction.message  # every reaction says what happened
+
+
+def test_a_retry_waits_what_the_coordinator_asked_within_bounds():
+    assert react(answer(429, "too_many_requests", retry_after_s=0.5), "call").delay == 0.5
+    assert retry_delay(answer(503, "http_error")) == 2.0  # no hint: 2 s
+    assert retry_delay(answer(429, "too_many_requests", retry_after_s=3600)) == 2.0  # absurd hints are ignored
+    assert retry_delay(answer(429, "too_many_requests", retry_after_s=True)) == 2.0
+    assert retry_delay(answer(429, "too_many_requests", retry_after_s=0.01)) == 0.1
+
+
+def test_fatal_registration_messages_name_the_fix():
+    assert "--token" in react(answer(401, "unauthorized"), "register").message
+    assert "in use" in react(answer(409, "name_in_use"), "register").message
+
+
+def test_an_unknown_kind_of_call_or_exception_is_a_bug_not_a_reaction():
+    with pytest.raises(ValueError):
+        react(UNREACHABLE, "download")
+    with pytest.raises(TypeError):
+        react(KeyError("x"), "call")
