@@ -87,3 +87,13 @@ def test_files_and_functions_stay_small(path):
             length = node.end_lineno - node.lineno + 1
             key = f"{path.relative_to(ROOT)}:{node.name}"
             assert length <= MAX_FUNCTION_LINES or key in LONGER_FUNCTIONS, f"{key}: {length} lines"
+
+
+def test_the_worker_side_loads_no_coordinator_code():
+    """A worker host needs the client, config, data, model and utilities: not Flask, not fedrest.server (nor do
+    the monitors, which run anywhere; admin.py runs beside the coordinator and reads its TEMP_DIR)."""
+    code = ("import sys, worker, monitor, text_monitor; "
+            "print(sorted(m for m in sys.modules if m.startswith(('fedrest.server', 'flask', 'werkzeug', 'cheroot'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -141,7 +141,7 @@ def cpu_seconds(pid: int) -> float:
 def test_monitors_survive_an_absent_coordinator(script, target, silent_server, tmp_path):
     port = free_port() if target == "closed port" else silent_server[0]
     address = f"127.0.0.1:{port}"
-    once = run_monitor(script, "--coordinator-address", address, "--once", "--token", "x" * 10,
+    once = run_monitor(script, "--coordinator-address", address, "--once", "--token", "x" * 16,
                        *(["--save", str(tmp_path / "x.png")] if script == "monitor.py" else []))
     assert once.returncode == 1
     assert "unreachable" in once.stdout + once.stderr and "Traceback" not in once.stdout + once.stderr
