@@ -122,8 +122,9 @@ class Config:
     no_auth: bool = field(default=False, metadata=_meta("accept registrations and monitors without a token"))
     no_eval: bool = field(default=False, metadata=_meta("do not evaluate the global model (no test data here)"))
     debug: bool = field(default=False, metadata=_meta("serve with Flask's development server"))
-    fresh: bool = field(default=False, metadata=_meta(
-        "start a new run even if TEMP_DIR holds one (the old state is moved to TEMP_DIR/archive/)"))
+    fresh: str | None = field(default=None, metadata=_meta(
+        "RUN_ID: set the stored run with this id aside (to TEMP_DIR/archive/) and start a new run; the coordinator "
+        "prints the id when it is needed, and a later start with the same --fresh resumes the new run"))
     keep_serving: bool = field(default=False, metadata=_meta(
         "keep serving the status after the last round, until Ctrl-C (default: exit once workers are told)"))
     # --- worker ---
@@ -186,6 +187,9 @@ ALIASES = {
     "learning_rate": ["--lr"],
     "cpu_threads": ["--cpu-workers"],  # the seed's name
 }
+# Flags that may be given without a value, and the value they then have ("--fresh" alone: the coordinator
+# answers with the id it needs).
+BARE_FLAG_VALUES = {"fresh": "?"}
 # Older environment variables still read (after the field's own FL_ name).
 ENV_ALIASES = {
     "cpu_threads": ["FL_CPU_WORKERS"],
@@ -291,8 +295,11 @@ def add_arguments(parser: argparse.ArgumentParser, names: Sequence[str],
     for name in names:
         f = by_name[name]
         default = getattr(defaults, name)
-        shown = "********" if f.metadata["secret"] else default
-        help_text = f"{f.metadata['help']} (default: {shown}; env {env_name(name)})"
+        shown = "********" if f.metadata["secret"] else ("none" if default is None else default)
+        notes = [f"one of: {', '.join(f.metadata['choices'])}"] if f.metadata["choices"] else []
+        if "default" not in f.metadata["help"]:  # the help may say the default in words already
+            notes.append(f"default: {shown}")
+        help_text = f"{f.metadata['help']} ({'; '.join(notes + [f'env {env_name(name)}'])})"
         flags = [flag_name(name)] + ALIASES.get(name, []) + list(extra_flags.get(name, []))
         if _field_type(f) is bool and default:  # on by default: the flag turns it off
             parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_const", const="false",
@@ -300,6 +307,9 @@ def add_arguments(parser: argparse.ArgumentParser, names: Sequence[str],
         elif _field_type(f) is bool:
             parser.add_argument(*flags, dest=name, action="store_const", const="true", default=None,
                                 help=help_text)
+        elif name in BARE_FLAG_VALUES:
+            parser.add_argument(*flags, dest=name, default=None, metavar="RUN_ID", nargs="?",
+                                const=BARE_FLAG_VALUES[name], help=help_text)
         else:
             parser.add_argument(*flags, dest=name, default=None, metavar=name.upper(), help=help_text)
 
@@ -325,6 +335,13 @@ def from_args(args: argparse.Namespace, names: Sequence[str],
         elif env_key is not None:
             values[name] = parse_value(f, env[env_key], env_key)
     return Config(**values)
+
+
+def given_fields(args: argparse.Namespace, names: Sequence[str], env: Mapping[str, str] | None = None) -> set[str]:
+    """The fields of ``names`` that the command line or the environment set (not left to their defaults)."""
+    env = os.environ if env is None else env
+    return {name for name in names if getattr(args, name, None) is not None
+            or any(k in env for k in [env_name(name)] + ENV_ALIASES.get(name, []))}
 
 
 def parse_config(parser: argparse.ArgumentParser, names: Sequence[str], argv: Sequence[str] | None = None,

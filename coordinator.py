@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import signal
 import socket
 import sys
@@ -25,9 +26,10 @@ from config import COORDINATOR_FIELDS
 from fedrest.server.app import create_app
 from fedrest.server.credentials import Credentials, token_path
 from fedrest.server.federation import Federation
-from fedrest.server.serving import TLSConfigError, bound_port, is_loopback, make_server
+from fedrest.server.serving import PendingApp, TLSConfigError, bound_port, is_loopback, make_server
+from fedrest.server.state_dir import StartRefused, describe, stored_run
 from fedrest.server.store import StoreError
-from utils import run_program, setup_logging
+from utils import python_command, run_program, setup_logging, url_host
 
 log = logging.getLogger("fl.coordinator")
 
@@ -74,7 +76,7 @@ class StartError(Exception):
 
 def _main(argv) -> int:
     parser = build_parser()
-    cfg, _ = config_module.parse_config(parser, COORDINATOR_FIELDS, argv)
+    cfg, args = config_module.parse_config(parser, COORDINATOR_FIELDS, argv)
     try:
         config_module.ensure_dirs(cfg)
         setup_logging(Path(cfg.logs_dir) / "coordinator.log")
@@ -85,27 +87,51 @@ def _main(argv) -> int:
 
     if cfg.model not in MODELS:
         parser.error(f"model (--model / FL_MODEL): unknown model {cfg.model!r}; known: {', '.join(sorted(MODELS))}")
+    explicit = config_module.given_fields(args, COORDINATOR_FIELDS)
+    pending = PendingApp()
     try:
-        app = _build_app(cfg)
-        cfg = app.extensions["federation"].config  # a resumed run keeps its stored settings
-        server = _bind(app, cfg)
+        server = _bind(pending, cfg)  # the port first: a start that cannot listen changes no state
+        try:
+            _refuse_a_finished_run(cfg, sys.argv[1:] if argv is None else list(argv))
+            app = _build_app(cfg, explicit)
+        except StartError:
+            if server is not None:
+                server.stop()
+            raise
     except StartError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    pending.app = app
+    cfg = app.extensions["federation"].config  # a resumed run keeps its stored settings
     port = bound_port(server) if server is not None else cfg.port
     _log_start(app, cfg, port)
     _serve_until_done(app, cfg, server)
     return 0
 
 
-def _build_app(cfg):
+def _refuse_a_finished_run(cfg, argv: list[str]) -> None:
+    """A finished run is not resumed by accident: say what it is and how to start a new one (or serve it)."""
+    try:
+        stored = stored_run(cfg.temp_dir)
+    except StoreError as exc:
+        raise StartError(str(exc)) from None
+    if stored is None or stored.phase != "finished" or cfg.keep_serving or cfg.fresh == stored.run_id:
+        return
+    again = [a for a in argv if not (a == "--fresh" or a.startswith("--fresh="))]
+    command = " ".join([python_command(), "coordinator.py", *map(shlex.quote, again), f"--fresh={stored.run_id}"])
+    raise StartError(f"{describe(stored, cfg.temp_dir)}: that run is finished (its model is in "
+                     f"{Path(cfg.models_dir) / 'global_model.pt'}). To start a new run:\n  {command}\n"
+                     "or add --keep-serving to serve its status to monitors")
+
+
+def _build_app(cfg, explicit):
     from fedrest.data import DatasetUnavailable
 
     try:
-        return create_app(cfg, start_driver=False)
+        return create_app(cfg, start_driver=False, explicit=explicit)
     except DatasetUnavailable as exc:
         raise StartError(f"cannot evaluate: {exc}\nOr start the coordinator with --no-eval.") from None
-    except StoreError as exc:
+    except (StoreError, StartRefused) as exc:
         raise StartError(str(exc)) from None
 
 
@@ -124,13 +150,13 @@ def _bind(app, cfg):
 
 
 def _log_start(app, cfg, port: int) -> None:
-    """Log where the coordinator listens and the commands that start a worker and a monitor."""
+    """Log where the coordinator listens and the commands that start a worker and a monitor (they paste back)."""
     federation: Federation = app.extensions["federation"]
     credentials: Credentials = app.extensions["credentials"]
     scheme = "https" if cfg.certfile else "http"
-    address = f"{scheme}://{_reachable_address(cfg.host)}:{port}"
+    address = f"{scheme}://{url_host(_reachable_address(cfg.host))}:{port}"
     log.info("coordinator listening on %s://%s:%s (%s); run %s: %d rounds, %d nodes to start, model %s, "
-             "dataset %s, aggregation %s", scheme, cfg.host, port,
+             "dataset %s, aggregation %s", scheme, url_host(cfg.host), port,
              "Flask debug server" if cfg.debug else f"cheroot, {cfg.server_threads} threads",
              federation.run_id, cfg.communication_rounds, cfg.min_nodes_to_start, cfg.model, cfg.dataset,
              cfg.aggregation)
@@ -141,16 +167,22 @@ def _log_start(app, cfg, port: int) -> None:
     for kind in credentials.generated:
         log.info("generated a new %s token into %s (mode 0600; it is never logged)", kind,
                  token_path(cfg.temp_dir, kind))
-    ca_flag = f" --ca-cert {cfg.certfile}" if cfg.certfile else ""
+    python = python_command()
+    ca_flag = f" --ca-cert {shlex.quote(cfg.certfile)}" if cfg.certfile else ""
     if cfg.no_auth:
         log.warning("authentication is off (--no-auth): anyone who reaches this port can join and read the status")
-        log.info("start a worker with: python worker.py --coordinator-address %s%s --cpu", address, ca_flag)
+        log.info("start a worker with: %s worker.py --coordinator-address %s%s --cpu", python, address, ca_flag)
+        log.info("dashboard: %s/", address)
         return
-    join = "<your --token>" if cfg.token else f'"$(cat {token_path(cfg.temp_dir, "join")})"'
-    monitor = "<your --monitor-token>" if cfg.monitor_token else f'"$(cat {token_path(cfg.temp_dir, "monitor")})"'
-    log.info("start a worker with: python worker.py --coordinator-address %s%s --token %s --cpu",
-             address, ca_flag, join)
-    log.info("watch with: python text_monitor.py --coordinator-address %s%s --token %s", address, ca_flag, monitor)
+    join = "<your --token>" if cfg.token else f'"$(cat {shlex.quote(str(token_path(cfg.temp_dir, "join")))})"'
+    monitor_file = token_path(cfg.temp_dir, "monitor")
+    monitor = "<your --monitor-token>" if cfg.monitor_token else f'"$(cat {shlex.quote(str(monitor_file))})"'
+    log.info("start a worker with: %s worker.py --coordinator-address %s%s --token=%s --cpu", python, address,
+             ca_flag, join)
+    log.info("watch with: %s text_monitor.py --coordinator-address %s%s --token=%s", python, address, ca_flag,
+             monitor)
+    log.info("dashboard: open %s/ and enter the monitor token%s", address,
+             "" if cfg.monitor_token else f" (the file {monitor_file})")
 
 
 def _serve_until_done(app, cfg, server) -> None:
@@ -162,8 +194,9 @@ def _serve_until_done(app, cfg, server) -> None:
         log.info("received %s; shutting down", signal.Signals(signum).name)
         stop.set()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # SIGHUP: the terminal or SSH session closed
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), on_signal)
     if server is not None:
         threading.Thread(target=_serve, args=(server,), name="cheroot", daemon=True).start()
     else:
@@ -187,6 +220,10 @@ def _serve_until_done(app, cfg, server) -> None:
         log.info("run finished: %d rounds, final test accuracy %s; model in %s", last.round,
                  "n/a" if last.test_accuracy is None else f"{last.test_accuracy:.4f}",
                  Path(cfg.models_dir) / "global_model.pt" if cfg.save_model else "(not saved)")
+    elif not federation.finished:
+        log.info("stopped run %s with %d of %d rounds done; to resume it, start the coordinator again with the "
+                 "same command (workers reconnect by themselves)", federation.run_id, federation.model_version,
+                 cfg.communication_rounds)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 
 Each process is a separate ``python coordinator.py`` / ``python worker.py`` on 127.0.0.1 with a free
 port and a fresh join token; their output goes to LOGS_DIR/launch_<name>.out. Settings reach them as
-FL_* environment variables (see config.py). Ctrl-C stops every process started here.
+FL_* environment variables (see config.py). Its run state is in TEMP_DIR (default temp/demo, apart from the
+temp/ of a coordinator started by hand); each launch sets the previous one's run aside into TEMP_DIR/archive/.
+Ctrl-C stops every process started here.
 Exit status: 0 when the run completed, 1 when a process failed, 130 on Ctrl-C.
 """
 
@@ -13,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -24,8 +25,12 @@ from pathlib import Path
 import config as config_module
 from fedrest.client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable, make_session
 from config import COORDINATOR_FIELDS, WORKER_FIELDS, Config
+from fedrest.server.credentials import new_token
+from fedrest.server.state_dir import archive_run
+from utils import python_command
 
 HERE = Path(__file__).resolve().parent
+DEMO_TEMP_DIR = os.path.join("temp", "demo")  # launch's run state, apart from a hand-started coordinator's
 LAUNCH_FIELDS = (
     "dataset", "data_dir", "models_dir", "logs_dir", "temp_dir", "communication_rounds", "local_epochs",
     "batch_size", "learning_rate", "momentum", "round_timeout", "partition", "alpha", "seed", "device",
@@ -57,8 +62,8 @@ class Launch:
 
     def __init__(self, cfg: Config, num_workers: int, port: int) -> None:
         self.cfg, self.num_workers, self.port = cfg, num_workers, port
-        self.token = secrets.token_urlsafe(32)  # join token of the workers
-        self.monitor_token = secrets.token_urlsafe(32)  # read-only: status for this launcher and the monitors
+        self.token = new_token()  # join token of the workers
+        self.monitor_token = new_token()  # read-only: status for this launcher and the monitors
         self.address = f"127.0.0.1:{port}"
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs = Path(cfg.logs_dir)
@@ -71,15 +76,17 @@ class Launch:
         out.close()
 
     def start(self) -> bool:
-        """Start the coordinator, wait until it answers with our token, then start the workers.
+        """Set the previous launch's run aside, start the coordinator, wait until it answers with our token,
+        then start the workers.
 
         Returns False (after printing why) when the coordinator does not come up."""
+        archive_run(self.cfg.temp_dir, self.cfg.models_dir)  # each launch is a new run, in its own TEMP_DIR
         coord_fields = [f for f in LAUNCH_FIELDS if f in COORDINATOR_FIELDS]
         self._spawn("coordinator", "coordinator.py", child_env(self.cfg, coord_fields, {
             "host": "127.0.0.1", "port": self.port, "token": self.token, "monitor_token": self.monitor_token,
             "min_nodes_to_start": self.num_workers,
             "node_timeout": self.cfg.node_timeout, "heartbeat_interval": self.cfg.heartbeat_interval,
-            "keep_serving": "true", "fresh": "true"}))
+            "keep_serving": "true"}))
         client = CoordinatorClient(self.address, token=self.monitor_token, session=make_session(total_retries=0))
         deadline = time.monotonic() + 120
         while True:
@@ -167,21 +174,26 @@ def main(argv=None) -> int:
     if not 1 <= args.workers <= 64:
         parser.error("--workers must be in 1..64")
     cfg = dataclasses.replace(cfg, node_timeout=30.0, heartbeat_interval=2.0)
+    if args.temp_dir is None and config_module.env_name("temp_dir") not in os.environ:
+        cfg = dataclasses.replace(cfg, temp_dir=DEMO_TEMP_DIR)  # not the TEMP_DIR of a coordinator started by hand
     if cfg.cpu_threads == 0 and cfg.device != "gpu":
         # N processes sharing this machine's cores: one torch pool each of cores/N avoids oversubscription
         cfg = dataclasses.replace(cfg, cpu_threads=max(1, (os.cpu_count() or 1) // args.workers))
     launch = Launch(cfg, args.workers, args.port or free_port())
     print(f"starting a coordinator on {launch.address} and {args.workers} workers ({cfg.device}, {cfg.dataset}, "
           f"{cfg.communication_rounds} rounds); logs in {launch.logs}/launch_*.out")
+    python = python_command()
     print(f"watch it live: open http://{launch.address}/#token={launch.monitor_token} in a browser, or run\n"
-          f"  python text_monitor.py --coordinator-address {launch.address} --token {launch.monitor_token}\n"
-          f"  python monitor.py --coordinator-address {launch.address} --token {launch.monitor_token}")
+          f"  {python} text_monitor.py --coordinator-address {launch.address} --token={launch.monitor_token}\n"
+          f"  {python} monitor.py --coordinator-address {launch.address} --token={launch.monitor_token}")
     started = time.monotonic()
 
     def on_sigterm(_signum, _frame):
         raise KeyboardInterrupt  # the same clean-up as Ctrl-C
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, on_sigterm)  # the terminal closed: stop the children too
     try:
         if not launch.start():
             launch.stop()

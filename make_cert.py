@@ -28,6 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from utils import python_command
+
 
 def make_self_signed(hosts: list[str], days: int = 365) -> tuple[bytes, bytes]:
     """A self-signed ECDSA P-256 certificate for ``hosts`` (IPs and DNS names); returns (cert PEM, key PEM).
@@ -92,17 +94,25 @@ def main(argv=None) -> int:
                              "localhost and 127.0.0.1 are always included)")
     parser.add_argument("--out-dir", default="certs", help="directory to write into (default: certs)")
     parser.add_argument("--days", type=int, default=365, help="validity in days (default: 365)")
+    parser.add_argument("--force", action="store_true", help="replace an existing pair in --out-dir")
     args = parser.parse_args(argv)
     if args.days < 1:
         parser.error("--days must be >= 1")
+    existing = [p for p in (Path(args.out_dir) / "coordinator.crt", Path(args.out_dir) / "coordinator.key")
+                if p.exists()]
+    if existing and not args.force:
+        print(f"error: {existing[0]} exists; workers may trust that certificate already. Pass --force to replace "
+              "the pair (every worker then needs the new certificate)", file=sys.stderr)
+        return 2
     try:
         cert_path, key_path = write_pair(args.out_dir, args.host + ["localhost", "127.0.0.1"], args.days)
     except OSError as exc:
         print(f"error: cannot write into {args.out_dir}: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {cert_path} and {key_path} (valid {args.days} days for {', '.join(args.host) or 'localhost'})\n"
-          f"coordinator: python coordinator.py --certfile {cert_path} --keyfile {key_path}\n"
-          f"workers:     python worker.py --coordinator-address https://HOST:PORT --ca-cert {cert_path} ...")
+          f"coordinator: {python_command()} coordinator.py --certfile {cert_path} --keyfile {key_path}\n"
+          f"workers:     {python_command()} worker.py --coordinator-address https://HOST:PORT --ca-cert {cert_path} "
+          "...\n(the key never leaves this host; copy only the .crt to the workers)")
     return 0
 
 

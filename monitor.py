@@ -133,6 +133,9 @@ def main(argv=None) -> int:
             poll = poller.poll()
             if poll.status is not None:
                 timeline.add(poll.status)
+            elif args.once or poll.refused:  # nothing to draw from; a refused token or certificate will not heal
+                print(poll.error if poll.refused else f"coordinator unreachable: {poll.error}", file=sys.stderr)
+                return 1
             draw(fig, poll.status or poller.last_status, timeline, poll.error, poll.unreachable_since, poll.refused)
             if save is not None:
                 try:
@@ -144,9 +147,7 @@ def main(argv=None) -> int:
             if args.once:
                 if save is not None:
                     print(f"wrote {save}")
-                if poll.status is None:
-                    print(poll.error if poll.refused else f"coordinator unreachable: {poll.error}", file=sys.stderr)
-                return 0 if poll.status is not None else 1
+                return 0
             if interactive:
                 plt.pause(poller.next_delay())
                 if not plt.fignum_exists(fig.number):

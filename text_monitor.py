@@ -92,20 +92,19 @@ def _trend_table(history: list) -> Table:
 
 
 def render(status: dict | None, error: str | None = None, unreachable_since: float | None = None,
-           height: int = 24, refused: bool = False) -> Group:
+           height: int = 24, refused: bool = False, full_errors: bool = False) -> Group:
     """The dashboard for ``status`` (the last one seen, or None) as a rich renderable.
 
     ``height`` is the terminal's number of lines: the node table is cut to fit, its last row saying
     "+N more"; the whole picture then fits in ``height`` - 1 lines (one is left for the cursor).
+    ``full_errors`` wraps an error over several lines instead of cutting it to one (for ``--once``).
     """
     parts = []
     if error is not None:
         since = datetime.fromtimestamp(unreachable_since).strftime("%H:%M:%S") if unreachable_since else "?"
-        if refused:
-            parts.append(Text(f"since {since}: {error}", style="bold red", no_wrap=True, overflow="ellipsis"))
-        else:
-            parts.append(Text(f"coordinator unreachable since {since}: {error}", style="bold red", no_wrap=True,
-                              overflow="ellipsis"))
+        text = f"since {since}: {error}" if refused else f"coordinator unreachable since {since}: {error}"
+        parts.append(Text(text, style="bold red", no_wrap=not full_errors,
+                          overflow="fold" if full_errors else "ellipsis"))
     if status is None:
         if error is None:
             parts.append(Text("no status yet"))
@@ -137,13 +136,18 @@ def main(argv=None) -> int:
     if args.once:
         poll = poller.poll()
         console = Console(no_color=True, highlight=False, width=int(os.environ.get("COLUMNS", "100")))
-        console.print(render(poll.status, poll.error, poll.unreachable_since, height=10_000, refused=poll.refused))
+        console.print(render(poll.status, poll.error, poll.unreachable_since, height=10_000, refused=poll.refused,
+                             full_errors=True))
         return 0 if poll.status is not None else 1
     console = Console()
     try:
         with Live(console=console, auto_refresh=False, screen=False) as live:
             while True:
                 poll = poller.poll()
+                if poll.refused and poll.status is None:  # a refused token or certificate will not heal by itself
+                    live.stop()
+                    print(f"error: {poll.error}", file=sys.stderr)
+                    return 1
                 live.update(render(poll.status or poller.last_status, poll.error, poll.unreachable_since,
                                    height=console.size.height, refused=poll.refused), refresh=True)
                 time.sleep(poller.next_delay())

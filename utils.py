@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -58,6 +59,22 @@ def set_cpu_threads(num_threads: int) -> None:
 # ----------------------------------------------------------------------------- programs
 
 
+def url_host(host: str) -> str:
+    """``host`` as it is written in a URL: an IPv6 address in brackets (``[::1]``), anything else as it is."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def python_command() -> str:
+    """How to run this Python in a new shell from the current directory: ``.venv/bin/python`` when it is a
+    virtual environment below here (activating it is not needed then), else the interpreter's full path."""
+    executable = Path(sys.executable)
+    try:
+        relative = executable.relative_to(Path.cwd())
+    except ValueError:
+        return shlex.quote(str(executable))
+    return shlex.quote(str(relative))
+
+
 def run_program(body, argv=None) -> int:
     """Run a long-running program's ``body(argv)`` and return its exit status.
 
@@ -70,6 +87,8 @@ def run_program(body, argv=None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _raise)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, _raise)
     try:
         return body(argv)
     except KeyboardInterrupt:

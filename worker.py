@@ -33,8 +33,7 @@ import torch
 import config as config_module
 from config import WORKER_FIELDS, Config
 from fedrest.client import CoordinatorClient, CoordinatorError, make_session
-from fedrest.data import DatasetUnavailable, LabeledImages, load_dataset
-from fedrest.partition import partition_indices
+from fedrest.data import DatasetUnavailable, LabeledImages, load_worker_data
 from fedrest.serialization import bytes_to_state_dict, state_dict_to_bytes
 from fedrest.worker_policy import CALL_ERRORS, Action, Reaction, react
 from model import build_model, local_train
@@ -61,27 +60,6 @@ class FatalError(Exception):
 def default_name(cfg: Config) -> str:
     host = socket.gethostname()
     return f"{host}-p{cfg.partition_id}" if cfg.partition_id is not None else f"{host}-{os.getpid()}"
-
-
-def load_local_data(cfg: Config, device: torch.device) -> LabeledImages:
-    """This worker's training data on ``device``: the whole training split or its partition.
-
-    Raises
-    ------
-    DatasetUnavailable
-        If no source has the dataset.
-    ValueError
-        If the partition cannot be made (more partitions than examples, bad alpha).
-    """
-    data = load_dataset(cfg.dataset, cfg.data_dir, train=True)
-    if cfg.num_partitions is not None:
-        idx = partition_indices(data.labels.numpy(), cfg.num_partitions, cfg.partition_id, cfg.partition,
-                                cfg.alpha, cfg.seed)
-        data = data.subset(idx)
-        log.info("partition %d/%d (%s%s, seed %d): %d examples, labels %s", cfg.partition_id, cfg.num_partitions,
-                 cfg.partition, f", alpha {cfg.alpha:g}" if cfg.partition == "dirichlet" else "", cfg.seed,
-                 len(data), torch.bincount(data.labels, minlength=10).tolist())
-    return LabeledImages(data.images.to(device), data.labels.to(device), data.source)
 
 
 def system_info(device: torch.device) -> dict:
@@ -113,6 +91,7 @@ class Worker:
         self.client = CoordinatorClient(cfg.coordinator_address, session=self._session(3))
         self.instance_id = secrets.token_hex(8)  # this process; see Federation.register
         self.node_id: str | None = None
+        self.run_id: str | None = None  # the coordinator's run this worker is in
         self.heartbeat_interval = 10.0
         self.model: torch.nn.Module | None = None
         self.model_name: str | None = None
@@ -137,6 +116,12 @@ class Worker:
         if answer.get("dataset", self.cfg.dataset) != self.cfg.dataset:
             raise FatalError(f"the coordinator trains on {answer['dataset']} but this worker holds "
                              f"{self.cfg.dataset} data; start it with --dataset {answer['dataset']}")
+        run_id = answer.get("run_id")
+        if self.run_id is not None and run_id != self.run_id:
+            log.warning("the coordinator runs a new run %s (this worker was in run %s): its rounds and global "
+                        "model start over", run_id, self.run_id)
+            self.model_version = -1
+        self.run_id = run_id
         self.node_id = answer["node_id"]
         self.client.token = answer["node_token"]
         self.heartbeat_interval = float(answer.get("heartbeat_interval", 10.0))
@@ -377,7 +362,7 @@ def _main(argv) -> int:
     log.info("worker %s on %s, torch %s, %d CPU threads", name, device_description(device), torch.__version__,
              torch.get_num_threads())
     try:
-        data = load_local_data(cfg, device)
+        data = load_worker_data(cfg, device)
     except (DatasetUnavailable, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -389,8 +374,9 @@ def _main(argv) -> int:
         worker.stop_event.set()
         raise StopRequested(signal.Signals(signum).name)
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # SIGHUP: the terminal or SSH session closed
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), on_signal)
     return worker.run()
 
 

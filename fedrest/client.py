@@ -8,9 +8,11 @@ later. Error answers become :class:`CoordinatorError` carrying the JSON ``error`
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import logging
+import socket
 import ssl
 from typing import Any, Mapping
 from urllib.parse import quote
@@ -82,12 +84,13 @@ class _TLSAdapter(HTTPAdapter):
 
 
 def base_url(address: str) -> str:
-    """``HOST:PORT``, ``http://HOST:PORT`` or ``https://...`` -> URL without trailing slash.
+    """``HOST:PORT``, ``http://HOST:PORT`` or ``https://...`` -> URL without trailing slash. An IPv6 host is
+    written in brackets: ``[::1]:5000``.
 
     Raises
     ------
     ValueError
-        If the address has no port or an unknown scheme.
+        If the address has no port, an unknown scheme, a path, or an IPv6 host without brackets.
     """
     address = address.strip().rstrip("/")
     if "://" not in address:
@@ -96,9 +99,22 @@ def base_url(address: str) -> str:
     if scheme not in ("http", "https"):
         raise ValueError(f"unsupported scheme {scheme!r} in {address!r}; use http or https")
     host, _, port = rest.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host or "@" in host:
         raise ValueError(f"coordinator address must look like HOST:PORT, got {address!r}")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if ":" in host and not bracketed:
+        raise ValueError(f"an IPv6 address needs brackets: {scheme}://[{host}]:{port}, got {address!r}")
+    if bracketed and not _is_ipv6(host[1:-1]):
+        raise ValueError(f"{host} is not an IPv6 address, in {address!r}")
     return address
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def make_session(total_retries: int = 6, backoff_factor: float = 0.5, backoff_max: float = 10.0,
@@ -151,6 +167,11 @@ class CoordinatorClient:
             raise CoordinatorUntrusted(_tls_message(self.url, exc)) from None
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
                 requests.exceptions.ContentDecodingError) as exc:  # refused, reset, timed out, cut mid-body
+            if _looks_cut(exc) and self.url.startswith("http://") and _speaks_tls(self.url):
+                host_port = self.url.partition("://")[2]
+                raise CoordinatorUntrusted(f"{self.url} speaks TLS (HTTPS), not plain HTTP: use "
+                                           f"--coordinator-address https://{host_port} with --ca-cert and the "
+                                           "coordinator's certificate") from None
             raise CoordinatorUnreachable(f"{method} {self.url}{API}{path}: {_short(exc)}") from None
         if response.status_code not in expected:
             raise _error_from(response)
@@ -227,6 +248,28 @@ def _error_from(response: requests.Response) -> CoordinatorError:
     if isinstance(body, dict) and "error" in body:
         return CoordinatorError(response.status_code, str(body["error"]), str(body.get("message", "")), body)
     return CoordinatorError(response.status_code, "http_error", response.text[:200].strip() or response.reason)
+
+
+def _looks_cut(exc: Exception) -> bool:
+    """A connection the server closed or reset on the first request (what a TLS server does to plain HTTP)."""
+    text = str(exc).lower()
+    return any(word in text for word in ("reset", "aborted", "remotedisconnected"))
+
+
+def _speaks_tls(url: str, timeout: float = 3.0) -> bool:
+    """Whether the server at ``url`` (HOST:PORT of an http:// URL) completes a TLS handshake: a plain-HTTP
+    request to an HTTPS coordinator ends in a connection reset, which is otherwise read as an outage."""
+    host_port = url.partition("://")[2]
+    host, _, port = host_port.rpartition(":")
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # only asking whether it speaks TLS; nothing is sent
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=host.strip("[]")):
+                return True
+    except (OSError, ssl.SSLError, ValueError):
+        return False
 
 
 def _tls_message(url: str, exc: Exception) -> str:

@@ -93,8 +93,10 @@ def _react_to_answer(exc: CoordinatorError, during: str) -> Reaction:
     status, error = exc.status, exc.error
     if during == "register":
         if status == 401:
-            return Reaction(Action.FATAL, f"the coordinator refused the join token ({exc.message}); pass the "
-                                          "token it printed at start-up with --token or FL_TOKEN")
+            return Reaction(Action.FATAL, f"the coordinator refused the join token ({exc.message}); pass its "
+                                          "join token with --token=... or FL_TOKEN: on the coordinator's host it "
+                                          "is in TEMP_DIR/join_token (temp/join_token), unless the coordinator "
+                                          "was started with its own --token")
         if error == "name_in_use":
             return Reaction(Action.FATAL, f"the name is in use: {exc.message}")
         if status in (400, 403, 413, 415):

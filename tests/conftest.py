@@ -167,8 +167,9 @@ def make_app(tmp_path) -> Callable:
     """
     made = []
 
-    def _make(evaluator=None, clock=time.monotonic, **overrides):
-        app = create_app(make_config(tmp_path, **overrides), start_driver=False, evaluator=evaluator, clock=clock)
+    def _make(evaluator=None, clock=time.monotonic, explicit=None, **overrides):
+        app = create_app(make_config(tmp_path, **overrides), start_driver=False, evaluator=evaluator, clock=clock,
+                         explicit=explicit)
         app.config["TESTING"] = True
         made.append(app)
         return app

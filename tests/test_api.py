@@ -213,9 +213,9 @@ def test_heartbeat_wrong_token_401_other_nodes_token_403(client):
 
 def test_fresh_coordinator_answers_unknown_node(make_app):
     """F6: after a fresh start the old id gets a distinct 404 (the worker re-registers) and the old token 401."""
-    old_client = make_app().test_client()
-    node = register(old_client)
-    new_client = make_app(fresh=True).test_client()
+    old_app = make_app()
+    node = register(old_app.test_client())
+    new_client = make_app(fresh=old_app.extensions["federation"].run_id).test_client()
     assert_json_error(new_client.post(f"{API}/nodes/{node['node_id']}/heartbeat", headers=node["headers"]), 404,
                       "unknown_node")
     assert_json_error(new_client.get(f"{API}/task", headers=node["headers"]), 401, "unauthorized")

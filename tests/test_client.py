@@ -52,16 +52,40 @@ def api(session):
     ("http://host:80/", "http://host:80"),
     ("https://example.org:8443", "https://example.org:8443"),
     (" [::1]:5000 ", "http://[::1]:5000"),
+    ("https://[2001:db8::5]:5000", "https://[2001:db8::5]:5000"),
 ])
 def test_base_url(address, url):
     assert base_url(address) == url
 
 
 @pytest.mark.parametrize("address", ["localhost", "ftp://host:21", "host:", "host:abc", "host:0", "host:70000",
-                                     ":5000"])
+                                     ":5000", "[nothost]:5000", "http://host/api:5000", "user@host:5000"])
 def test_base_url_rejects(address):
     with pytest.raises(ValueError):
         base_url(address)
+
+
+@pytest.mark.parametrize("address", ["::1:5000", "http://::1:5000", "2001:db8::5:5000"])
+def test_an_ipv6_host_without_brackets_is_refused_with_the_bracketed_form(address):
+    with pytest.raises(ValueError, match=r"needs brackets: http://\[.*\]:5000"):
+        base_url(address)
+
+
+def test_the_coordinators_own_address_hint_pastes_back():
+    from utils import url_host
+
+    for host in ("::1", "10.0.0.5", "2001:db8::5", "coordinator.lab"):
+        assert base_url(f"https://{url_host(host)}:5000") == f"https://{url_host(host)}:5000"
+
+
+def test_generated_tokens_never_read_as_a_flag(monkeypatch):
+    from fedrest.server import credentials
+
+    drawn = iter(["-RQK6" + "a" * 38, "-x" + "b" * 41, "ok" + "c" * 41])
+    monkeypatch.setattr(credentials.secrets, "token_urlsafe", lambda n: next(drawn))
+    assert credentials.new_token() == "ok" + "c" * 41  # the two starting with "-" were drawn again
+    monkeypatch.undo()
+    assert not any(credentials.new_token().startswith("-") for _ in range(2000))
 
 
 def test_whole_flow_through_the_client(api, session, fed):

@@ -143,6 +143,10 @@ CLI_CASES = {
     "worker-partition-id-alone": ("worker.py", ["--partition-id", "0"], {},
                                   "--partition-id and --num-partitions must be given together"),
     "worker-bad-address": ("worker.py", ["--coordinator-address", "no-port-here"], {}, "HOST:PORT"),
+    "worker-ipv6-without-brackets": ("worker.py", ["--coordinator-address", "::1:5000"], {},
+                                     "an IPv6 address needs brackets: http://[::1]:5000"),
+    "monitor-ipv6-without-brackets": ("text_monitor.py", ["--coordinator-address", "http://::1:5000", "--once"], {},
+                                      "an IPv6 address needs brackets: http://[::1]:5000"),
     "worker-gpu-without-cuda": ("worker.py", ["--gpu", "--coordinator-address", "127.0.0.1:9",
                                               "--data-dir", "{tmp}/data", "--logs-dir", "{tmp}/logs"], {},
                                 "CUDA is not available"),
@@ -193,3 +197,36 @@ def test_worker_gpu_without_cuda_exits_2_with_clear_message(cli_results):
     assert "Traceback" not in err and "Traceback" not in out
     data_dir = cwd / "data"
     assert not data_dir.exists() or not any(data_dir.iterdir())  # it stopped before loading any data
+
+
+def test_a_coordinator_that_cannot_listen_leaves_no_run_behind(tmp_path):
+    """The port is bound before any state is made: a start that fails on "address in use" stores nothing."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, str(ROOT / "coordinator.py"), "--host", "127.0.0.1", "--port",
+                                 str(port), "--no-eval"], cwd=tmp_path, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr, result.stderr
+    assert not (tmp_path / "temp" / "coordinator.sqlite3").exists()
+    assert not (tmp_path / "temp" / "join_token").exists()
+
+
+def test_help_lists_choices_and_says_each_default_once():
+    text = " ".join(coordinator.build_parser().format_help().split())
+    assert "(one of: mnist, fashion-mnist; default: mnist; env FL_DATASET)" in text
+    assert "(default: the system's trust store) (env FL_CA_CERT)" in " ".join(worker.build_parser().format_help()
+                                                                              .split())
+    assert "default: None" not in text
+
+
+def test_make_cert_never_replaces_a_key_pair_unless_told(tmp_path, capsys):
+    import make_cert
+
+    out = tmp_path / "certs"
+    assert make_cert.main(["--out-dir", str(out), "--host", "127.0.0.1"]) == 0
+    first = (out / "coordinator.key").read_bytes()
+    assert make_cert.main(["--out-dir", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and (out / "coordinator.key").read_bytes() == first
+    assert make_cert.main(["--out-dir", str(out), "--force"]) == 0
+    assert (out / "coordinator.key").read_bytes() != first

@@ -102,3 +102,22 @@ def test_sigterm_on_launch_stops_every_process_it_started(tmp_path):
     worker_logs = [p.read_text() for p in (tmp_path / "logs").glob("launch_worker*.out")]
     assert len(worker_logs) == 2 and all("stopping on signal" in text or "interrupted" in text
                                          for text in worker_logs), worker_logs
+
+
+def test_sighup_is_a_clean_stop_for_worker_and_coordinator(procs):
+    """A closed terminal or SSH session (SIGHUP): the worker leaves (offline at once), the coordinator shuts
+    down cleanly and says how to resume."""
+    port = free_port()
+    procs.coordinator(port, "--rounds", "3", "--min-nodes", "2", "--no-eval")
+    procs.worker("w0", port)
+    client = status_client(port)
+    wait_for(lambda: (s := try_status(client)) and any(n["status"] != "offline" for n in s["nodes"]), 120,
+             "the worker to register", procs)
+    procs.procs["w0"].send_signal(signal.SIGHUP)
+    assert procs.procs["w0"].wait(30) == 0, procs.output("w0")
+    assert "telling the coordinator" in procs.output("w0")
+    assert [n["status"] for n in try_status(client)["nodes"]] == ["offline"]
+    procs.procs["coordinator"].send_signal(signal.SIGHUP)
+    assert procs.procs["coordinator"].wait(30) == 0
+    assert "received SIGHUP; shutting down" in procs.output("coordinator")
+    assert "to resume it, start the coordinator again with the same command" in procs.output("coordinator")

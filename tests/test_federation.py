@@ -3,6 +3,7 @@ round, with a fake clock. The HTTP contract is tested in test_api.py; the decisi
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 
 import torch
@@ -96,4 +97,24 @@ def test_offline_participant_does_not_hold_the_round(tmp_path):
     fed.tick()
     assert len(fed.state.history) == 1 and fed.state.history[0].num_updates == 1
     assert fed.state.participants == [a.node_id]  # round 2 starts with the nodes online now
+    fed.stop()
+
+
+def test_the_log_says_a_round_is_done_before_the_next_one_starts_and_who_a_round_waits_for(tmp_path, caplog):
+    clock = FakeClock()
+    fed = _tiny_federation(tmp_path, clock, min_nodes_to_start=2, communication_rounds=2)
+    a, _, _ = fed.register("node-a", "cpu", 10, {})
+    fed.register("node-b", "cpu", 10, {})
+    with caplog.at_level(logging.INFO, logger="fl.federation"):
+        fed.tick()
+        _submit(fed, a, 1, [1.0, 1.0], 1, 5)
+        clock.advance(11.0)  # node-b is silent, but within NODE_TIMEOUT and the deadline
+        fed.tick()
+        clock.advance(20.0)  # past ROUND_TIMEOUT: round 1 closes with node-a's update
+        fed.tick()
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("round 1: 1 of 2 updates; waiting for node-b (deadline in 19s)" in m for m in lines), lines
+    done = next(i for i, m in enumerate(lines) if m.startswith("round 1/2 done"))
+    started = next(i for i, m in enumerate(lines) if m.startswith("round 2/2 started"))
+    assert done < started
     fed.stop()

@@ -55,7 +55,7 @@ def test_metrics_need_the_join_token(client):
 def test_each_app_has_its_own_registry(make_app, tmp_path):
     first = make_app()
     register(first.test_client(), "only-in-first")
-    second_fed = make_app(fresh=True).extensions["federation"]
+    second_fed = make_app(fresh=first.extensions["federation"].run_id).extensions["federation"]
     assert second_fed.nodes == {}
     assert scrape(first.test_client())[("fl_nodes", (("status", "online"),))] == 1
 

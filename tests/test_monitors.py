@@ -82,10 +82,11 @@ def test_text_monitor_unreachable_keeps_the_last_picture():
     assert "worker-002" in text
 
 
-def run_monitor(script: str, *args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_monitor(script: str, *args: str, timeout: float = 60, env: dict | None = None,
+                cwd: Path | None = None) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "MPLBACKEND")}
     return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
-                          timeout=timeout, env={**base, **(env or {})})
+                          timeout=timeout, env={**base, **(env or {})}, cwd=cwd)
 
 
 @pytest.mark.e2e
@@ -112,8 +113,10 @@ def test_monitors_against_a_real_coordinator(procs, tmp_path):
     assert plot.returncode == 0, plot.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     # without --save and without a display, --once writes the default PNG and says where
-    headless = run_monitor("monitor.py", "--coordinator-address", address, "--token", MONITOR_TOKEN, "--once")
+    headless = run_monitor("monitor.py", "--coordinator-address", address, "--token", MONITOR_TOKEN, "--once",
+                           cwd=tmp_path)  # not into the checkout's logs/
     assert headless.returncode == 0 and "logs/monitor.png" in headless.stdout
+    assert (tmp_path / "logs" / "monitor.png").stat().st_size > 20_000
     wrong = run_monitor("text_monitor.py", "--coordinator-address", address, "--token", "not-the-monitor-token",
                         "--once")
     assert wrong.returncode == 1 and "refused the token" in wrong.stdout and "unreachable" not in wrong.stdout

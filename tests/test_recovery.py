@@ -16,6 +16,7 @@ from conftest import (MONITOR, API, JOIN_TOKEN, FakeClock, bearer, filled_state_
 from fedrest.server.checkpoints import load_checkpoint
 from fedrest.server.federation import Federation, Phase
 from fedrest.server.rounds import sample_participants
+from fedrest.server.status import status_json
 from fedrest.server.store import RunStore, StoreError
 from fedrest.serialization import bytes_to_state_dict, state_dict_to_bytes
 
@@ -121,7 +122,7 @@ def test_fresh_archives_the_old_run(make_app):
     client, fed = app.test_client(), app.extensions["federation"]
     register(client)
     fed.stop()
-    app2 = make_app(fresh=True)
+    app2 = make_app(fresh=fed.run_id)
     fed2 = app2.extensions["federation"]
     assert fed2.run_id != fed.run_id and fed2.nodes == {}
     archives = list((Path(fed.config.temp_dir) / "archive").iterdir())
@@ -129,11 +130,28 @@ def test_fresh_archives_the_old_run(make_app):
 
 
 def test_resume_keeps_the_settings_the_run_started_with(make_app):
-    fed = make_app(communication_rounds=7, local_epochs=2).extensions["federation"]
+    app = make_app(communication_rounds=7, local_epochs=2, evaluator=lambda sd: (0.5, 0.5))
+    client, fed = app.test_client(), app.extensions["federation"]
+    node = register(client)
+    fed.tick()
+    post_update(client, node, 1, filled_state_dict(1.0, 1), {"num_samples": 10})
+    fed.tick()  # one round done: the run's settings are fixed from now on
+    assert fed.model_version == 1
     fed.stop()
     fed2 = make_app(communication_rounds=3, local_epochs=5, round_timeout=9.0).extensions["federation"]
     assert (fed2.config.communication_rounds, fed2.config.local_epochs) == (7, 2)
     assert fed2.config.round_timeout == 9.0  # operational settings may change on restart
+
+
+def test_a_run_that_completed_no_round_takes_new_settings(make_app):
+    fed = make_app(communication_rounds=7, local_epochs=2).extensions["federation"]
+    fed.stop()
+    fed2 = make_app(communication_rounds=3, local_epochs=5).extensions["federation"]
+    assert fed2.run_id == fed.run_id
+    assert (fed2.config.communication_rounds, fed2.config.local_epochs) == (3, 5)
+    fed2.stop()
+    fed3 = make_app(explicit=set()).extensions["federation"]  # stored: a start that gives none keeps them
+    assert (fed3.config.communication_rounds, fed3.config.local_epochs) == (3, 5)
 
 
 def test_a_completed_run_stays_visible(make_app):
@@ -224,3 +242,34 @@ def test_a_new_attempt_after_too_few_updates_accepts_uploads_again(tmp_path):
     again = Federation(cfg, filled_state_dict(0.0, 0), clock=clock)
     assert list(again.state.updates) == [a.node_id] and again.state.attempt == 2
     assert bytes_to_state_dict(Path(again.state.updates[a.node_id].path).read_bytes())["fc2.bias"].eq(3.0).all()
+
+
+def test_after_a_restart_nodes_that_left_or_were_long_gone_stay_offline(tmp_path):
+    cfg = make_config(tmp_path, node_timeout=60.0, min_nodes_to_start=5)
+    fed = Federation(cfg, filled_state_dict(0.0, 0))
+    a, b, c = (fed.register(name, "cpu", 10, {})[0] for name in ("a", "b", "c"))
+    fed.leave(b)  # Ctrl-C on the worker
+    c.last_seen_wall -= 3600  # its worker exited an hour ago without a word
+    fed.stop()  # a clean stop stores when each node was last seen
+    fed2 = Federation(cfg, filled_state_dict(0.0, 0))
+    assert {n.name: fed2.node_status(n) for n in fed2.nodes.values()} == {"a": "online", "b": "offline",
+                                                                          "c": "offline"}
+    status = {n["name"]: n for n in status_json(fed2.snapshot())["nodes"]}
+    assert status["c"]["last_seen_s_ago"] >= 3600  # shown as it is, not "seen just now"
+    fed2.stop()
+
+
+def test_after_a_crash_the_participants_of_the_open_round_get_time_to_come_back(tmp_path):
+    cfg = make_config(tmp_path, node_timeout=60.0, min_nodes_to_start=1)
+    fed = Federation(cfg, filled_state_dict(0.0, 0))
+    a, _, _ = fed.register("a", "cpu", 10, {})
+    fed.tick()
+    assert fed.state.participants == [a.node_id]
+    a.last_seen_wall -= 3600
+    fed.store.save_node(a.node_id, a.name, a.record())  # as if stored long ago, and then kill -9 (no stop)
+    fed2 = Federation(cfg, filled_state_dict(0.0, 0))
+    assert fed2.node_status(fed2.nodes[a.node_id]) == "training"
+    fed2.tick()
+    assert (fed2.phase, fed2.round, fed2.state.attempt) == (Phase.TRAINING, 1, 1)  # the round still waits for it
+    fed2.stop()
+    fed.stop()

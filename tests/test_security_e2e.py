@@ -40,10 +40,15 @@ def test_https_coordinator_two_workers_and_the_text_monitor(procs, tmp_path):
     stranger = _worker(procs, "s3", address)
     assert stranger.wait(60) == 1
     assert "cannot verify the TLS certificate" in procs.output("s3") and "--ca-cert" in procs.output("s3")
+    # the seed's address form (plain HOST:PORT, i.e. http://) against this HTTPS coordinator: told, not retried
+    plain = _worker(procs, "p2", f"127.0.0.1:{port}")
+    assert plain.wait(60) == 1
+    assert f"speaks TLS (HTTPS), not plain HTTP: use --coordinator-address https://127.0.0.1:{port}" in \
+        procs.output("p2")
     for name in ("w0", "w1"):
         _worker(procs, name, address, "--ca-cert", str(cert))
     final = wait_for(lambda: (s := status()) and s["state"] == "finished" and s, 300, "the round over TLS", procs,
-                     allow_exit=("s3",))
+                     allow_exit=("s3", "p2"))
     assert final["history"][0]["num_updates"] == 2 and final["history"][0]["test_accuracy"] > 0.5
     assert {n["name"] for n in final["nodes"]} == {"w0", "w1"}  # the stranger never registered
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from typing import Callable, Collection
 
 from flask import Flask, Response, current_app, request
 
@@ -24,7 +24,7 @@ from fedrest.server.federation import Federation
 from fedrest.server.http_errors import (JSON_BODY_LIMIT, METADATA_LIMIT, MULTIPART_SLACK, UPLOAD_ENDPOINT,
                                         register_error_handlers)
 from fedrest.server.ratelimit import RateLimiter
-from fedrest.server.state_dir import archive_run, resume_config, stored_run_config
+from fedrest.server.state_dir import prepare_start
 from fedrest.server.views import admin, monitoring, nodes, rounds
 from utils import set_cpu_threads
 
@@ -34,7 +34,7 @@ BURST = 5.0  # a rate limit of r requests/s allows bursts of BURST * r
 
 
 def create_app(cfg: Config, *, start_driver: bool = True, evaluator: Evaluator | None = None,
-               clock: Callable[[], float] = time.monotonic) -> Flask:
+               clock: Callable[[], float] = time.monotonic, explicit: Collection[str] | None = None) -> Flask:
     """Build a coordinator app for ``cfg``.
 
     Parameters
@@ -43,6 +43,7 @@ def create_app(cfg: Config, *, start_driver: bool = True, evaluator: Evaluator |
     evaluator : (state_dict) -> (test loss, test accuracy). None: build one from ``cfg.dataset`` unless
         ``cfg.no_eval``.
     clock : the federation's monotonic clock, seconds (tests may pass a fake one).
+    explicit : the settings the user gave (flags, environment): see :func:`state_dir.prepare_start`.
 
     Raises
     ------
@@ -50,18 +51,15 @@ def create_app(cfg: Config, *, start_driver: bool = True, evaluator: Evaluator |
         When evaluation is on and the test split cannot be loaded.
     fedrest.server.store.StoreError
         When TEMP_DIR holds a run that cannot be resumed.
+    fedrest.server.state_dir.StartRefused
+        When ``--fresh`` or the settings do not fit the stored run (the message says what to do).
     """
     import torch
 
     from model import build_model
 
     config_module.ensure_dirs(cfg, ("models_dir", "logs_dir", "temp_dir"))
-    if cfg.fresh:
-        archived = archive_run(cfg.temp_dir, cfg.models_dir)
-        if archived is not None:
-            log.warning("--fresh: the stored run was moved to %s; starting a new run", archived)
-    else:
-        cfg = resume_config(cfg, stored_run_config(cfg.temp_dir))
+    cfg = prepare_start(cfg, explicit)
     set_cpu_threads(cfg.cpu_threads)
     if evaluator is None and not cfg.no_eval:
         evaluator = make_evaluator(cfg)

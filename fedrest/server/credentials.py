@@ -34,8 +34,12 @@ def hash_token(token: str) -> str:
 
 
 def new_token() -> str:
-    """A fresh random token: 32 bytes, URL-safe base64 (43 characters)."""
-    return secrets.token_urlsafe(32)
+    """A fresh random token: 32 bytes, URL-safe base64 (43 characters), never starting with ``-`` (a token that
+    does would read as a flag where it is pasted after ``--token``)."""
+    while True:
+        token = secrets.token_urlsafe(32)
+        if token[0] != "-":
+            return token
 
 
 def token_path(temp_dir: str | os.PathLike, kind: str) -> Path:

@@ -60,10 +60,7 @@ class RoundDriver:
         decision = decide(st.facts(now, online, c.round_timeout),
                           Settings(c.min_nodes_to_start, c.min_updates, c.round_timeout))
         if decision.action == Action.NOTHING:
-            if st.phase == Phase.WAITING and now >= st.not_before and now - self._last_wait_log >= WAITING_LOG_EVERY:
-                self._last_wait_log = now
-                log.info("waiting for nodes: %d online, %d needed to start round %d", len(online),
-                         c.min_nodes_to_start, st.round + 1)
+            self._log_waiting(now, online)
             return False
         if decision.action == Action.AGGREGATE:
             if decision.missing:
@@ -80,6 +77,21 @@ class RoundDriver:
         self.fed.store.start_round(st.values())
         self.fed.changed.notify_all()
         return False
+
+    def _log_waiting(self, now: float, online: list[str]) -> None:
+        """Every WAITING_LOG_EVERY seconds: who the run waits for (nodes to start a round, or updates)."""
+        st, c = self.fed.state, self.fed.config
+        if now - self._last_wait_log < WAITING_LOG_EVERY or now < st.not_before:
+            return
+        self._last_wait_log = now
+        if st.phase == Phase.WAITING:
+            log.info("waiting for nodes: %d online, %d needed to start round %d", len(online),
+                     c.min_nodes_to_start, st.round + 1)
+        elif st.phase == Phase.TRAINING:
+            owing = [self.fed.nodes[i].name for i in st.participants if st.owes_answer(i)]
+            log.info("round %d: %d of %d updates; waiting for %s (deadline in %.0fs)", st.round, len(st.updates),
+                     len(st.participants), ", ".join(owing[:10]) + (f" and {len(owing) - 10} more" if len(owing) > 10
+                                                                    else ""), st.deadline(c.round_timeout) - now)
 
     def _restart(self, decision: Decision, now: float) -> None:
         """A round that closed with fewer than MIN_UPDATES updates: back off, start again, or wait for nodes."""
@@ -98,16 +110,21 @@ class RoundDriver:
             st.round -= 1
             self._wait_for_nodes()
 
-    def _open_round(self, number: int, attempt: int, now: float, reason: str) -> None:
-        """Open round ``number`` (attempt ``attempt``) with sampled online nodes; the caller stores it."""
+    def _open_round(self, number: int, attempt: int, now: float, reason: str, announce: bool = True) -> str:
+        """Open round ``number`` (attempt ``attempt``) with sampled online nodes; the caller stores it. Returns
+        the "started" log line (logged here unless ``announce`` is False: then after the caller's commit)."""
         online = self.fed.registry.online_ids(now)
         self.fed.state.open(number, attempt, online, self.fed.config, now, time.time())
         if attempt > 1:  # the files of the attempt that failed (their rows go with the start_round commit)
             self.fed.spool.discard_round(number)
+        self._last_wait_log = now  # the next "waiting for" line comes WAITING_LOG_EVERY seconds from now
         participants = self.fed.state.participants
-        log.info("round %d/%d started (%s) with %d of %d online nodes: %s", number,
-                 self.fed.config.communication_rounds, reason, len(participants), len(online),
-                 ", ".join(self.fed.nodes[i].name for i in participants))
+        started = (f"round {number}/{self.fed.config.communication_rounds} started ({reason}) with "
+                   f"{len(participants)} of {len(online)} online nodes: "
+                   + ", ".join(self.fed.nodes[i].name for i in participants))
+        if announce:
+            log.info("%s", started)
+        return started
 
     def _wait_for_nodes(self) -> None:
         self.fed.state.wait_for_nodes()
@@ -150,14 +167,17 @@ class RoundDriver:
         now = self.fed.clock()
         action = after_round(number, c.communication_rounds, len(self.fed.registry.online_ids(now)),
                              c.min_nodes_to_start)
+        started = None
         if action == Action.FINISH:
             st.phase, st.participants = Phase.FINISHED, []
         elif action == Action.OPEN:
-            self._open_round(number + 1, 1, now, "previous round done")
+            started = self._open_round(number + 1, 1, now, "previous round done", announce=False)
         else:
             self._wait_for_nodes()
         self.fed.store.finish_round(number, asdict(record), st.values(), contributors)
         closing.log_round_done(record, c.communication_rounds)
+        if started:
+            log.info("%s", started)
         if st.phase == Phase.FINISHED:
             log.info("all %d rounds done; telling workers to stop", number)
         self.fed.changed.notify_all()

@@ -38,7 +38,7 @@ from fedrest.aggregation import make_strategy
 from fedrest.files import remove_stale_temporaries
 from fedrest.serialization import UpdateRejected, bytes_to_state_dict, check_compatible, state_dict_to_bytes
 from fedrest.server.checkpoints import GlobalModels
-from fedrest.server.credentials import hash_token
+from fedrest.server.credentials import hash_token, new_token
 from fedrest.server.errors import Conflict
 from fedrest.server.evaluation import Evaluator
 from fedrest.server.driver import RoundDriver
@@ -60,7 +60,7 @@ class Federation:
 
     Parameters
     ----------
-    config : the run's settings (for a resumed run, pass it through :func:`state_dir.resume_config` first).
+    config : the run's settings (for a resumed run, pass it through :func:`state_dir.prepare_start` first).
     initial_state_dict : the global model of round 0 (its keys, shapes and dtypes define valid updates).
     evaluator : returns (test loss, test accuracy) of a state_dict; None disables evaluation.
     clock : monotonic clock in seconds (tests may pass a fake one).
@@ -142,7 +142,9 @@ class Federation:
                           update.node_id)
         updates = [u for u in updates if Path(u.path).exists()]
         self.state = RoundState.from_values(values, updates, s.history(), now)
-        self.registry.load(s.nodes(), now, time.time())
+        s.put({"config": self.config.public_dict()})  # a run that completed no round may have new settings
+        expected = self.state.participants if self.state.phase == Phase.TRAINING else ()
+        self.registry.load(s.nodes(), now, time.time(), expected)
         self.spool.remove_other_rounds(self.state.round)
         st = self.state
         log.info("resumed run %s: %s, round %d/%d (attempt %d), model version %d, %d nodes, %d updates of "
@@ -189,7 +191,7 @@ class Federation:
         Forbidden
             ``banned`` for a name the operator banned; ``node_limit`` when MAX_NODES nodes are registered.
         """
-        token = secrets.token_urlsafe(32)
+        token = new_token()
         with self.changed:
             node, created = self.registry.prepare_registration(name, device, num_samples, system_info,
                                                                instance_id, hash_token(token), self.clock(),
@@ -219,9 +221,10 @@ class Federation:
             return self.registry.get(node_id)
 
     def leave(self, node: Node) -> None:
-        """A worker says it is leaving: it is offline from now and no longer waited for."""
+        """A worker says it is leaving: it is offline from now (after a restart too) and no longer waited for."""
         with self.changed:
             node.left = True
+            self.store.save_node(node.node_id, node.name, node.record())
             self.changed.notify_all()
         log.info("node %s (%s) left", node.name, node.node_id)
 
@@ -369,11 +372,15 @@ class Federation:
         self.driver.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop the driver thread (waits for an aggregation in progress) and wake long polls."""
+        """Stop the driver thread (waits for an aggregation in progress), wake long polls, and store when each
+        node was last seen (so that a restart tells the nodes that were alive from those long gone)."""
         self.stopping.set()
         with self.changed:
             self.changed.notify_all()
         self.driver.join(timeout)
+        with self.changed:
+            if not self.store.closed:
+                self.store.save_nodes({n.node_id: (n.name, n.record()) for n in self.nodes.values()})
 
     def all_told_to_stop(self) -> bool:
         """True when the run is finished and every node still online has been told to stop."""

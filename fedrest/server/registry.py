@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass, field
+from typing import Collection
 
 from fedrest.server.errors import Conflict, Forbidden, UnknownNode
 
@@ -44,10 +45,11 @@ class Node:
 
     _DURABLE = ("node_id", "name", "device", "num_samples", "system_info", "token_hash", "registered_at",
                 "updates_submitted", "rounds_contributed", "last_train_loss", "last_train_accuracy",
-                "instance_id", "superseded", "left", "banned")
+                "instance_id", "superseded", "left", "banned", "last_seen_wall")
 
     def record(self) -> dict:
-        """The fields that are stored (liveness is not: it restarts with the coordinator)."""
+        """The fields that are stored. ``last_seen_wall`` is as fresh as the node's last stored change
+        (registration, update, leave) or the coordinator's last clean stop, not every request."""
         return {k: getattr(self, k) for k in self._DURABLE}
 
 
@@ -67,10 +69,20 @@ class NodeRegistry:
         self._by_name: dict[str, str] = {}
         self._by_token: dict[str, str] = {}
 
-    def load(self, records, now_mono: float, now_wall: float) -> None:
-        """Put stored nodes back after a restart; each gets a grace of NODE_TIMEOUT to show it is alive."""
+    def load(self, records, now_mono: float, now_wall: float, expected: Collection[str] = ()) -> None:
+        """Put stored nodes back after a restart.
+
+        A node gets a grace of NODE_TIMEOUT to show it is alive when it was seen within NODE_TIMEOUT before
+        (its stored ``last_seen_wall``) or is in ``expected`` (the participants of the open round); any other
+        node (it left, or was last seen long ago) stays offline until its next request.
+        """
         for record in records:
-            self.add(Node(**record, last_seen_mono=now_mono, last_seen_wall=now_wall))
+            record = dict(record)
+            seen_wall = record.pop("last_seen_wall", None) or now_wall  # rows of earlier versions have none
+            age = max(0.0, now_wall - seen_wall)
+            alive = record["node_id"] in expected or age <= self.node_timeout
+            self.add(Node(**record, last_seen_mono=now_mono if alive else now_mono - age,
+                          last_seen_wall=now_wall if alive else seen_wall))
 
     def add(self, node: Node) -> None:
         """Index ``node`` by id, name and (unless banned) token digest."""

@@ -32,6 +32,21 @@ class _Server(wsgi.Server):
                 exc_info=traceback)
 
 
+class PendingApp:
+    """A WSGI app that answers 503 (retry in 1 s) until ``app`` is set: the port is bound before the coordinator
+    builds its state, so that a start that cannot listen changes nothing."""
+
+    def __init__(self) -> None:
+        self.app = None
+
+    def __call__(self, environ, start_response):
+        app = self.app
+        if app is None:
+            start_response("503 Service Unavailable", [("Content-Type", "application/json"), ("Retry-After", "1")])
+            return [b'{"error": "starting", "message": "the coordinator is starting; retry in a second"}']
+        return app(environ, start_response)
+
+
 def is_loopback(host: str) -> bool:
     """Whether listening on ``host`` is reachable only from this machine (127.0.0.0/8, ::1, localhost)."""
     if host.strip().lower() == "localhost":

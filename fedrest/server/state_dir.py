@@ -11,9 +11,11 @@ import logging
 import os
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Collection
 
-from config import RUN_FIELDS, Config
+from config import RUN_FIELDS, Config, flag_name
 from fedrest.server.store import RunStore
 
 log = logging.getLogger("fl.federation")
@@ -40,8 +42,27 @@ def archive_run(temp_dir: str | os.PathLike, models_dir: str | os.PathLike | Non
     return target
 
 
-def stored_run_config(temp_dir: str | os.PathLike) -> dict | None:
-    """The configuration a stored run was started with (its public fields), or None when there is no run.
+class StartRefused(Exception):
+    """The coordinator will not start on this state directory as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class StoredRun:
+    """What a stored run is: its id, settings, phase, round, completed rounds (``model_version``)."""
+
+    run_id: str
+    config: dict
+    phase: str
+    round: int
+    model_version: int
+
+    @property
+    def total_rounds(self) -> int:
+        return int(self.config.get("communication_rounds", 0))
+
+
+def stored_run(temp_dir: str | os.PathLike) -> StoredRun | None:
+    """The run stored in ``temp_dir``, or None when there is none.
 
     Raises
     ------
@@ -53,17 +74,82 @@ def stored_run_config(temp_dir: str | os.PathLike) -> dict | None:
         return None
     store = RunStore(path)
     try:
-        return store.get("config")
+        if store.is_empty():
+            return None
+        return StoredRun(store.get("run_id"), store.get("config") or {}, store.get("phase"), store.get("round"),
+                         store.get("model_version"))
     finally:
         store.close()
 
 
-def resume_config(cfg: Config, stored: dict | None) -> Config:
-    """``cfg`` with the run-defining settings (config.RUN_FIELDS) of a stored run; logs the ones it overrides."""
-    if not stored:
+FRESH_WITHOUT_ID = ("?", "true", "1", "yes", "on")  # --fresh given without the id of the run to set aside
+
+
+def prepare_start(cfg: Config, explicit: Collection[str] | None = None) -> Config:
+    """Set a stored run aside (``--fresh=RUN_ID``) or work out the settings of the run to resume.
+
+    ``--fresh`` names the run it sets aside, so a command that is run again after a restart (with the same
+    ``--fresh``) resumes the new run instead of throwing it away. A resumed run keeps the settings it started
+    with (config.RUN_FIELDS), unless it has completed no round yet: then the new ones replace them.
+    ``explicit`` are the fields the command line or environment gave; one that differs from a run's settings
+    after its first round is refused (None: such differences are only logged).
+
+    Raises
+    ------
+    StartRefused
+        ``--fresh`` without a run id while a run is stored, or settings given that differ from those of a run
+        that has completed rounds.
+    StoreError
+        If the stored run cannot be read.
+    """
+    stored = stored_run(cfg.temp_dir)
+    if cfg.fresh is not None:
+        if stored is None:
+            log.info("--fresh: no stored run in %s; starting a new one", cfg.temp_dir)
+        elif cfg.fresh in FRESH_WITHOUT_ID:
+            raise StartRefused(f"--fresh needs the id of the run to set aside: {describe(stored, cfg.temp_dir)}. "
+                               f"To start a new run instead, add --fresh={stored.run_id}")
+        elif cfg.fresh == stored.run_id:
+            archived = archive_run(cfg.temp_dir, cfg.models_dir)
+            log.warning("--fresh=%s: the stored run was moved to %s; starting a new run", cfg.fresh, archived)
+            stored = None
+        else:
+            log.warning("--fresh=%s: that run is no longer the stored one (it was set aside already); resuming "
+                        "run %s. Leave --fresh out of the command from now on", cfg.fresh, stored.run_id)
+    return cfg if stored is None else resume_settings(cfg, stored, explicit)
+
+
+def describe(stored: StoredRun, temp_dir) -> str:
+    """One line about a stored run: ``temp holds run 1a2b3c (training, 3/5 rounds done)``."""
+    return (f"{temp_dir} holds run {stored.run_id} ({stored.phase}, {stored.model_version}/{stored.total_rounds} "
+            "rounds done)")
+
+
+def resume_settings(cfg: Config, stored: StoredRun, explicit: Collection[str] | None = None) -> Config:
+    """``cfg`` with the run-defining settings (config.RUN_FIELDS) of ``stored`` (see :func:`prepare_start`).
+
+    Raises
+    ------
+    StartRefused
+        When a field in ``explicit`` differs from the settings of a run that has completed rounds.
+    """
+    changes = {k: stored.config[k] for k in RUN_FIELDS if k in stored.config and stored.config[k] != getattr(cfg, k)}
+    given = set(changes) if explicit is None else set(changes) & set(explicit)
+    if stored.model_version == 0:  # nothing trained yet: what is given now replaces, the rest stays as stored
+        if given:
+            log.info("run %s has completed no round: it takes the new settings %s", stored.run_id,
+                     ", ".join(f"{k}={getattr(cfg, k)!r}" for k in sorted(given)))
+        return cfg.replace(**{k: v for k, v in changes.items() if k not in given})
+    if not changes:
         return cfg
-    changes = {k: stored[k] for k in RUN_FIELDS if k in stored and stored[k] != getattr(cfg, k)}
-    if changes:
-        log.warning("resuming a stored run: keeping its settings %s (start with --fresh for a new run)",
-                    ", ".join(f"{k}={v!r}" for k, v in changes.items()))
+    conflicts = [k for k in changes if explicit is not None and k in explicit]
+    if conflicts:
+        was = " ".join(f"{flag_name(k)}={stored.config[k]}" for k in conflicts)
+        now = " ".join(f"{flag_name(k)}={getattr(cfg, k)}" for k in conflicts)
+        raise StartRefused(f"{describe(stored, cfg.temp_dir)} and was started with {was}; this command gives "
+                           f"{now}. To resume that run, leave these settings out (or give its values); to start a "
+                           f"new run instead, add --fresh={stored.run_id} (the old one moves to "
+                           f"{Path(cfg.temp_dir) / 'archive'})")
+    log.warning("resuming run %s: keeping its settings %s (to start a new run instead: --fresh=%s)", stored.run_id,
+                ", ".join(f"{k}={v!r}" for k, v in changes.items()), stored.run_id)
     return cfg.replace(**changes)

@@ -57,6 +57,7 @@ class RunStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._closed = False
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -70,9 +71,14 @@ class RunStore:
         elif version != SCHEMA_VERSION:
             raise StoreError(f"{self.path} has schema version {version}, this coordinator reads {SCHEMA_VERSION}")
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._closed = True
 
     def _transaction(self, statements: Iterable[tuple[str, tuple]]) -> None:
         with self._lock:
@@ -112,6 +118,13 @@ class RunStore:
             "INSERT INTO nodes (node_id, name, record) VALUES (?, ?, ?) "
             "ON CONFLICT(node_id) DO UPDATE SET name = excluded.name, record = excluded.record",
             (node_id, name, json.dumps(record)))])
+
+    def save_nodes(self, records: dict[str, tuple[str, dict]]) -> None:
+        """Store many nodes (node id -> (name, record)) in one transaction."""
+        self._transaction([(
+            "INSERT INTO nodes (node_id, name, record) VALUES (?, ?, ?) "
+            "ON CONFLICT(node_id) DO UPDATE SET name = excluded.name, record = excluded.record",
+            (node_id, name, json.dumps(record))) for node_id, (name, record) in records.items()])
 
     def ban_node(self, node_id: str, record: dict, values: dict) -> None:
         """Store a banned node, drop its update of the open round and set the run keys, in one transaction."""
