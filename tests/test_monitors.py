@@ -82,6 +82,15 @@ def test_text_monitor_unreachable_keeps_the_last_picture():
     assert "worker-002" in text
 
 
+def test_text_monitor_once_shows_the_whole_error_not_a_line_cut_to_the_terminal():
+    error = ("cannot verify the TLS certificate of https://10.0.0.5:5000: self-signed certificate. Pass --ca-cert "
+             "with the coordinator's certificate (the file given to its --certfile)")
+    console = Console(no_color=True, width=60, record=True)
+    console.print(text_monitor.render(None, error, 0.0, refused=True, full_errors=True))
+    assert "the file given to its --certfile" in " ".join(console.export_text().split())
+    assert "…" in rendered(None, 60, 24, error=error, unreachable_since=0.0, refused=True)  # live: one line
+
+
 def run_monitor(script: str, *args: str, timeout: float = 60, env: dict | None = None,
                 cwd: Path | None = None) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "MPLBACKEND")}
@@ -120,6 +129,9 @@ def test_monitors_against_a_real_coordinator(procs, tmp_path):
     wrong = run_monitor("text_monitor.py", "--coordinator-address", address, "--token", "not-the-monitor-token",
                         "--once")
     assert wrong.returncode == 1 and "refused the token" in wrong.stdout and "unreachable" not in wrong.stdout
+    live = run_monitor("text_monitor.py", "--coordinator-address", address, "--token", "not-the-monitor-token",
+                       timeout=30)  # live: a refused token does not heal, so it says so and exits
+    assert live.returncode == 1 and "refused the token" in live.stderr
     short = run_monitor("text_monitor.py", "--coordinator-address", address, "--token", "too-short", "--once")
     assert short.returncode == 2 and "must be at least 16 characters" in short.stderr  # as for --token of workers
 
@@ -148,6 +160,7 @@ def test_monitors_survive_an_absent_coordinator(script, target, silent_server, t
                        *(["--save", str(tmp_path / "x.png")] if script == "monitor.py" else []))
     assert once.returncode == 1
     assert "unreachable" in once.stdout + once.stderr and "Traceback" not in once.stdout + once.stderr
+    assert "wrote" not in once.stdout and not (tmp_path / "x.png").exists()  # no empty figure passed off as a plot
 
     # live mode: it keeps retrying with backoff (little CPU), and Ctrl-C ends it with status 0
     base = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "MPLBACKEND")}

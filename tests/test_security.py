@@ -309,3 +309,15 @@ def test_credentials_compare_digests_in_constant_time_helper(tmp_path):
     creds = Credentials(tmp_path, {"join": "j" * 20, "monitor": "m" * 20, "admin": "a" * 20})
     assert creds.verify("join", "j" * 20) and not creds.verify("join", "m" * 20) and not creds.verify("join", None)
     assert not creds.verify("monitor", "j" * 20)
+
+
+def test_a_token_given_once_and_then_not_is_not_silently_unfindable(tmp_path, caplog):
+    """The join token came through FL_TOKEN on the first start (as launch.py gives it), and the next start has
+    none: the coordinator keeps its digest, and says the token file does not hold it and how to get one."""
+    Credentials(tmp_path, {"join": "j" * 20, "monitor": None, "admin": None})
+    with caplog.at_level(logging.WARNING, logger="fl.credentials"):
+        again = Credentials(tmp_path, {"join": None, "monitor": None, "admin": None})
+    assert again.verify("join", "j" * 20) and again.generated == []
+    assert not token_path(tmp_path, "join").exists()
+    assert any("join token" in r.getMessage() and "admin.py rotate join" in r.getMessage() for r in caplog.records)
+    assert not any("monitor token" in r.getMessage() for r in caplog.records)  # generated: it is in its file

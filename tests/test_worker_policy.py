@@ -69,3 +69,35 @@ def test_an_unknown_kind_of_call_or_exception_is_a_bug_not_a_reaction():
         react(UNREACHABLE, "download")
     with pytest.raises(TypeError):
         react(KeyError("x"), "call")
+
+
+def test_a_worker_that_registers_into_a_new_run_says_so_and_fetches_the_new_model(caplog):
+    """When the coordinator's run changed (--fresh=RUN_ID), the worker logs it and forgets its model version."""
+    import logging
+
+    import torch
+
+    import worker as worker_module
+    from config import Config
+    from fedrest.data import LabeledImages
+
+    data = LabeledImages(torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.int64), "four blank images")
+    w = worker_module.Worker(Config(name="w1", quiet=True), torch.device("cpu"), data)
+
+    class Coordinator:  # answers registrations as the coordinator does, in the run it is told
+        run_id, url, token = "aaaaaaaaaaaa", "http://127.0.0.1:5000", None
+
+        def register(self, *args):
+            return {"node_id": "0123456789abcdef", "node_token": "t" * 43, "run_id": self.run_id,
+                    "dataset": "mnist", "heartbeat_interval": 10.0}, True
+
+    w.client = Coordinator()
+    w.register()
+    w.model_version = 3
+    with caplog.at_level(logging.WARNING, logger="fl.worker"):
+        w.register()  # the same run: nothing to say
+        assert not caplog.records and w.model_version == 3
+        w.client.run_id = "bbbbbbbbbbbb"
+        w.register()
+    assert "new run bbbbbbbbbbbb (this worker was in run aaaaaaaaaaaa)" in caplog.text
+    assert w.model_version == -1 and w.run_id == "bbbbbbbbbbbb"

@@ -80,6 +80,10 @@ class Credentials:
                 self._hashes[kind] = hash_token(token)
             elif kind in stored:
                 self._hashes[kind] = stored[kind]
+                if not token_path(self._dir, kind).exists():
+                    log.warning("the %s token of %s was given with a flag or FL_* variable when this directory was "
+                                "first used, and is not in %s: pass it again, or make a new one with: admin.py "
+                                "rotate %s", kind, self._dir, token_path(self._dir, kind), kind)
             else:
                 token = new_token()
                 _write_secret(token_path(self._dir, kind), token)

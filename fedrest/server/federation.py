@@ -250,13 +250,8 @@ class Federation:
         return node
 
     def unban(self, key: str) -> Node:
-        """Allow a banned node (by id or name) to register again (it needs the join token).
-
-        Raises
-        ------
-        UnknownNode
-            If no node has this id or name.
-        """
+        """Allow a banned node (by id or name) to register again (it needs the join token). Raises
+        :class:`UnknownNode` as :meth:`ban` does."""
         with self.changed:
             node = self.registry.find(key)
             node.banned = False
