@@ -90,6 +90,8 @@ def test_dashboard_asks_for_a_token_and_reports_an_outage(browser, procs):
     page = browser.new_page()
     page.goto(f"http://127.0.0.1:{port}/")
     page.wait_for_selector("#token-form:not([hidden])", timeout=15000)
+    assert "Monitor token" in page.inner_text("#token-form")  # the token that opens the status, not the join one
+    assert "monitor_token" in page.inner_text("#banner")  # and where to find it
     page.fill("#token", MONITOR_TOKEN)
     page.click("#token-form button")
     expect(page.locator("#state")).to_have_text("waiting_for_nodes", timeout=15000)

@@ -125,6 +125,8 @@ def test_the_readme_path_after_the_demo(checkout, shell):
     assert "new run" in shell.output("coordinator")  # not the demo's finished run
     assert worker.startswith(".venv/bin/python worker.py --coordinator-address https://127.0.0.1:")
     assert '--token="$(cat temp/join_token)"' in worker
+    dashboard = shell.wait_for_line("coordinator", r"dashboard: open (\S+) and enter the monitor token").group(1)
+    assert dashboard == f"https://127.0.0.1:{port}/"
     for name in ("w1", "w2"):
         shell.start(name, f"{worker} --name {name} --cpu-threads 1 --quiet")
     address = f"https://127.0.0.1:{port}"
