@@ -37,4 +37,4 @@ lint: dev
 	$(PY) -m ruff check .
 
 clean-run:  # forget every run (including the stored one a restarted coordinator would resume)
-	rm -rf models/*.pt logs/*.log logs/*.out logs/*.png temp/*
+	rm -rf models/*.pt models/demo logs/*.log logs/*.out logs/*.png logs/demo temp/*

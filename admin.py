@@ -25,8 +25,9 @@ from fedrest.server.credentials import KINDS, token_path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Operator commands for a running coordinator. The admin token: "
-                                     "--admin-token, else env FL_ADMIN_TOKEN, else the file TEMP_DIR/admin_token.")
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description="Operator commands for a running coordinator. The admin token: "
+        "--admin-token, else env FL_ADMIN_TOKEN, else the file TEMP_DIR/admin_token.")
     config_module.add_arguments(parser, ADMIN_FIELDS)
     commands = parser.add_subparsers(dest="command", required=True)
     rotate = commands.add_parser("rotate", help="replace a shared token now")

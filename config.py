@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import math
 import os
+import sys
 from dataclasses import dataclass, field, fields
 from typing import Mapping, Sequence
 
@@ -190,6 +191,8 @@ ALIASES = {
 # Flags that may be given without a value, and the value they then have ("--fresh" alone: the coordinator
 # answers with the id it needs).
 BARE_FLAG_VALUES = {"fresh": "?"}
+# Flags whose values are random tokens (which may start with "-" when a user chose them).
+SECRET_FLAGS = ("--token", "--monitor-token", "--admin-token")
 # Older environment variables still read (after the field's own FL_ name).
 ENV_ALIASES = {
     "cpu_threads": ["FL_CPU_WORKERS"],
@@ -350,6 +353,10 @@ def parse_config(parser: argparse.ArgumentParser, names: Sequence[str], argv: Se
 
     A bad value ends the program through ``parser.error`` (message, exit status 2).
     """
+    words = list(sys.argv[1:] if argv is None else argv)
+    for flag, value in zip(words, words[1:]):
+        if flag in SECRET_FLAGS and value.startswith("-") and len(value) > 2:  # argparse reads it as a flag
+            parser.error(f"{flag}: this value starts with '-', so write it as {flag}=VALUE (no space)")
     args = parser.parse_args(argv)
     try:
         return from_args(args, names, env), args

@@ -12,7 +12,9 @@ Exit status: 0 done or stopped; 2 bad arguments, port in use, bad TLS files, no 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import shlex
 import signal
 import socket
@@ -27,9 +29,9 @@ from fedrest.server.app import create_app
 from fedrest.server.credentials import Credentials, token_path
 from fedrest.server.federation import Federation
 from fedrest.server.serving import PendingApp, TLSConfigError, bound_port, is_loopback, make_server
-from fedrest.server.state_dir import StartRefused, describe, stored_run
+from fedrest.server.state_dir import StartRefused, StateDirLock, describe, stored_run
 from fedrest.server.store import StoreError
-from utils import python_command, run_program, setup_logging, url_host
+from utils import program_command, run_program, setup_logging, url_host
 
 log = logging.getLogger("fl.coordinator")
 
@@ -60,7 +62,8 @@ def _serve(server) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Federated-learning coordinator (FedAvg over REST).")
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description="Federated-learning coordinator (FedAvg over REST).")
     config_module.add_arguments(parser, COORDINATOR_FIELDS)
     return parser
 
@@ -89,8 +92,13 @@ def _main(argv) -> int:
         parser.error(f"model (--model / FL_MODEL): unknown model {cfg.model!r}; known: {', '.join(sorted(MODELS))}")
     explicit = config_module.given_fields(args, COORDINATOR_FIELDS)
     pending = PendingApp()
+    lock = StateDirLock(cfg.temp_dir)
     try:
-        server = _bind(pending, cfg)  # the port first: a start that cannot listen changes no state
+        try:
+            lock.acquire(f"pid {os.getpid()} on {socket.gethostname()}, starting")  # one coordinator per TEMP_DIR
+        except StartRefused as exc:
+            raise StartError(str(exc)) from None
+        server = _bind(pending, cfg)  # then the port: a start that cannot listen changes no state
         try:
             _refuse_a_finished_run(cfg, sys.argv[1:] if argv is None else list(argv))
             app = _build_app(cfg, explicit)
@@ -104,9 +112,14 @@ def _main(argv) -> int:
     pending.app = app
     cfg = app.extensions["federation"].config  # a resumed run keeps its stored settings
     port = bound_port(server) if server is not None else cfg.port
+    lock.describe(f"pid {os.getpid()} on {socket.gethostname()}, port {port}, run {cfg_run_id(app)}")
     _log_start(app, cfg, port)
     _serve_until_done(app, cfg, server)
     return 0
+
+
+def cfg_run_id(app) -> str:
+    return app.extensions["federation"].run_id
 
 
 def _refuse_a_finished_run(cfg, argv: list[str]) -> None:
@@ -118,7 +131,7 @@ def _refuse_a_finished_run(cfg, argv: list[str]) -> None:
     if stored is None or stored.phase != "finished" or cfg.keep_serving or cfg.fresh == stored.run_id:
         return
     again = [a for a in argv if not (a == "--fresh" or a.startswith("--fresh="))]
-    command = " ".join([python_command(), "coordinator.py", *map(shlex.quote, again), f"--fresh={stored.run_id}"])
+    command = " ".join([program_command("coordinator.py"), *map(shlex.quote, again), f"--fresh={stored.run_id}"])
     raise StartError(f"{describe(stored, cfg.temp_dir)}: that run is finished (its model is in "
                      f"{Path(cfg.models_dir) / 'global_model.pt'}). To start a new run:\n  {command}\n"
                      "or add --keep-serving to serve its status to monitors")
@@ -145,7 +158,12 @@ def _bind(app, cfg):
                            certfile=cfg.certfile, keyfile=cfg.keyfile)
     except TLSConfigError as exc:
         raise StartError(f"--certfile/--keyfile: {exc}") from None
-    except (OSError, ValueError) as exc:  # ValueError: a malformed host
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE or "Address already in use" in str(exc):
+            raise StartError(f"cannot listen on {url_host(cfg.host)}:{cfg.port}: the address is in use (another "
+                             "coordinator? stop it, or give this one its own --port and --temp-dir)") from None
+        raise StartError(f"cannot listen on {url_host(cfg.host)}:{cfg.port}: {exc}") from None
+    except ValueError as exc:  # a malformed host
         raise StartError(f"cannot listen on {cfg.host}:{cfg.port}: {exc}") from None
 
 
@@ -167,22 +185,26 @@ def _log_start(app, cfg, port: int) -> None:
     for kind in credentials.generated:
         log.info("generated a new %s token into %s (mode 0600; it is never logged)", kind,
                  token_path(cfg.temp_dir, kind))
-    python = python_command()
     ca_flag = f" --ca-cert {shlex.quote(cfg.certfile)}" if cfg.certfile else ""
     if cfg.no_auth:
         log.warning("authentication is off (--no-auth): anyone who reaches this port can join and read the status")
-        log.info("start a worker with: %s worker.py --coordinator-address %s%s --cpu", python, address, ca_flag)
+        log.info("start a worker with: %s --coordinator-address %s%s --cpu", program_command("worker.py"), address,
+                 ca_flag)
         log.info("dashboard: %s/", address)
         return
     join = "<your --token>" if cfg.token else f'"$(cat {shlex.quote(str(token_path(cfg.temp_dir, "join")))})"'
     monitor_file = token_path(cfg.temp_dir, "monitor")
     monitor = "<your --monitor-token>" if cfg.monitor_token else f'"$(cat {shlex.quote(str(monitor_file))})"'
-    log.info("start a worker with: %s worker.py --coordinator-address %s%s --token=%s --cpu", python, address,
-             ca_flag, join)
-    log.info("watch with: %s text_monitor.py --coordinator-address %s%s --token=%s", python, address, ca_flag,
-             monitor)
+    log.info("start a worker with: %s --coordinator-address %s%s --token=%s --cpu", program_command("worker.py"),
+             address, ca_flag, join)
+    log.info("watch with: %s --coordinator-address %s%s --token=%s", program_command("text_monitor.py"), address,
+             ca_flag, monitor)
     log.info("dashboard: open %s/ and enter the monitor token%s", address,
              "" if cfg.monitor_token else f" (the file {monitor_file})")
+    temp_flag = "" if cfg.temp_dir == "temp" else f" --temp-dir {shlex.quote(cfg.temp_dir)}"
+    log.info("operator commands (admin token%s): %s --coordinator-address %s%s%s rotate join|monitor|admin, "
+             "ban NODE, unban NODE", "" if cfg.admin_token else f" read from {token_path(cfg.temp_dir, 'admin')}",
+             program_command("admin.py"), address, ca_flag, temp_flag)
 
 
 def _serve_until_done(app, cfg, server) -> None:

@@ -4,8 +4,9 @@
 
 Each process is a separate ``python coordinator.py`` / ``python worker.py`` on 127.0.0.1 with a free
 port and a fresh join token; their output goes to LOGS_DIR/launch_<name>.out. Settings reach them as
-FL_* environment variables (see config.py). Its run state is in TEMP_DIR (default temp/demo, apart from the
-temp/ of a coordinator started by hand); each launch sets the previous one's run aside into TEMP_DIR/archive/.
+FL_* environment variables (see config.py). Its run state, checkpoints and logs are in temp/demo, models/demo
+and logs/demo (unless --temp-dir, --models-dir, --logs-dir say otherwise), apart from those of a coordinator
+started by hand; each launch sets the previous one's run aside into TEMP_DIR/archive/.
 Ctrl-C stops every process started here.
 Exit status: 0 when the run completed, 1 when a process failed, 130 on Ctrl-C.
 """
@@ -27,10 +28,12 @@ from fedrest.client import CoordinatorClient, CoordinatorError, CoordinatorUnrea
 from config import COORDINATOR_FIELDS, WORKER_FIELDS, Config
 from fedrest.server.credentials import new_token
 from fedrest.server.state_dir import archive_run
-from utils import python_command
+from utils import program_command
 
 HERE = Path(__file__).resolve().parent
-DEMO_TEMP_DIR = os.path.join("temp", "demo")  # launch's run state, apart from a hand-started coordinator's
+# launch's run state, checkpoints and logs, apart from those of a coordinator started by hand
+DEMO_DIRS = {"temp_dir": os.path.join("temp", "demo"), "models_dir": os.path.join("models", "demo"),
+             "logs_dir": os.path.join("logs", "demo")}
 LAUNCH_FIELDS = (
     "dataset", "data_dir", "models_dir", "logs_dir", "temp_dir", "communication_rounds", "local_epochs",
     "batch_size", "learning_rate", "momentum", "round_timeout", "partition", "alpha", "seed", "device",
@@ -158,7 +161,8 @@ class Launch:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Run a coordinator and N workers on this machine.")
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description="Run a coordinator and N workers on this machine.")
     parser.add_argument("--workers", type=int, default=3, help="number of worker processes (default: 3)")
     config_module.add_arguments(parser, LAUNCH_FIELDS)
     parser.add_argument("--port", type=int, default=0, help="coordinator port (default: a free one)")
@@ -174,18 +178,18 @@ def main(argv=None) -> int:
     if not 1 <= args.workers <= 64:
         parser.error("--workers must be in 1..64")
     cfg = dataclasses.replace(cfg, node_timeout=30.0, heartbeat_interval=2.0)
-    if args.temp_dir is None and config_module.env_name("temp_dir") not in os.environ:
-        cfg = dataclasses.replace(cfg, temp_dir=DEMO_TEMP_DIR)  # not the TEMP_DIR of a coordinator started by hand
+    given = config_module.given_fields(args, LAUNCH_FIELDS)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in DEMO_DIRS.items() if k not in given})
     if cfg.cpu_threads == 0 and cfg.device != "gpu":
         # N processes sharing this machine's cores: one torch pool each of cores/N avoids oversubscription
         cfg = dataclasses.replace(cfg, cpu_threads=max(1, (os.cpu_count() or 1) // args.workers))
     launch = Launch(cfg, args.workers, args.port or free_port())
     print(f"starting a coordinator on {launch.address} and {args.workers} workers ({cfg.device}, {cfg.dataset}, "
           f"{cfg.communication_rounds} rounds); logs in {launch.logs}/launch_*.out")
-    python = python_command()
     print(f"watch it live: open http://{launch.address}/#token={launch.monitor_token} in a browser, or run\n"
-          f"  {python} text_monitor.py --coordinator-address {launch.address} --token={launch.monitor_token}\n"
-          f"  {python} monitor.py --coordinator-address {launch.address} --token={launch.monitor_token}")
+          f"  {program_command('text_monitor.py')} --coordinator-address {launch.address} "
+          f"--token={launch.monitor_token}\n"
+          f"  {program_command('monitor.py')} --coordinator-address {launch.address} --token={launch.monitor_token}")
     started = time.monotonic()
 
     def on_sigterm(_signum, _frame):

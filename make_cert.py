@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from utils import python_command
+from utils import program_command, url_host
 
 
 def make_self_signed(hosts: list[str], days: int = 365) -> tuple[bytes, bytes]:
@@ -88,7 +88,8 @@ def write_pair(out_dir: str | os.PathLike, hosts: list[str], days: int = 365) ->
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Make a self-signed certificate and key for the coordinator.")
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description="Make a self-signed certificate and key for the coordinator.")
     parser.add_argument("--host", action="append", default=[],
                         help="IP address or DNS name workers use to reach the coordinator (repeat for several; "
                              "localhost and 127.0.0.1 are always included)")
@@ -109,10 +110,11 @@ def main(argv=None) -> int:
     except OSError as exc:
         print(f"error: cannot write into {args.out_dir}: {exc}", file=sys.stderr)
         return 2
+    host = url_host(args.host[0]) if args.host else "HOST"
     print(f"wrote {cert_path} and {key_path} (valid {args.days} days for {', '.join(args.host) or 'localhost'})\n"
-          f"coordinator: {python_command()} coordinator.py --certfile {cert_path} --keyfile {key_path}\n"
-          f"workers:     {python_command()} worker.py --coordinator-address https://HOST:PORT --ca-cert {cert_path} "
-          "...\n(the key never leaves this host; copy only the .crt to the workers)")
+          f"coordinator: {program_command('coordinator.py')} --certfile {cert_path} --keyfile {key_path}\n"
+          f"workers:     {program_command('worker.py')} --coordinator-address https://{host}:PORT "
+          f"--ca-cert {cert_path} ...\n(the key never leaves this host; copy only the .crt to the workers)")
     return 0
 
 

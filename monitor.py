@@ -107,7 +107,8 @@ def draw(fig, status: dict | None, timeline: NodeTimeline, error: str | None = N
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Live plots of a federated-learning run.")
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description="Live plots of a federated-learning run.")
     add_monitor_arguments(parser)
     parser.add_argument("--save", type=Path, default=None, help="write the figure to this PNG file on every refresh")
     args, poller = parse_monitor_args(parser, argv)

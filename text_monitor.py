@@ -130,7 +130,8 @@ def render(status: dict | None, error: str | None = None, unreachable_since: flo
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Terminal dashboard of a federated-learning run.")
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description="Terminal dashboard of a federated-learning run.")
     add_monitor_arguments(parser)
     args, poller = parse_monitor_args(parser, argv)
     if args.once:

@@ -64,6 +64,17 @@ def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
+def program_command(script: str) -> str:
+    """``python_command()`` and the path of this project's program ``script`` (relative to the current directory
+    when it is below it, as ``worker.py`` in the checkout): a command that works as printed, in a new shell."""
+    path = Path(__file__).absolute().parent / script
+    try:
+        shown = str(path.relative_to(Path.cwd()))
+    except ValueError:
+        shown = str(path)
+    return f"{python_command()} {shlex.quote(shown)}"
+
+
 def python_command() -> str:
     """How to run this Python in a new shell from the current directory: ``.venv/bin/python`` when it is a
     virtual environment below here (activating it is not needed then), else the interpreter's full path."""

@@ -325,7 +325,8 @@ class Worker:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Federated-learning worker: trains on local data, sends weights.")
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description="Federated-learning worker: trains on local data, sends weights.")
     config_module.add_arguments(parser, WORKER_FIELDS)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--gpu", dest="device", action="store_const", const="gpu",
@@ -344,8 +345,10 @@ def _main(argv) -> int:
     cfg, _ = config_module.parse_config(parser, WORKER_FIELDS, argv)
     try:
         CoordinatorClient(cfg.coordinator_address, ca_cert=cfg.ca_cert)
-    except (ValueError, OSError) as exc:  # OSError, ssl.SSLError: an unreadable --ca-cert
-        parser.error(f"{exc}" if not cfg.ca_cert else f"{exc} (coordinator address or --ca-cert {cfg.ca_cert})")
+    except ValueError as exc:  # the address
+        parser.error(f"--coordinator-address: {exc}")
+    except OSError as exc:  # OSError, ssl.SSLError: an unreadable --ca-cert
+        parser.error(f"--ca-cert {cfg.ca_cert}: {exc}")
     name = cfg.name or default_name(cfg)
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
     try:

@@ -92,20 +92,21 @@ def base_url(address: str) -> str:
     ValueError
         If the address has no port, an unknown scheme, a path, or an IPv6 host without brackets.
     """
-    address = address.strip().rstrip("/")
+    given = address.strip()
+    address = given.rstrip("/")
     if "://" not in address:
         address = "http://" + address
     scheme, _, rest = address.partition("://")
     if scheme not in ("http", "https"):
-        raise ValueError(f"unsupported scheme {scheme!r} in {address!r}; use http or https")
+        raise ValueError(f"unsupported scheme {scheme!r} in {given!r}; use http or https")
     host, _, port = rest.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host or "@" in host:
-        raise ValueError(f"coordinator address must look like HOST:PORT, got {address!r}")
+        raise ValueError(f"coordinator address must look like HOST:PORT, got {given!r}")
     bracketed = host.startswith("[") and host.endswith("]")
     if ":" in host and not bracketed:
-        raise ValueError(f"an IPv6 address needs brackets: {scheme}://[{host}]:{port}, got {address!r}")
+        raise ValueError(f"an IPv6 address needs brackets: {scheme}://[{host}]:{port}, got {given!r}")
     if bracketed and not _is_ipv6(host[1:-1]):
-        raise ValueError(f"{host} is not an IPv6 address, in {address!r}")
+        raise ValueError(f"{host} is not an IPv6 address, in {given!r}")
     return address
 
 

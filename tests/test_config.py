@@ -143,6 +143,8 @@ CLI_CASES = {
     "worker-partition-id-alone": ("worker.py", ["--partition-id", "0"], {},
                                   "--partition-id and --num-partitions must be given together"),
     "worker-bad-address": ("worker.py", ["--coordinator-address", "no-port-here"], {}, "HOST:PORT"),
+    "worker-token-starting-with-a-dash": ("worker.py", ["--token", "-RQK6abcdefghijklmnopqrs"], {},
+                                          "--token: this value starts with '-', so write it as --token=VALUE"),
     "worker-ipv6-without-brackets": ("worker.py", ["--coordinator-address", "::1:5000"], {},
                                      "an IPv6 address needs brackets: http://[::1]:5000"),
     "monitor-ipv6-without-brackets": ("text_monitor.py", ["--coordinator-address", "http://::1:5000", "--once"], {},
@@ -208,6 +210,7 @@ def test_a_coordinator_that_cannot_listen_leaves_no_run_behind(tmp_path):
         result = subprocess.run([sys.executable, str(ROOT / "coordinator.py"), "--host", "127.0.0.1", "--port",
                                  str(port), "--no-eval"], cwd=tmp_path, capture_output=True, text=True, timeout=90)
     assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr, result.stderr
+    assert "the address is in use" in result.stderr and "--temp-dir" in result.stderr
     assert not (tmp_path / "temp" / "coordinator.sqlite3").exists()
     assert not (tmp_path / "temp" / "join_token").exists()
 

@@ -68,7 +68,9 @@ def test_launch_runs_a_federation_and_prints_a_summary(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "round 1/1: test accuracy" in proc.stdout
     assert "final test accuracy" in proc.stdout
-    assert (tmp_path / "models" / "global_model.pt").exists()
+    assert (tmp_path / "models" / "demo" / "global_model.pt").exists()  # the demo's own directories
+    assert "global model:        models/demo/global_model.pt" in proc.stdout
+    assert not (tmp_path / "models" / "global_model.pt").exists() and not (tmp_path / "temp" / "join_token").exists()
 
 
 def test_sigterm_on_launch_stops_every_process_it_started(tmp_path):
@@ -99,7 +101,7 @@ def test_sigterm_on_launch_stops_every_process_it_started(tmp_path):
         time.sleep(0.3)
     else:
         pytest.fail(f"the coordinator on port {port} outlived launch.py")
-    worker_logs = [p.read_text() for p in (tmp_path / "logs").glob("launch_worker*.out")]
+    worker_logs = [p.read_text() for p in (tmp_path / "logs" / "demo").glob("launch_worker*.out")]
     assert len(worker_logs) == 2 and all("stopping on signal" in text or "interrupted" in text
                                          for text in worker_logs), worker_logs
 
@@ -121,3 +123,20 @@ def test_sighup_is_a_clean_stop_for_worker_and_coordinator(procs):
     assert procs.procs["coordinator"].wait(30) == 0
     assert "received SIGHUP; shutting down" in procs.output("coordinator")
     assert "to resume it, start the coordinator again with the same command" in procs.output("coordinator")
+
+
+def test_a_second_coordinator_on_the_same_state_directory_is_refused(procs, tmp_path):
+    """F19: one coordinator per TEMP_DIR. A second one (another port, the same directory) exits 2 naming the
+    first, before it touches anything; the first keeps serving its run."""
+    port = free_port()
+    procs.coordinator(port, "--rounds", "2", "--min-nodes", "2", "--no-eval")
+    client = status_client(port)
+    first = wait_for(lambda: try_status(client), 60, "the first coordinator", procs)
+    second = subprocess.run([sys.executable, str(ROOT / "coordinator.py"), "--host", "127.0.0.1", "--port",
+                             str(free_port()), "--no-eval", "--fresh", first["run_id"]],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=90)
+    assert second.returncode == 2
+    assert "is in use by another coordinator" in second.stderr and f"port {port}" in second.stderr, second.stderr
+    assert f"pid {procs.procs['coordinator'].pid}" in second.stderr
+    assert not (tmp_path / "temp" / "archive").exists()  # its --fresh did not set the live run aside
+    assert try_status(client)["run_id"] == first["run_id"]

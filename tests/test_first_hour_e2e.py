@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,13 +28,15 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 def checkout(tmp_path):
-    """A folder laid out like a clone: the programs and package linked from this repository, and ``.venv`` the
+    """A folder laid out like a clone: the programs and package copied from this repository, and ``.venv`` the
     environment the suite runs in (so the printed ``.venv/bin/python`` commands work as printed)."""
     root = tmp_path / "fl"
     root.mkdir()
     for path in ROOT.iterdir():
-        if path.suffix == ".py" or path.name in ("fedrest", "static", "docs"):
-            (root / path.name).symlink_to(path)
+        if path.suffix == ".py":
+            shutil.copy2(path, root / path.name)
+        elif path.name in ("fedrest", "static", "docs"):
+            shutil.copytree(path, root / path.name, ignore=shutil.ignore_patterns("__pycache__"))
     (root / ".venv").symlink_to(Path(sys.prefix))
     return root
 
@@ -131,6 +134,10 @@ def test_the_readme_path_after_the_demo(checkout, shell):
         shell.start(name, f"{worker} --name {name} --cpu-threads 1 --quiet")
     address = f"https://127.0.0.1:{port}"
     wait_status(checkout, address, lambda s: len(s["history"]) == 1, 120, "round 1", shell)
+
+    admin = shell.wait_for_line("coordinator", r"operator commands \(.*\): (.*) rotate join\|").group(1)
+    rotated = shell.run(f"{admin} rotate monitor")  # as printed; the token file is rewritten, the old one refused
+    assert rotated.returncode == 0 and "new monitor token" in rotated.stdout, rotated.stdout + rotated.stderr
 
     once = shell.run(f"{watch} --once")
     assert once.returncode == 0, once.stdout + once.stderr

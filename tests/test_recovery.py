@@ -273,3 +273,17 @@ def test_after_a_crash_the_participants_of_the_open_round_get_time_to_come_back(
     assert (fed2.phase, fed2.round, fed2.state.attempt) == (Phase.TRAINING, 1, 1)  # the round still waits for it
     fed2.stop()
     fed.stop()
+
+
+def test_nodes_told_to_stop_are_gone_also_after_a_restart(make_app):
+    app = make_app(communication_rounds=1)
+    client, fed = app.test_client(), app.extensions["federation"]
+    node = register(client)
+    fed.tick()
+    post_update(client, node, 1, filled_state_dict(1.0, 1), {"num_samples": 10})
+    fed.tick()
+    assert client.get(f"{API}/task", headers=node["headers"]).get_json()["action"] == "stop"  # it exits now
+    assert [n["status"] for n in client.get(f"{API}/status", headers=MONITOR).get_json()["nodes"]] == ["offline"]
+    fed.stop()
+    again = make_app(communication_rounds=1, keep_serving=True).test_client()
+    assert [n["status"] for n in again.get(f"{API}/status", headers=MONITOR).get_json()["nodes"]] == ["offline"]

@@ -55,8 +55,8 @@ def test_a_given_setting_that_differs_from_a_run_with_rounds_is_refused_with_the
     with pytest.raises(StartRefused) as refused:
         prepare_start(cfg, explicit={"communication_rounds", "learning_rate", "port"})
     message = str(refused.value)
-    assert "--communication-rounds=5" in message and "--communication-rounds=9" in message
-    assert "--learning-rate=0.01" in message and "--learning-rate=0.05" in message
+    assert "--rounds=5" in message and "--rounds=9" in message  # the spelling users type
+    assert "--lr=0.01" in message and "--lr=0.05" in message
     assert f"--fresh={old.run_id}" in message
 
 

@@ -279,7 +279,9 @@ class Federation:
             try:
                 while True:
                     task = self.state.task(node.node_id, self.config, self.clock())
-                    node.stop_sent = node.stop_sent or task["action"] == "stop"
+                    if task["action"] == "stop" and not node.stop_sent:  # the worker exits now: it is gone
+                        node.stop_sent = node.left = True  # (offline from here, and after a restart)
+                        self.store.save_node(node.node_id, node.name, node.record())
                     remaining = deadline - self.clock()
                     if task["action"] != "wait" or remaining <= 0 or self.stopping.is_set() or node.left:
                         return task

@@ -119,7 +119,8 @@ class NodeRegistry:
                            "worker its own --name", node_id=node_id)
         if instance_id != node.instance_id and node.instance_id is not None:
             node.superseded = (node.superseded + [node.instance_id])[-16:]
-            log.warning("node %s (%s): a new worker process took the name over", name, node_id)
+            if not node.left:  # a worker that left and came back is no news
+                log.warning("node %s (%s): a new worker process took the name over", name, node_id)
         node.instance_id = instance_id
         self._by_token.pop(node.token_hash, None)
         node.device, node.num_samples, node.system_info = device, num_samples, system_info

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection
 
-from config import RUN_FIELDS, Config, flag_name
+from config import ALIASES, RUN_FIELDS, Config, flag_name
 from fedrest.server.store import RunStore
 
 log = logging.getLogger("fl.federation")
 
 DB_NAME = "coordinator.sqlite3"
+LOCK_NAME = "coordinator.lock"
 UPDATES = "updates"
 GLOBAL = "global"
 
@@ -44,6 +45,53 @@ def archive_run(temp_dir: str | os.PathLike, models_dir: str | os.PathLike | Non
 
 class StartRefused(Exception):
     """The coordinator will not start on this state directory as asked; the message says why and what to do."""
+
+
+class StateDirLock:
+    """One coordinator per state directory: an exclusive ``flock`` on ``TEMP_DIR/coordinator.lock``, taken
+    before anything else touches the directory and held until the process ends (the kernel releases it then,
+    even after kill -9). The file says who holds it, so that a second coordinator can name it.
+
+    Where ``fcntl`` does not exist (Windows) nothing is locked and a warning says so.
+    """
+
+    def __init__(self, temp_dir: str | os.PathLike) -> None:
+        self.path = Path(temp_dir) / LOCK_NAME
+        self._file = None
+
+    def acquire(self, holder: str) -> None:
+        """Take the lock and write ``holder`` (who we are) into the file.
+
+        Raises
+        ------
+        StartRefused
+            When another process holds it (the message names that process and what to do).
+        """
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            log.warning("cannot lock %s on this platform: make sure only one coordinator uses it", self.path.parent)
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            other = f.read().strip() or "another process"
+            f.close()
+            raise StartRefused(f"{self.path.parent} is in use by another coordinator ({other}). Stop that one, "
+                               "or give this one its own --temp-dir (and --port)") from None
+        self._file = f
+        self.describe(holder)
+
+    def describe(self, holder: str) -> None:
+        """Replace what the lock file says about its holder (for example once the port is known)."""
+        if self._file is not None:
+            self._file.seek(0)
+            self._file.truncate()
+            self._file.write(holder + "\n")
+            self._file.flush()
 
 
 @dataclass(frozen=True)
@@ -125,6 +173,11 @@ def describe(stored: StoredRun, temp_dir) -> str:
             "rounds done)")
 
 
+def _flag(name: str) -> str:
+    """The flag users type for a field: its short alias when it has one (``--rounds``)."""
+    return (ALIASES.get(name) or [flag_name(name)])[0]
+
+
 def resume_settings(cfg: Config, stored: StoredRun, explicit: Collection[str] | None = None) -> Config:
     """``cfg`` with the run-defining settings (config.RUN_FIELDS) of ``stored`` (see :func:`prepare_start`).
 
@@ -144,8 +197,8 @@ def resume_settings(cfg: Config, stored: StoredRun, explicit: Collection[str] | 
         return cfg
     conflicts = [k for k in changes if explicit is not None and k in explicit]
     if conflicts:
-        was = " ".join(f"{flag_name(k)}={stored.config[k]}" for k in conflicts)
-        now = " ".join(f"{flag_name(k)}={getattr(cfg, k)}" for k in conflicts)
+        was = " ".join(f"{_flag(k)}={stored.config[k]}" for k in conflicts)
+        now = " ".join(f"{_flag(k)}={getattr(cfg, k)}" for k in conflicts)
         raise StartRefused(f"{describe(stored, cfg.temp_dir)} and was started with {was}; this command gives "
                            f"{now}. To resume that run, leave these settings out (or give its values); to start a "
                            f"new run instead, add --fresh={stored.run_id} (the old one moves to "
