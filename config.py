@@ -172,8 +172,7 @@ MONITOR_FIELDS = ("coordinator_address", "ca_cert", "monitor_token")
 ADMIN_FIELDS = ("coordinator_address", "ca_cert", "admin_token", "temp_dir")
 WORKER_FIELDS = (
     "coordinator_address", "ca_cert", "device", "token", "name", "data_dir", "dataset", "partition_id",
-    "num_partitions",
-    "partition", "alpha", "seed", "cpu_threads", "logs_dir", "give_up_after", "quiet",
+    "num_partitions", "partition", "alpha", "seed", "cpu_threads", "logs_dir", "give_up_after", "quiet",
 )
 # Settings that define a run: on resume the stored values win over new flags (a warning names the ignored ones).
 RUN_FIELDS = (
@@ -285,6 +284,11 @@ def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
+def env_names(name: str) -> list[str]:
+    """The environment variables read for field ``name``, in order: ``FL_<NAME>``, then older spellings."""
+    return [env_name(name)] + ENV_ALIASES.get(name, [])
+
+
 def add_arguments(parser: argparse.ArgumentParser, names: Sequence[str],
                   extra_flags: Mapping[str, Sequence[str]] | None = None) -> None:
     """Add one flag per config field in ``names``; defaults are left to :func:`from_args`.
@@ -332,7 +336,7 @@ def from_args(args: argparse.Namespace, names: Sequence[str],
     for name in names:
         f = by_name[name]
         raw_flag = getattr(args, name, None)
-        env_key = next((k for k in [env_name(name)] + ENV_ALIASES.get(name, []) if k in env), None)
+        env_key = next((k for k in env_names(name) if k in env), None)
         if raw_flag is not None:
             values[name] = parse_value(f, raw_flag, flag_name(name))
         elif env_key is not None:
@@ -344,7 +348,7 @@ def given_fields(args: argparse.Namespace, names: Sequence[str], env: Mapping[st
     """The fields of ``names`` that the command line or the environment set (not left to their defaults)."""
     env = os.environ if env is None else env
     return {name for name in names if getattr(args, name, None) is not None
-            or any(k in env for k in [env_name(name)] + ENV_ALIASES.get(name, []))}
+            or any(k in env for k in env_names(name))}
 
 
 def parse_config(parser: argparse.ArgumentParser, names: Sequence[str], argv: Sequence[str] | None = None,

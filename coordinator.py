@@ -29,7 +29,7 @@ from fedrest.server.app import create_app
 from fedrest.server.credentials import Credentials, token_path
 from fedrest.server.federation import Federation
 from fedrest.server.serving import PendingApp, TLSConfigError, bound_port, is_loopback, make_server
-from fedrest.server.state_dir import StartRefused, StateDirLock, describe, stored_run
+from fedrest.server.state_dir import RunFinished, StartRefused, StateDirLock
 from fedrest.server.store import StoreError
 from utils import program_command, run_program, setup_logging, url_host
 
@@ -91,59 +91,55 @@ def _main(argv) -> int:
     if cfg.model not in MODELS:
         parser.error(f"model (--model / FL_MODEL): unknown model {cfg.model!r}; known: {', '.join(sorted(MODELS))}")
     explicit = config_module.given_fields(args, COORDINATOR_FIELDS)
+    argv = sys.argv[1:] if argv is None else list(argv)
     pending = PendingApp()
     lock = StateDirLock(cfg.temp_dir)
     try:
-        try:
-            lock.acquire(f"pid {os.getpid()} on {socket.gethostname()}, starting")  # one coordinator per TEMP_DIR
-        except StartRefused as exc:
-            raise StartError(str(exc)) from None
+        lock.acquire(f"pid {os.getpid()} on {socket.gethostname()}, starting")  # one coordinator per TEMP_DIR
         server = _bind(pending, cfg)  # then the port: a start that cannot listen changes no state
         try:
-            _refuse_a_finished_run(cfg, sys.argv[1:] if argv is None else list(argv))
-            app = _build_app(cfg, explicit)
+            app = _build_app(cfg, explicit, argv)
         except StartError:
             if server is not None:
                 server.stop()
             raise
-    except StartError as exc:
+    except (StartError, StartRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     pending.app = app
-    cfg = app.extensions["federation"].config  # a resumed run keeps its stored settings
+    federation: Federation = app.extensions["federation"]
+    cfg = federation.config  # a resumed run keeps its stored settings
     port = bound_port(server) if server is not None else cfg.port
-    lock.describe(f"pid {os.getpid()} on {socket.gethostname()}, port {port}, run {cfg_run_id(app)}")
+    lock.describe(f"pid {os.getpid()} on {socket.gethostname()}, port {port}, run {federation.run_id}")
     _log_start(app, cfg, port)
     _serve_until_done(app, cfg, server)
     return 0
 
 
-def cfg_run_id(app) -> str:
-    return app.extensions["federation"].run_id
+def _fresh_command(argv: list[str], run_id: str) -> str:
+    """The command line ``argv`` of this coordinator with ``--fresh=run_id`` in place of any --fresh it had."""
+    kept, skip = [], False
+    for word in argv:
+        if skip and not word.startswith("-"):  # the value of a "--fresh VALUE" written with a space
+            skip = False
+            continue
+        skip = word == "--fresh"
+        if not (skip or word.startswith("--fresh=")):
+            kept.append(word)
+    return " ".join([program_command("coordinator.py"), *map(shlex.quote, kept), f"--fresh={run_id}"])
 
 
-def _refuse_a_finished_run(cfg, argv: list[str]) -> None:
-    """A finished run is not resumed by accident: say what it is and how to start a new one (or serve it)."""
-    try:
-        stored = stored_run(cfg.temp_dir)
-    except StoreError as exc:
-        raise StartError(str(exc)) from None
-    if stored is None or stored.phase != "finished" or cfg.keep_serving or cfg.fresh == stored.run_id:
-        return
-    again = [a for a in argv if not (a == "--fresh" or a.startswith("--fresh="))]
-    command = " ".join([program_command("coordinator.py"), *map(shlex.quote, again), f"--fresh={stored.run_id}"])
-    raise StartError(f"{describe(stored, cfg.temp_dir)}: that run is finished (its model is in "
-                     f"{Path(cfg.models_dir) / 'global_model.pt'}). To start a new run:\n  {command}\n"
-                     "or add --keep-serving to serve its status to monitors")
-
-
-def _build_app(cfg, explicit):
+def _build_app(cfg, explicit, argv: list[str]):
     from fedrest.data import DatasetUnavailable
 
     try:
-        return create_app(cfg, start_driver=False, explicit=explicit)
+        return create_app(cfg, start_driver=False, explicit=explicit, resume_finished=cfg.keep_serving)
     except DatasetUnavailable as exc:
         raise StartError(f"cannot evaluate: {exc}\nOr start the coordinator with --no-eval.") from None
+    except RunFinished as exc:  # not resumed by accident: say how to start a new one, or serve it
+        raise StartError(f"{exc} (its model is in {Path(cfg.models_dir) / 'global_model.pt'}). To start a new "
+                         f"run:\n  {_fresh_command(argv, exc.stored.run_id)}\nor add --keep-serving to serve its "
+                         "status to monitors") from None
     except (StoreError, StartRefused) as exc:
         raise StartError(str(exc)) from None
 

@@ -67,3 +67,17 @@ def test_settings_not_given_are_taken_from_the_run(make_app, tmp_path, caplog):
     assert (cfg.learning_rate, cfg.communication_rounds) == (0.01, 5)
     assert any("keeping its settings" in r.getMessage() for r in caplog.records)
 
+
+
+@pytest.mark.parametrize("argv, kept", [
+    (["--rounds", "3", "--fresh", "abc123", "--no-eval"], "--rounds 3 --no-eval"),
+    (["--rounds", "3", "--fresh=abc123"], "--rounds 3"),
+    (["--fresh", "--no-eval"], "--no-eval"),
+    (["--port", "5000", "--fresh"], "--port 5000"),
+])
+def test_the_printed_fresh_command_replaces_any_fresh_the_command_had(argv, kept):
+    import coordinator
+
+    command = coordinator._fresh_command(argv, "def456")
+    assert command.endswith(f"coordinator.py {kept} --fresh=def456")
+    assert "abc123" not in command

@@ -34,7 +34,8 @@ BURST = 5.0  # a rate limit of r requests/s allows bursts of BURST * r
 
 
 def create_app(cfg: Config, *, start_driver: bool = True, evaluator: Evaluator | None = None,
-               clock: Callable[[], float] = time.monotonic, explicit: Collection[str] | None = None) -> Flask:
+               clock: Callable[[], float] = time.monotonic, explicit: Collection[str] | None = None,
+               resume_finished: bool = True) -> Flask:
     """Build a coordinator app for ``cfg``.
 
     Parameters
@@ -43,7 +44,8 @@ def create_app(cfg: Config, *, start_driver: bool = True, evaluator: Evaluator |
     evaluator : (state_dict) -> (test loss, test accuracy). None: build one from ``cfg.dataset`` unless
         ``cfg.no_eval``.
     clock : the federation's monotonic clock, seconds (tests may pass a fake one).
-    explicit : the settings the user gave (flags, environment): see :func:`state_dir.prepare_start`.
+    explicit, resume_finished : see :func:`state_dir.prepare_start` (the settings the user gave; whether a
+        finished run may be resumed).
 
     Raises
     ------
@@ -59,7 +61,7 @@ def create_app(cfg: Config, *, start_driver: bool = True, evaluator: Evaluator |
     from model import build_model
 
     config_module.ensure_dirs(cfg, ("models_dir", "logs_dir", "temp_dir"))
-    cfg = prepare_start(cfg, explicit)
+    cfg = prepare_start(cfg, explicit, resume_finished)
     set_cpu_threads(cfg.cpu_threads)
     if evaluator is None and not cfg.no_eval:
         evaluator = make_evaluator(cfg)

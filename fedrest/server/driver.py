@@ -56,7 +56,7 @@ class RoundDriver:
     def _apply(self, now: float) -> bool:
         """Decide (:func:`rounds.decide`) and carry the decision out and store it; True: aggregate now."""
         st, c = self.fed.state, self.fed.config
-        online = self.fed.registry.online_ids(now)
+        online = self.fed.registry.online(now)
         decision = decide(st.facts(now, online, c.round_timeout),
                           Settings(c.min_nodes_to_start, c.min_updates, c.round_timeout))
         if decision.action == Action.NOTHING:
@@ -78,7 +78,7 @@ class RoundDriver:
         self.fed.changed.notify_all()
         return False
 
-    def _log_waiting(self, now: float, online: list[str]) -> None:
+    def _log_waiting(self, now: float, online: set[str]) -> None:
         """Every WAITING_LOG_EVERY seconds: who the run waits for (nodes to start a round, or updates)."""
         st, c = self.fed.state, self.fed.config
         if now - self._last_wait_log < WAITING_LOG_EVERY or now < st.not_before:
@@ -165,7 +165,7 @@ class RoundDriver:
         st.updates = OrderedDict()
         st.refused_streak = 0
         now = self.fed.clock()
-        action = after_round(number, c.communication_rounds, len(self.fed.registry.online_ids(now)),
+        action = after_round(number, c.communication_rounds, len(self.fed.registry.online(now)),
                              c.min_nodes_to_start)
         started = None
         if action == Action.FINISH:

@@ -158,8 +158,12 @@ class NodeRegistry:
             return False
         return node.polling > 0 or now - node.last_seen_mono <= self.node_timeout
 
+    def online(self, now: float) -> set[str]:
+        """Ids of the online nodes (no order: what a decision needs every tick)."""
+        return {n.node_id for n in self.nodes.values() if self.is_online(n, now)}
+
     def online_ids(self, now: float) -> list[str]:
-        """Ids of the online nodes, ordered by name."""
+        """Ids of the online nodes, ordered by name (the order client sampling draws from)."""
         return [n.node_id for n in sorted(self.nodes.values(), key=lambda n: n.name) if self.is_online(n, now)]
 
     def sorted_by_name(self) -> list[Node]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Collection
 
 from config import Config
 from fedrest.server.errors import Conflict
@@ -64,7 +65,7 @@ class RoundState:
         return (self.phase == Phase.TRAINING and node_id in self.participants and node_id not in self.updates
                 and node_id not in self.refused)
 
-    def facts(self, now: float, online: list[str], round_timeout: float) -> RoundFacts:
+    def facts(self, now: float, online: Collection[str], round_timeout: float) -> RoundFacts:
         """The facts :func:`rounds.decide` reads."""
         return RoundFacts(phase=self.phase, now=now, participants=tuple(self.participants),
                           updates=frozenset(self.updates), refused=frozenset(self.refused),

@@ -47,6 +47,14 @@ class StartRefused(Exception):
     """The coordinator will not start on this state directory as asked; the message says why and what to do."""
 
 
+class RunFinished(StartRefused):
+    """The stored run is finished; ``stored`` is it (the caller says how to start a new one)."""
+
+    def __init__(self, stored: "StoredRun", temp_dir) -> None:
+        super().__init__(f"{describe(stored, temp_dir)}: that run is finished")
+        self.stored = stored
+
+
 class StateDirLock:
     """One coordinator per state directory: an exclusive ``flock`` on ``TEMP_DIR/coordinator.lock``, taken
     before anything else touches the directory and held until the process ends (the kernel releases it then,
@@ -133,20 +141,21 @@ def stored_run(temp_dir: str | os.PathLike) -> StoredRun | None:
 FRESH_WITHOUT_ID = ("?", "true", "1", "yes", "on")  # --fresh given without the id of the run to set aside
 
 
-def prepare_start(cfg: Config, explicit: Collection[str] | None = None) -> Config:
+def prepare_start(cfg: Config, explicit: Collection[str] | None = None, resume_finished: bool = True) -> Config:
     """Set a stored run aside (``--fresh=RUN_ID``) or work out the settings of the run to resume.
 
     ``--fresh`` names the run it sets aside, so a command that is run again after a restart (with the same
     ``--fresh``) resumes the new run instead of throwing it away. A resumed run keeps the settings it started
     with (config.RUN_FIELDS), unless it has completed no round yet: then the new ones replace them.
     ``explicit`` are the fields the command line or environment gave; one that differs from a run's settings
-    after its first round is refused (None: such differences are only logged).
+    after its first round is refused (None: such differences are only logged). With ``resume_finished`` False,
+    a finished run is not resumed (a command line that did not mean to serve it).
 
     Raises
     ------
     StartRefused
         ``--fresh`` without a run id while a run is stored, or settings given that differ from those of a run
-        that has completed rounds.
+        that has completed rounds; :class:`RunFinished` for a finished run when ``resume_finished`` is False.
     StoreError
         If the stored run cannot be read.
     """
@@ -164,6 +173,8 @@ def prepare_start(cfg: Config, explicit: Collection[str] | None = None) -> Confi
         else:
             log.warning("--fresh=%s: that run is no longer the stored one (it was set aside already); resuming "
                         "run %s. Leave --fresh out of the command from now on", cfg.fresh, stored.run_id)
+    if stored is not None and stored.phase == "finished" and not resume_finished:
+        raise RunFinished(stored, cfg.temp_dir)
     return cfg if stored is None else resume_settings(cfg, stored, explicit)
 
 
@@ -195,7 +206,7 @@ def resume_settings(cfg: Config, stored: StoredRun, explicit: Collection[str] | 
         return cfg.replace(**{k: v for k, v in changes.items() if k not in given})
     if not changes:
         return cfg
-    conflicts = [k for k in changes if explicit is not None and k in explicit]
+    conflicts = [k for k in changes if k in given] if explicit is not None else []
     if conflicts:
         was = " ".join(f"{_flag(k)}={stored.config[k]}" for k in conflicts)
         now = " ".join(f"{_flag(k)}={getattr(cfg, k)}" for k in conflicts)
