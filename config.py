@@ -1,14 +1,12 @@
 """One typed configuration for the coordinator, the workers and the launcher.
 
-Every field has a default here, can be overridden by an environment variable
-``FL_<FIELD NAME IN UPPER CASE>`` (for example ``FL_BATCH_SIZE=32``), and by a
-command-line flag ``--<field-name-with-dashes>`` (for example ``--batch-size 32``).
-Precedence, lowest to highest: default, environment, command line.
+Every field has a default here, can be overridden by an environment variable ``FL_<FIELD NAME IN UPPER CASE>``
+(for example ``FL_BATCH_SIZE=32``), and by a command-line flag ``--<field-name-with-dashes>`` (for example
+``--batch-size 32``). Precedence, lowest to highest: default, environment, command line.
 
-Each program exposes only the flags that concern it (see ``COORDINATOR_FIELDS``
-and ``WORKER_FIELDS``); the environment variables are read for the same fields.
-Bad values end the program with ``error: ...`` and exit status 2, never a
-traceback (:class:`ConfigError` is turned into an argparse error).
+Each program exposes only the flags that concern it (see ``COORDINATOR_FIELDS`` and ``WORKER_FIELDS``); the
+environment variables are read for the same fields. Bad values end the program with ``error: ...`` and exit
+status 2, never a traceback (:class:`ConfigError` is turned into an argparse error).
 """
 
 from __future__ import annotations
@@ -32,8 +30,7 @@ class ConfigError(ValueError):
     """A configuration value is missing, malformed or out of range."""
 
 
-def _meta(help_text: str, *, lo: float | None = None, hi: float | None = None,
-          choices: Sequence[str] | None = None, secret: bool = False) -> dict:
+def _meta(help_text: str, *, lo: float | None = None, hi: float | None = None, choices=None, secret=False) -> dict:
     return {"help": help_text, "lo": lo, "hi": hi, "choices": choices, "secret": secret}
 
 
@@ -63,8 +60,28 @@ class Config:
     server_threads: int = field(default=64, metadata=_meta(
         "request threads of the coordinator; each waiting worker holds one during a long poll", lo=4, hi=1024))
     # --- training (sent to workers with each round) ---
-    model: str = field(default="simple_cnn", metadata=_meta("model architecture (name in model.MODELS)"))
-    dataset: str = field(default="mnist", metadata=_meta("dataset", choices=DATASETS))
+    task: str | None = field(default=None, metadata=_meta(
+        "what to train: mnist, fashion-mnist, image-folder, a task file (my_task.py) or module (package.module); "
+        "the same on the coordinator and every worker (default: --dataset)"))
+    model: str | None = field(default=None, metadata=_meta(
+        "model architecture (default: the task's; simple_cnn, or for image-folder resnet18 or any torchvision "
+        "classification model)"))
+    dataset: str = field(default="mnist", metadata=_meta("built-in task when --task is not given", choices=DATASETS))
+    image_size: int = field(default=224, metadata=_meta("image-folder: images resized to this many pixels squared",
+                                                        lo=8, hi=4096))
+    image_channels: int = field(default=3, metadata=_meta("image-folder: 3 (RGB) or 1 (grayscale)", lo=1, hi=3))
+    normalize_mean: str = field(default="0.5", metadata=_meta(
+        "image-folder: mean subtracted from pixels in [0, 1] (one value, or one per channel, comma-separated)"))
+    normalize_std: str = field(default="0.5", metadata=_meta(
+        "image-folder: standard deviation pixels are divided by (one value, or one per channel)"))
+    classes: str | None = field(default=None, metadata=_meta(
+        "image-folder: comma-separated class names, for a coordinator without a test folder (--no-eval)"))
+    eval_fraction: float = field(default=0.0, metadata=_meta(
+        "fraction of a worker's data held out to evaluate global models on (0: none)", lo=0.0, hi=0.9))
+    data_workers: int | None = field(default=None, metadata=_meta(
+        "DataLoader processes for Datasets such as image folders (default: cores - 1, at most 4)", lo=0, hi=256))
+    cache_bytes: int = field(default=2 * 1024**3, metadata=_meta(
+        "most bytes of decoded examples kept in memory after the first pass (0: never)", lo=0, hi=2**44))
     batch_size: int = field(default=32, metadata=_meta("local mini-batch size B", lo=1, hi=65536))
     test_batch_size: int = field(default=1000, metadata=_meta("batch size of evaluation", lo=1, hi=65536))
     learning_rate: float = field(default=0.01, metadata=_meta("SGD learning rate", lo=1e-12, hi=10.0))
@@ -159,9 +176,11 @@ class Config:
         return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("secret")}
 
 
+# What a task is (the same on the coordinator and every worker: the fingerprint checks it at registration).
+TASK_FIELDS = ("task", "model", "dataset", "image_size", "image_channels", "normalize_mean", "normalize_std")
 COORDINATOR_FIELDS = (
     "data_dir", "models_dir", "logs_dir", "temp_dir", "host", "port", "certfile", "keyfile", "client_timeout",
-    "server_threads", "model", "dataset",
+    "server_threads", *TASK_FIELDS, "classes", "data_workers", "cache_bytes",
     "batch_size", "test_batch_size", "learning_rate", "momentum", "local_epochs", "communication_rounds",
     "min_nodes_to_start", "client_fraction", "min_updates", "node_timeout", "heartbeat_interval", "round_timeout",
     "seed", "cpu_threads", "save_model", "max_update_bytes", "max_nodes", "rate_limit", "address_rate_limit",
@@ -171,31 +190,26 @@ COORDINATOR_FIELDS = (
 MONITOR_FIELDS = ("coordinator_address", "ca_cert", "monitor_token")
 ADMIN_FIELDS = ("coordinator_address", "ca_cert", "admin_token", "temp_dir")
 WORKER_FIELDS = (
-    "coordinator_address", "ca_cert", "device", "token", "name", "data_dir", "dataset", "partition_id",
-    "num_partitions", "partition", "alpha", "seed", "cpu_threads", "logs_dir", "give_up_after", "quiet",
+    "coordinator_address", "ca_cert", "device", "token", "name", "data_dir", *TASK_FIELDS, "eval_fraction",
+    "data_workers", "cache_bytes", "partition_id", "num_partitions", "partition", "alpha", "seed", "cpu_threads",
+    "logs_dir", "give_up_after", "quiet",
 )
 # Settings that define a run: on resume the stored values win over new flags (a warning names the ignored ones).
 RUN_FIELDS = (
-    "model", "dataset", "batch_size", "test_batch_size", "learning_rate", "momentum", "local_epochs",
+    *TASK_FIELDS, "classes", "batch_size", "test_batch_size", "learning_rate", "momentum", "local_epochs",
     "communication_rounds", "min_nodes_to_start", "client_fraction", "min_updates", "seed", "no_eval",
     "aggregation", "trim_fraction", "clip_norm",
 )
 # Short spellings users expect from the README and the issue text.
-ALIASES = {
-    "communication_rounds": ["--rounds"],
-    "min_nodes_to_start": ["--min-nodes"],
-    "learning_rate": ["--lr"],
-    "cpu_threads": ["--cpu-workers"],  # the seed's name
-}
+ALIASES = {"communication_rounds": ["--rounds"], "min_nodes_to_start": ["--min-nodes"], "learning_rate": ["--lr"],
+           "cpu_threads": ["--cpu-workers"]}  # --cpu-workers: the seed's name
 # Flags that may be given without a value, and the value they then have ("--fresh" alone: the coordinator
 # answers with the id it needs).
 BARE_FLAG_VALUES = {"fresh": "?"}
 # Flags whose values are random tokens (which may start with "-" when a user chose them).
 SECRET_FLAGS = ("--token", "--monitor-token", "--admin-token")
 # Older environment variables still read (after the field's own FL_ name).
-ENV_ALIASES = {
-    "cpu_threads": ["FL_CPU_WORKERS"],
-}
+ENV_ALIASES = {"cpu_threads": ["FL_CPU_WORKERS"]}
 
 
 def _field_type(f: dataclasses.Field) -> type:
@@ -245,9 +259,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--partition-id and --num-partitions must be given together")
     if (cfg.certfile is None) != (cfg.keyfile is None):
         raise ConfigError("--certfile and --keyfile must be given together")
+    for name in ("normalize_mean", "normalize_std"):
+        if not all(_is_number(v) for v in getattr(cfg, name).split(",")):
+            raise ConfigError(f"{name} ({flag_name(name)} / {env_name(name)}): expected comma-separated numbers, "
+                              f"got {getattr(cfg, name)!r}")
     if cfg.partition_id is not None and cfg.partition_id >= cfg.num_partitions:
         raise ConfigError(f"--partition-id must be < --num-partitions ({cfg.num_partitions}), "
                           f"got {cfg.partition_id}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _validate_field(cfg: Config, f: dataclasses.Field) -> None:

@@ -86,10 +86,6 @@ def _main(argv) -> int:
     except OSError as exc:
         print(f"error: cannot create the run-time directories: {exc}", file=sys.stderr)
         return 2
-    from model import MODELS
-
-    if cfg.model not in MODELS:
-        parser.error(f"model (--model / FL_MODEL): unknown model {cfg.model!r}; known: {', '.join(sorted(MODELS))}")
     explicit = config_module.given_fields(args, COORDINATOR_FIELDS)
     argv = sys.argv[1:] if argv is None else list(argv)
     pending = PendingApp()
@@ -130,12 +126,13 @@ def _fresh_command(argv: list[str], run_id: str) -> str:
 
 
 def _build_app(cfg, explicit, argv: list[str]):
-    from fedrest.data import DatasetUnavailable
+    from fedrest.tasks import TaskError
 
     try:
         return create_app(cfg, start_driver=False, explicit=explicit, resume_finished=cfg.keep_serving)
-    except DatasetUnavailable as exc:
-        raise StartError(f"cannot evaluate: {exc}\nOr start the coordinator with --no-eval.") from None
+    except TaskError as exc:
+        fix = "" if "--no-eval" in str(exc) or cfg.no_eval else "\nOr start the coordinator with --no-eval."
+        raise StartError(f"{exc}{fix}") from None
     except RunFinished as exc:  # not resumed by accident: say how to start a new one, or serve it
         raise StartError(f"{exc} (its model is in {Path(cfg.models_dir) / 'global_model.pt'}). To start a new "
                          f"run:\n  {_fresh_command(argv, exc.stored.run_id)}\nor add --keep-serving to serve its "
@@ -170,10 +167,10 @@ def _log_start(app, cfg, port: int) -> None:
     scheme = "https" if cfg.certfile else "http"
     address = f"{scheme}://{url_host(_reachable_address(cfg.host))}:{port}"
     log.info("coordinator listening on %s://%s:%s (%s); run %s: %d rounds, %d nodes to start, model %s, "
-             "dataset %s, aggregation %s", scheme, url_host(cfg.host), port,
+             "task %s, aggregation %s", scheme, url_host(cfg.host), port,
              "Flask debug server" if cfg.debug else f"cheroot, {cfg.server_threads} threads",
-             federation.run_id, cfg.communication_rounds, cfg.min_nodes_to_start, cfg.model, cfg.dataset,
-             cfg.aggregation)
+             federation.run_id, cfg.communication_rounds, cfg.min_nodes_to_start, federation.task.model_name,
+             federation.task.name, cfg.aggregation)
     if scheme == "http" and not is_loopback(cfg.host):
         log.warning("serving plain HTTP on %s: tokens and model weights cross the network unencrypted and can be "
                     "read or changed on the way. Use --certfile/--keyfile (python make_cert.py makes a pair) or "

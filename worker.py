@@ -33,10 +33,11 @@ import torch
 import config as config_module
 from config import WORKER_FIELDS, Config
 from fedrest.client import CoordinatorClient, CoordinatorError, make_session
-from fedrest.data import DatasetUnavailable, LabeledImages, load_worker_data
 from fedrest.serialization import bytes_to_state_dict, state_dict_to_bytes
+from fedrest.tasks import Task, TaskError, TrainSettings, load_task
+from fedrest.tasks.data import LocalData
+from fedrest.tasks.node_data import worker_data
 from fedrest.worker_policy import CALL_ERRORS, Action, Reaction, react
-from model import build_model, local_train
 from utils import DeviceUnavailable, device_description, run_program, select_device, set_cpu_threads, setup_logging
 
 log = logging.getLogger("fl.worker")
@@ -79,13 +80,18 @@ class Worker:
     ----------
     cfg : settings (coordinator address, token, name, ...).
     device : where training runs.
-    data : local training data, already on ``device``.
+    task : what this worker trains (:mod:`fedrest.tasks`); its model is built here, once.
+    data : local training data (tensors already on ``device``).
+    held_out : the part of the local data held out for federated evaluation, or None.
     """
 
-    def __init__(self, cfg: Config, device: torch.device, data: LabeledImages) -> None:
+    def __init__(self, cfg: Config, device: torch.device, task: Task, data: LocalData,
+                 held_out: LocalData | None = None) -> None:
         self.cfg = cfg
         self.device = device
-        self.data = data
+        self.task, self.data, self.held_out = task, data, held_out
+        self.model = task.build_model().to(device)
+        self.fingerprint = task.fingerprint(self.model)
         self.name = cfg.name or default_name(cfg)
         # few quick retries per call; longer outages are waited out (and logged) by _wait_for_coordinator
         self.client = CoordinatorClient(cfg.coordinator_address, session=self._session(3))
@@ -93,8 +99,6 @@ class Worker:
         self.node_id: str | None = None
         self.run_id: str | None = None  # the coordinator's run this worker is in
         self.heartbeat_interval = 10.0
-        self.model: torch.nn.Module | None = None
-        self.model_name: str | None = None
         self.model_version = -1
         self.rounds_done = 0
         self.stop_event = threading.Event()
@@ -112,8 +116,9 @@ class Worker:
     def register(self) -> None:
         """Register (or re-register under the same name). Errors: see :func:`fedrest.worker_policy.react`."""
         answer, created = self.client.register(self.name, device_description(self.device), len(self.data),
-                                               system_info(self.device), self.cfg.token, self.instance_id)
-        if answer.get("dataset", self.cfg.dataset) != self.cfg.dataset:
+                                               system_info(self.device), self.cfg.token, self.instance_id,
+                                               task=self.fingerprint)
+        if "task" not in answer and answer.get("dataset", self.cfg.dataset) != self.cfg.dataset:  # an older one
             raise FatalError(f"the coordinator trains on {answer['dataset']} but this worker holds "
                              f"{self.cfg.dataset} data; start it with --dataset {answer['dataset']}")
         run_id = answer.get("run_id")
@@ -181,6 +186,11 @@ class Worker:
         except FatalError as exc:
             log.error("%s", exc)
             return 1
+        except TaskError as exc:  # the user's task failed: one line here, the traceback in the log file
+            log.debug("the task failed", exc_info=exc.__cause__ or exc)
+            log.error("%s; leaving the federation", exc)
+            self._leave()
+            return 1
         finally:
             self.stop_event.set()
 
@@ -237,9 +247,6 @@ class Worker:
     # ------------------------------------------------------------------ one round
 
     def _ensure_model(self, task: dict) -> None:
-        if self.model is None or self.model_name != task["model"]:
-            self.model = build_model(task["model"]).to(self.device)
-            self.model_name, self.model_version = task["model"], -1
         if self.model_version != task["model_version"]:
             version, data = self.client.model()
             state = bytes_to_state_dict(data)
@@ -263,11 +270,10 @@ class Worker:
         progress = self._progress(round_number, settings["local_epochs"])
         seed = _shuffle_seed(settings.get("seed", 0), round_number, self.name)
         torch.manual_seed(seed)  # dropout draws: the same run gives the same model
+        train_settings = TrainSettings(round_number, settings["local_epochs"], settings["batch_size"],
+                                       settings["learning_rate"], settings.get("momentum", 0.0), seed, self.device)
         try:
-            result = local_train(self.model, self.data.images, self.data.labels,
-                                 epochs=settings["local_epochs"], batch_size=settings["batch_size"],
-                                 learning_rate=settings["learning_rate"], momentum=settings.get("momentum", 0.0),
-                                 seed=seed, progress=progress)
+            result = self.task.train(self.model, self.data, train_settings, progress)
         except RoundClosed:
             self.model_version = -1
             log.warning("round %d closed while this node was training; dropping the work", round_number)
@@ -276,16 +282,20 @@ class Worker:
             self.training_round = None
             progress.close()
         self.model_version = -1  # local weights now differ from any global version
-        metadata = {"num_samples": result.num_samples, "train_loss": result.loss,
-                    "train_accuracy": result.accuracy, "train_seconds": result.seconds}
+        metadata = {"num_samples": result.num_samples, "train_seconds": result.seconds}
+        if result.loss is not None and 0 <= result.loss <= 1e12:  # the ranges the coordinator takes
+            metadata["train_loss"] = result.loss
+        if result.accuracy is not None and 0 <= result.accuracy <= 1:
+            metadata["train_accuracy"] = result.accuracy
         data = state_dict_to_bytes(self.model.state_dict())
         if not self._upload(round_number, metadata, data):
             return
         self.rounds_done += 1
-        log.info("round %d: trained %d samples x %d epochs in %.1fs (%.0f samples/s), loss %.4f, "
-                 "accuracy %.4f; update sent", round_number, result.num_samples, settings["local_epochs"],
-                 result.seconds, result.num_examples_seen / max(result.seconds, 1e-9), result.loss,
-                 result.accuracy)
+        shown = {"loss": result.loss, "accuracy": result.accuracy, **result.metrics}
+        log.info("round %d: trained %d samples x %d epochs in %.1fs (%.0f samples/s), %s; update sent", round_number,
+                 result.num_samples, settings["local_epochs"], result.seconds,
+                 result.num_examples_seen / max(result.seconds, 1e-9),
+                 ", ".join(f"{k} {v:.4f}" for k, v in shown.items() if v is not None) or "no training metrics")
 
     def _upload(self, round_number: int, metadata: dict, data: bytes) -> bool:
         """Send one update until it is answered; True if the coordinator holds it."""
@@ -365,11 +375,13 @@ def _main(argv) -> int:
     log.info("worker %s on %s, torch %s, %d CPU threads", name, device_description(device), torch.__version__,
              torch.get_num_threads())
     try:
-        data = load_worker_data(cfg, device)
-    except (DatasetUnavailable, ValueError) as exc:
+        task = load_task(cfg)
+        data, held_out = worker_data(task, cfg, device)
+        worker = Worker(cfg, device, task, data, held_out)
+    except TaskError as exc:
+        log.debug("the task failed", exc_info=exc.__cause__ or exc)
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    worker = Worker(cfg, device, data)
 
     def on_signal(signum, _frame):
         if worker.stop_event.is_set():

@@ -192,11 +192,15 @@ class CoordinatorClient:
         return self._json("GET", "/health", read_timeout=10.0)
 
     def register(self, name: str, device: str, num_samples: int, system_info: Mapping[str, Any],
-                 join_token: str | None, instance_id: str | None = None) -> tuple[dict, bool]:
-        """Register; returns (answer with node_id/node_token/heartbeat_interval, created)."""
+                 join_token: str | None, instance_id: str | None = None,
+                 task: Mapping[str, Any] | None = None) -> tuple[dict, bool]:
+        """Register; returns (answer with node_id/node_token/heartbeat_interval, created). ``task``: the task's
+        fingerprint (:mod:`fedrest.tasks.fingerprint`), checked by the coordinator (409 task_mismatch)."""
         body = {"name": name, "device": device, "num_samples": num_samples, "system_info": dict(system_info)}
         if instance_id is not None:
             body["instance_id"] = instance_id
+        if task is not None:
+            body["task"] = dict(task)
         response = self._request("POST", "/nodes", expected=(200, 201), token=join_token or "", json=body)
         return response.json(), response.status_code == 201
 

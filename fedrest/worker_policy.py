@@ -15,6 +15,7 @@ TLS certificate not verified           any other                     FATAL (it w
 undecodable global model               any                           RETRY (ask again in 2 s)
 401                                    register                      FATAL (the join token is wrong)
 409 name_in_use                        register                      FATAL (two workers share a name)
+409 task_mismatch                      register                      FATAL (another model, classes or task)
 400, 403, 413, 415                     register                      FATAL (registration refused)
 409 duplicate_update                   upload                        ACCEPTED (a retried upload had arrived)
 409 (other)                            upload                        DROP (joins the current round)
@@ -99,6 +100,10 @@ def _react_to_answer(exc: CoordinatorError, during: str) -> Reaction:
                                           "was started with its own --token")
         if error == "name_in_use":
             return Reaction(Action.FATAL, f"the name is in use: {exc.message}")
+        if error == "task_mismatch":
+            return Reaction(Action.FATAL, f"the coordinator refused this worker's task: {exc.message}. Start the "
+                                          "worker with the coordinator's --task and model settings (and the same "
+                                          "class folders)")
         if status in (400, 403, 413, 415):
             return Reaction(Action.FATAL, f"registration refused: {exc.message}")
     if during == "upload":

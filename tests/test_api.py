@@ -163,7 +163,7 @@ def test_register_non_json_object_body(client, fed, kwargs, status):
 
 
 def test_register_body_too_large_is_413_json(client, fed):
-    body = {**GOOD_BODY, "system_info": {"blob": "x" * 70_000}}
+    body = {**GOOD_BODY, "system_info": {"blob": "x" * 2_200_000}}  # above REGISTRATION_BODY_LIMIT (2 MiB)
     assert_json_error(client.post(f"{API}/nodes", headers=JOIN, json=body), 413, "payload_too_large")
     assert fed.nodes == {}
 

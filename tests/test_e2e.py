@@ -16,7 +16,7 @@ import torch
 from fedrest.data import load_dataset
 from fedrest.server.checkpoints import load_checkpoint
 from model import SimpleCNN
-from model import test as evaluate_model
+from fedrest.training import test as evaluate_model
 from processes import ROOT, free_port, procs, status_client, try_status, wait_for  # noqa: F401 - procs is a fixture
 
 pytestmark = pytest.mark.e2e

@@ -1,4 +1,4 @@
-"""SimpleCNN, the model registry, local_train and test (model.py)."""
+"""SimpleCNN and the model registry (model.py); the built-in loops local_train and test (fedrest/training.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import MODELS, SimpleCNN, build_model, iterate_minibatches, local_train, test as evaluate
+from fedrest.tasks.data import TensorData
+from fedrest.training import local_train, test as evaluate
+from model import MODELS, SimpleCNN, build_model
 
 
 @pytest.fixture
@@ -112,15 +114,21 @@ def test_local_train_rejects_empty_and_mismatched_data(net):
     with pytest.raises(ValueError, match="zero samples"):
         local_train(net, torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.long), epochs=1, batch_size=4,
                     learning_rate=0.1)
-    with pytest.raises(ValueError, match="3 images but 2 labels"):
+    with pytest.raises(ValueError, match="x has 3 examples but y has 2"):
         local_train(net, torch.zeros(3, 1, 28, 28), torch.zeros(2, dtype=torch.long), epochs=1, batch_size=4,
                     learning_rate=0.1)
 
 
-def test_iterate_minibatches_covers_every_index_once():
-    batches = list(iterate_minibatches(10, 4, torch.Generator().manual_seed(0), torch.device("cpu")))
-    assert [len(b) for b in batches] == [4, 4, 2]
-    assert sorted(torch.cat(batches).tolist()) == list(range(10))
+def test_tensor_batches_cover_every_example_once_in_a_seeded_order():
+    x, y = torch.arange(10).float().view(10, 1), torch.arange(10)
+    data = TensorData(x, y)
+    batches = list(data.batches(4, torch.device("cpu"), torch.Generator().manual_seed(0)))
+    assert [len(b[1]) for b in batches] == [4, 4, 2]
+    assert sorted(torch.cat([b[1] for b in batches]).tolist()) == list(range(10))
+    assert all(torch.equal(bx.view(-1).long(), by) for bx, by in batches)  # x and y stay paired
+    again = list(data.batches(4, torch.device("cpu"), torch.Generator().manual_seed(0)))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, again))
+    assert torch.cat([b[1] for b in data.batches(4, torch.device("cpu"))]).tolist() == list(range(10))
 
 
 def test_build_model():

@@ -79,15 +79,17 @@ def test_a_worker_that_registers_into_a_new_run_says_so_and_fetches_the_new_mode
 
     import worker as worker_module
     from config import Config
-    from fedrest.data import LabeledImages
+    from fedrest.tasks import load_task
+    from fedrest.tasks.data import TensorData
 
-    data = LabeledImages(torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.int64), "four blank images")
-    w = worker_module.Worker(Config(name="w1", quiet=True), torch.device("cpu"), data)
+    cfg = Config(name="w1", quiet=True)
+    data = TensorData(torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.int64))  # four blank images
+    w = worker_module.Worker(cfg, torch.device("cpu"), load_task(cfg), data)
 
     class Coordinator:  # answers registrations as the coordinator does, in the run it is told
         run_id, url, token = "aaaaaaaaaaaa", "http://127.0.0.1:5000", None
 
-        def register(self, *args):
+        def register(self, *args, task=None):
             return {"node_id": "0123456789abcdef", "node_token": "t" * 43, "run_id": self.run_id,
                     "dataset": "mnist", "heartbeat_interval": 10.0}, True
 

@@ -21,11 +21,13 @@ from fedrest.server.auth import rate_limit
 from fedrest.server.credentials import Credentials
 from fedrest.server.evaluation import Evaluator, make_evaluator
 from fedrest.server.federation import Federation
-from fedrest.server.http_errors import (JSON_BODY_LIMIT, METADATA_LIMIT, MULTIPART_SLACK, UPLOAD_ENDPOINT,
-                                        register_error_handlers)
+from fedrest.server.http_errors import (JSON_BODY_LIMIT, METADATA_LIMIT, MULTIPART_SLACK, REGISTER_ENDPOINT,
+                                        REGISTRATION_BODY_LIMIT, UPLOAD_ENDPOINT, register_error_handlers)
 from fedrest.server.ratelimit import RateLimiter
 from fedrest.server.state_dir import prepare_start
 from fedrest.server.views import admin, monitoring, nodes, rounds
+from fedrest.tasks import load_task
+from fedrest.tasks.fingerprint import TaskIdentity
 from utils import set_cpu_threads
 
 log = logging.getLogger("fl.coordinator")
@@ -41,16 +43,16 @@ def create_app(cfg: Config, *, start_driver: bool = True, evaluator: Evaluator |
     Parameters
     ----------
     start_driver : start the thread that runs the rounds (tests may call ``federation.tick()`` instead).
-    evaluator : (state_dict) -> (test loss, test accuracy). None: build one from ``cfg.dataset`` unless
-        ``cfg.no_eval``.
+    evaluator : (state_dict) -> {metric: value} (or a (test loss, test accuracy) pair). None: evaluate with the
+        task (``--task``, else ``--dataset``) on its test data unless ``cfg.no_eval``.
     clock : the federation's monotonic clock, seconds (tests may pass a fake one).
     explicit, resume_finished : see :func:`state_dir.prepare_start` (the settings the user gave; whether a
         finished run may be resumed).
 
     Raises
     ------
-    fedrest.data.DatasetUnavailable
-        When evaluation is on and the test split cannot be loaded.
+    fedrest.tasks.TaskError
+        When the task cannot be loaded, or evaluation is on and its test data cannot be loaded.
     fedrest.server.store.StoreError
         When TEMP_DIR holds a run that cannot be resumed.
     fedrest.server.state_dir.StartRefused
@@ -58,16 +60,16 @@ def create_app(cfg: Config, *, start_driver: bool = True, evaluator: Evaluator |
     """
     import torch
 
-    from model import build_model
-
     config_module.ensure_dirs(cfg, ("models_dir", "logs_dir", "temp_dir"))
     cfg = prepare_start(cfg, explicit, resume_finished)
     set_cpu_threads(cfg.cpu_threads)
+    task = load_task(cfg)
     if evaluator is None and not cfg.no_eval:
-        evaluator = make_evaluator(cfg)
+        evaluator = make_evaluator(task, cfg)  # loads the test data first: it names the classes of image folders
     torch.manual_seed(cfg.seed)
-    initial = build_model(cfg.model).state_dict()
-    federation = Federation(cfg, initial, evaluator, clock)
+    model = task.build_model()
+    identity = TaskIdentity(task.name, task.model_name, task.fingerprint(model))
+    federation = Federation(cfg, model.state_dict(), evaluator, clock, identity)
 
     app = Flask(__name__, static_folder=str(monitoring.STATIC_DIR), static_url_path="/static")
     app.config["FL_NO_AUTH"] = cfg.no_auth
@@ -97,6 +99,8 @@ def _before_request() -> None:
         limit = current_app.extensions["federation"].config.max_update_bytes
         request.max_content_length = limit + MULTIPART_SLACK
         request.max_form_memory_size = METADATA_LIMIT
+    elif request.endpoint == REGISTER_ENDPOINT:  # carries the task's fingerprint (a model's state_dict schema)
+        request.max_content_length = REGISTRATION_BODY_LIMIT
     else:
         request.max_content_length = JSON_BODY_LIMIT
 

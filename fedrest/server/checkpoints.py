@@ -25,6 +25,7 @@ import torch
 from fedrest import failpoints
 from fedrest.files import atomic_write_bytes
 from fedrest.serialization import torch_save_bytes
+from fedrest.tasks.fingerprint import TaskIdentity
 
 CHECKPOINT_FORMAT = "fl-checkpoint-v1"
 
@@ -54,7 +55,7 @@ class GlobalModels:
 
 
 def save_checkpoint(models_dir: str | os.PathLike, number: int, state_dict: Mapping[str, torch.Tensor],
-                    model_name: str, test_loss: float | None, test_accuracy: float | None, settings: dict) -> None:
+                    task: TaskIdentity, test_metrics: dict, settings: dict) -> None:
     """Write round ``number``'s checkpoint as ``global_model_round_<number>.pt`` and ``global_model.pt``.
 
     Raises
@@ -62,9 +63,10 @@ def save_checkpoint(models_dir: str | os.PathLike, number: int, state_dict: Mapp
     OSError
         When a file cannot be written (the earlier files stay whole).
     """
-    checkpoint = {"format": CHECKPOINT_FORMAT, "model_name": model_name, "round": number,
-                  "state_dict": state_dict, "test_loss": test_loss, "test_accuracy": test_accuracy,
-                  "config": settings}
+    checkpoint = {"format": CHECKPOINT_FORMAT, "task": task.name, "model_name": task.model_name,
+                  "classes": task.classes, "round": number, "state_dict": state_dict,
+                  "test_loss": test_metrics.get("loss"), "test_accuracy": test_metrics.get("accuracy"),
+                  "test_metrics": dict(test_metrics), "config": settings}
     data = torch_save_bytes(checkpoint)
     models = Path(models_dir)
     atomic_write_bytes(models / f"global_model_round_{number}.pt", data)
@@ -75,8 +77,9 @@ def save_checkpoint(models_dir: str | os.PathLike, number: int, state_dict: Mapp
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint written by the coordinator (weights-only, never runs code).
 
-    Returns a dict with ``format``, ``model_name``, ``round``, ``state_dict``, ``test_loss``,
-    ``test_accuracy`` and ``config``.
+    Returns a dict with ``format``, ``task`` (its name), ``model_name``, ``classes`` (the name of each class
+    index, or None), ``round``, ``state_dict``, ``test_metrics`` (with ``test_loss`` and ``test_accuracy`` also
+    at the top) and ``config``. Checkpoints of earlier versions have no ``task``, ``classes``, ``test_metrics``.
 
     Raises
     ------

@@ -20,9 +20,10 @@ from fedrest import failpoints
 from fedrest.aggregation import ClientUpdate, Strategy
 from fedrest.serialization import state_dict_to_bytes
 from fedrest.server.checkpoints import GlobalModels, save_checkpoint
-from fedrest.server.evaluation import Evaluator
+from fedrest.server.evaluation import Evaluator, metrics_of
 from fedrest.server.rounds import RoundRecord
 from fedrest.server.spool import AcceptedUpdate
+from fedrest.tasks.fingerprint import TaskIdentity
 
 log = logging.getLogger("fl.federation")
 
@@ -36,8 +37,15 @@ class ClosedRound:
     used: list  # the AcceptedUpdates aggregated, canonical order
     aggregation_s: float
     evaluation_s: float
-    test_loss: float | None
-    test_accuracy: float | None
+    test_metrics: dict  # name -> value of the coordinator's evaluation ({} when there is none)
+
+    @property
+    def test_loss(self) -> float | None:
+        return self.test_metrics.get("loss")
+
+    @property
+    def test_accuracy(self) -> float | None:
+        return self.test_metrics.get("accuracy")
 
     def record(self, number: int, started_at: float, num_participants: int) -> RoundRecord:
         """The round's history record; ``finished_at`` and ``duration_s`` are set at the commit."""
@@ -48,7 +56,8 @@ class ClosedRound:
             node_ids=[u.node_id for u in used], started_at=started_at, finished_at=0.0, duration_s=0.0,
             aggregation_s=self.aggregation_s, evaluation_s=self.evaluation_s,
             mean_train_loss=_mean(u.train_loss for u in used),
-            max_train_seconds=max((u.train_seconds for u in used if u.train_seconds is not None), default=None))
+            max_train_seconds=max((u.train_seconds for u in used if u.train_seconds is not None), default=None),
+            test_metrics=dict(self.test_metrics))
 
 
 def _mean(values) -> float | None:
@@ -75,37 +84,38 @@ def close_round(number: int, updates: list[AcceptedUpdate], reference: Mapping[s
         log.info("round %d: clipped %d of %d updates to CLIP_NORM=%g", number, result.clipped,
                  len(result.used), config.clip_norm)
     t1 = time.perf_counter()
-    test_loss, test_accuracy = _evaluate(number, result.state_dict, evaluator)
+    test_metrics = _evaluate(number, result.state_dict, evaluator)
     t2 = time.perf_counter()
     return ClosedRound(result.state_dict, state_dict_to_bytes(result.state_dict),
-                       [by_node[k] for k in result.used], t1 - t0, t2 - t1, test_loss, test_accuracy)
+                       [by_node[k] for k in result.used], t1 - t0, t2 - t1, test_metrics)
 
 
-def _evaluate(number: int, state_dict, evaluator: Evaluator | None) -> tuple[float | None, float | None]:
+def _evaluate(number: int, state_dict, evaluator: Evaluator | None) -> dict[str, float]:
+    """The evaluator's metrics of the new global model; non-finite values are left out (logged)."""
     if evaluator is None:
-        return None, None
-    test_loss = test_accuracy = None
+        return {}
     try:
-        test_loss, test_accuracy = evaluator(state_dict)
-    except Exception:  # noqa: BLE001 - a pluggable evaluator must not stop the run; logged in full
+        metrics = metrics_of(evaluator(state_dict))
+    except Exception:  # noqa: BLE001 - a pluggable evaluator (the user's task) must not stop the run; logged
         log.exception("round %d: evaluation failed; the round is recorded without test metrics", number)
-    if test_loss is not None and not (math.isfinite(test_loss) and math.isfinite(test_accuracy)):
-        log.warning("round %d: the global model's test loss is %s (the model diverged); recorded as "
-                    "unknown", number, test_loss)
-        test_loss = None
-    return test_loss, test_accuracy
+        return {}
+    diverged = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if diverged:
+        log.warning("round %d: the global model's test %s (the model diverged); recorded as unknown", number,
+                    ", ".join(f"{k} is {v}" for k, v in diverged.items()))
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
 def write_round_files(number: int, closed: ClosedRound, record: RoundRecord, global_models: GlobalModels,
-                      config: Config) -> None:
+                      config: Config, task: TaskIdentity) -> None:
     """Write the resume copy of the new global model (version ``number``), then the user's checkpoint (a
     failure of the latter is logged, not raised). Raises OSError when the resume copy cannot be written."""
     global_models.write(number, closed.state_bytes)
     failpoints.hit("aggregate.before_checkpoint")
     if config.save_model:
         try:
-            save_checkpoint(config.models_dir, number, closed.state_dict, config.model, record.test_loss,
-                            record.test_accuracy, config.public_dict())
+            save_checkpoint(config.models_dir, number, closed.state_dict, task, record.test_metrics,
+                            config.public_dict())
         except OSError as exc:
             log.error("round %d: could not save the global model in %s: %s", number, config.models_dir, exc)
     failpoints.hit("aggregate.before_commit")

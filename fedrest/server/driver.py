@@ -142,7 +142,7 @@ class RoundDriver:
                 self.fed.changed.notify_all()
             return
         record = closed.record(number, self.fed.state.started_wall, num_participants)
-        closing.write_round_files(number, closed, record, self.fed.global_models, self.fed.config)
+        closing.write_round_files(number, closed, record, self.fed.global_models, self.fed.config, self.fed.task)
         with self.fed.changed:
             self._commit_round(number, closed, record)
         self.fed.spool.discard_round(number)

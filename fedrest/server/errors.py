@@ -17,6 +17,15 @@ class Conflict(Exception):
         self.error, self.message, self.details = error, message, details
 
 
+class TaskMismatch(Conflict):
+    """A registering worker's task differs from the coordinator's (HTTP 409 ``task_mismatch``): ``differences``
+    lists the first ones, as sentences."""
+
+    def __init__(self, name: str, differences: list[str]) -> None:
+        super().__init__("task_mismatch", f"the task of worker {name!r} differs from the coordinator's: "
+                         + "; ".join(differences), differences=list(differences))
+
+
 class UnknownNode(KeyError):
     """No node has this id or name (HTTP 404): a worker should register again.
 

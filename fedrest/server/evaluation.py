@@ -1,32 +1,44 @@
-"""The coordinator's evaluation of each new global model on the dataset's test split (on the CPU)."""
+"""The coordinator's evaluation of each new global model on the task's test data (on the CPU)."""
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Union
 
 import torch
 
 from config import Config
+from fedrest.tasks import Task, TrainSettings
+from fedrest.tasks.node_data import coordinator_test_data
 
-Evaluator = Callable[[Mapping[str, torch.Tensor]], "tuple[float, float]"]
+# (state_dict) -> {metric name: value}; a (loss, accuracy) pair is read as {"loss": ..., "accuracy": ...}
+Evaluator = Callable[[Mapping[str, torch.Tensor]], Union[dict, "tuple[float, float]"]]
 
 
-def make_evaluator(cfg: Config) -> Evaluator:
-    """An evaluator: (state_dict) -> (mean test loss, test accuracy in [0, 1]) on ``cfg.dataset``'s test split.
+def make_evaluator(task: Task, cfg: Config) -> Evaluator:
+    """An evaluator: (state_dict) -> the task's metrics (default: mean test ``loss`` and ``accuracy`` in [0, 1])
+    of that global model on the task's test data, loaded here once.
 
     Raises
     ------
-    fedrest.data.DatasetUnavailable
-        If the test split cannot be loaded from any source.
+    fedrest.tasks.TaskError
+        If the test data cannot be loaded (the message says what was tried, or where the task failed).
     """
-    from fedrest.data import load_dataset
-    from model import build_model, test
-
-    data = load_dataset(cfg.dataset, cfg.data_dir, train=False)
-    net = build_model(cfg.model)
+    data = coordinator_test_data(task, cfg)
+    net = task.build_model()
+    settings = TrainSettings(round=0, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+                             learning_rate=cfg.learning_rate, momentum=cfg.momentum, seed=cfg.seed,
+                             device=torch.device("cpu"), test_batch_size=cfg.test_batch_size)
 
     def evaluate(state_dict):
         net.load_state_dict(state_dict, strict=True)
-        return test(net, data.images, data.labels, cfg.test_batch_size)
+        return task.evaluate(net, data, settings)
 
     return evaluate
+
+
+def metrics_of(result) -> dict[str, float]:
+    """An evaluator's result as a dict of metric names to floats (a (loss, accuracy) pair is named so)."""
+    if isinstance(result, tuple):
+        loss, accuracy = result
+        return {"loss": float(loss), "accuracy": float(accuracy)}
+    return {str(k): float(v) for k, v in dict(result).items()}

@@ -9,10 +9,8 @@
 - :class:`~fedrest.server.store.RunStore`: the database every change is committed to;
 - :mod:`~fedrest.server.checkpoints`: the global model's resume copy and the user's checkpoints;
 - :class:`~fedrest.server.driver.RoundDriver`: the driver thread, the one place that applies the decisions;
-- :mod:`~fedrest.server.closing`: the aggregation and evaluation of a closed round (outside the lock).
-
-Aggregation, evaluation and checkpoint writing run outside the lock, so heartbeats, task polls and status
-requests are answered while a round is being aggregated.
+- :mod:`~fedrest.server.closing`: the aggregation, evaluation and files of a closed round, outside the lock (so
+  heartbeats, task polls and status requests are answered meanwhile).
 
 Durability: every file is written atomically before the transaction that refers to it commits, so a
 coordinator killed at any moment restarts on a consistent state (the same round and phase, the global model of
@@ -39,7 +37,7 @@ from fedrest.files import remove_stale_temporaries
 from fedrest.serialization import UpdateRejected, bytes_to_state_dict, check_compatible, state_dict_to_bytes
 from fedrest.server.checkpoints import GlobalModels
 from fedrest.server.credentials import hash_token, new_token
-from fedrest.server.errors import Conflict
+from fedrest.server.errors import Conflict, TaskMismatch
 from fedrest.server.evaluation import Evaluator
 from fedrest.server.driver import RoundDriver
 from fedrest.server.registry import Node, NodeRegistry
@@ -49,6 +47,7 @@ from fedrest.server.spool import AcceptedUpdate, UpdateSpool
 from fedrest.server.state_dir import DB_NAME, GLOBAL, UPDATES
 from fedrest.server.status import Snapshot, take_snapshot
 from fedrest.server.store import RunStore, StoreError
+from fedrest.tasks.fingerprint import TaskIdentity, differences
 
 log = logging.getLogger("fl.federation")
 
@@ -62,8 +61,9 @@ class Federation:
     ----------
     config : the run's settings (for a resumed run, pass it through :func:`state_dir.prepare_start` first).
     initial_state_dict : the global model of round 0 (its keys, shapes and dtypes define valid updates).
-    evaluator : returns (test loss, test accuracy) of a state_dict; None disables evaluation.
+    evaluator : returns the test metrics of a state_dict (:mod:`.evaluation`); None disables evaluation.
     clock : monotonic clock in seconds (tests may pass a fake one).
+    task : the task's identity (default: the built-in task of ``config``, fingerprinted from the initial model).
 
     Attributes (read them under the lock, or in tests): ``state`` (:class:`RoundState`), ``registry``,
     ``spool``, ``store``, ``global_state`` / ``global_bytes`` (the global model), ``updates_refused_total``
@@ -76,8 +76,10 @@ class Federation:
     """
 
     def __init__(self, config: Config, initial_state_dict: Mapping[str, torch.Tensor],
-                 evaluator: Evaluator | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 evaluator: Evaluator | None = None, clock: Callable[[], float] = time.monotonic,
+                 task: TaskIdentity | None = None) -> None:
         self.config = config
+        self.task = task or TaskIdentity.builtin(config, initial_state_dict)
         self.evaluator = evaluator
         self.clock = clock
         self._lock = threading.Lock()
@@ -135,12 +137,7 @@ class Federation:
         now = self.clock()
         values = {k: s.get(k) for k in ("phase", "round", "attempt", "participants", "round_started_wall",
                                         "model_version")}
-        updates = [AcceptedUpdate(**record) for record in s.updates(values["round"])]
-        for update in updates:
-            if not Path(update.path).exists():  # pragma: no cover - written and fsynced before its row commits
-                log.error("round %d: stored update of %s is missing on disk; leaving it out", values["round"],
-                          update.node_id)
-        updates = [u for u in updates if Path(u.path).exists()]
+        updates = self.spool.present(values["round"], [AcceptedUpdate(**r) for r in s.updates(values["round"])])
         self.state = RoundState.from_values(values, updates, s.history(), now)
         s.put({"config": self.config.public_dict()})  # a run that completed no round may have new settings
         expected = self.state.participants if self.state.phase == Phase.TRAINING else ()
@@ -177,22 +174,32 @@ class Federation:
     # ------------------------------------------------------------------ nodes
 
     def register(self, name: str, device: str, num_samples: int, system_info: dict,
-                 instance_id: str | None = None) -> tuple[Node, str, bool]:
+                 instance_id: str | None = None, task: dict | None = None) -> tuple[Node, str, bool]:
         """Register a node, or re-register the node already called ``name`` (same id, history and place in
         the open round; a new token, the old one stops working). Stored before this returns.
 
         Returns (node, new node token, created). The rules, and how ``instance_id`` (the worker process) keeps
         two workers given one name from stealing it from each other: :meth:`NodeRegistry.prepare_registration`.
 
+        ``task``: the worker's task fingerprint (:mod:`fedrest.tasks.fingerprint`; none from earlier versions). A
+        mismatch is refused, and a node registered as ``name`` is gone (not waited for, not sampled) until it fits.
+
         Raises
         ------
         Conflict
-            ``name_in_use`` for a process that a later one with the same name replaced.
+            ``name_in_use`` for a process that a later one with the same name replaced; ``task_mismatch`` naming
+            the first differences of ``task`` from the coordinator's.
         Forbidden
             ``banned`` for a name the operator banned; ``node_limit`` when MAX_NODES nodes are registered.
         """
         token = new_token()
+        found = differences(self.task.fingerprint, task) if task is not None else []
         with self.changed:
+            if found:  # the node that had this name (if any) is gone until its task fits
+                gone = self.registry.mark_gone(name)
+                if gone is not None:
+                    self.store.save_node(gone.node_id, gone.name, gone.record())
+                raise TaskMismatch(name, found)
             node, created = self.registry.prepare_registration(name, device, num_samples, system_info,
                                                                instance_id, hash_token(token), self.clock(),
                                                                time.time())
@@ -278,7 +285,7 @@ class Federation:
             node.polling += 1
             try:
                 while True:
-                    task = self.state.task(node.node_id, self.config, self.clock())
+                    task = self.state.task(node.node_id, self.config, self.clock(), self.task)
                     if task["action"] == "stop" and not node.stop_sent:  # the worker exits now: it is gone
                         node.stop_sent = node.left = True  # (offline from here, and after a restart)
                         self.store.save_node(node.node_id, node.name, node.record())

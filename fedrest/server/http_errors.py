@@ -7,7 +7,8 @@ exceptions (:mod:`.errors`) are mapped to their answers here, by handlers regist
 =============================  ======  =====================================
 domain exception               status  ``error``
 =============================  ======  =====================================
-``Conflict``                   409     its own (stale_round, duplicate_update, not_participant, name_in_use)
+``Conflict``                   409     its own (stale_round, duplicate_update, not_participant, name_in_use,
+                                       task_mismatch)
 ``Forbidden``                  403     its own (banned, node_limit)
 ``UnknownNode``                404     unknown_node
 ``UpdateTooLarge``             413     payload_too_large (+ ``limit_bytes``)
@@ -32,6 +33,8 @@ JSON_BODY_LIMIT = 64 * 1024  # bytes, every endpoint but update uploads
 METADATA_LIMIT = 256 * 1024  # bytes of a non-file form field (werkzeug also applies it per read chunk of 64 KiB)
 MULTIPART_SLACK = 64 * 1024  # bytes of multipart framing and metadata allowed above MAX_UPDATE_BYTES
 UPLOAD_ENDPOINT = "rounds.submit_update"
+REGISTRATION_BODY_LIMIT = 2 * 1024 * 1024  # bytes of a registration (its task fingerprint names every state_dict key)
+REGISTER_ENDPOINT = "nodes.register"
 
 
 class ApiError(HTTPException):

@@ -129,6 +129,15 @@ class NodeRegistry:
         node.stop_sent = node.left = False
         return node, False
 
+    def mark_gone(self, name: str) -> Node | None:
+        """The node registered as ``name`` counts as gone (offline, never sampled) until it registers again;
+        returns it when this changed it (to store), else None."""
+        node = self.nodes.get(self._by_name.get(name, ""))
+        if node is None or node.left or node.banned:
+            return None
+        node.left = True
+        return node
+
     def by_token(self, token_hash: str) -> Node | None:
         """The node holding the token with this digest, or None (banned nodes hold none)."""
         node_id = self._by_token.get(token_hash)

@@ -14,6 +14,7 @@ from config import Config
 from fedrest.server.errors import Conflict
 from fedrest.server.rounds import Phase, RoundFacts, RoundRecord, sample_participants
 from fedrest.server.spool import AcceptedUpdate
+from fedrest.tasks.fingerprint import TaskIdentity
 
 
 @dataclass
@@ -111,7 +112,7 @@ class RoundState:
             self.refused.pop(node_id, None)
         return dropped
 
-    def task(self, node_id: str, config: Config, now_mono: float) -> dict:
+    def task(self, node_id: str, config: Config, now_mono: float, task: TaskIdentity) -> dict:
         """The answer of ``GET /task`` for ``node_id``: stop, train (with the round's settings) or wait."""
         if self.phase == Phase.FINISHED:
             return {"action": "stop", "round": self.round, "model_version": self.model_version,
@@ -119,7 +120,7 @@ class RoundState:
         if self.owes_answer(node_id):
             c = config
             return {"action": "train", "round": self.round, "model_version": self.model_version,
-                    "model": c.model, "dataset": c.dataset,
+                    "model": task.model_name, "task": task.name, "dataset": c.dataset,
                     "deadline_s": round(self.deadline(c.round_timeout) - now_mono, 3),
                     "settings": {"local_epochs": c.local_epochs, "batch_size": c.batch_size,
                                  "learning_rate": c.learning_rate, "momentum": c.momentum, "seed": c.seed}}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 
@@ -154,3 +154,4 @@ class RoundRecord:
     evaluation_s: float
     mean_train_loss: float | None
     max_train_seconds: float | None
+    test_metrics: dict = field(default_factory=dict)  # every metric of the coordinator's evaluation, by name

@@ -54,6 +54,7 @@ class Snapshot:
     round: int
     total_rounds: int
     model_version: int
+    task: str
     model: str
     dataset: str
     aggregation: str
@@ -74,7 +75,7 @@ def status_json(snapshot: Snapshot) -> dict:
     s = snapshot
     return {
         "api_version": 1, "run_id": s.run_id, "state": s.state, "round": s.round,
-        "total_rounds": s.total_rounds, "model_version": s.model_version, "model": s.model,
+        "total_rounds": s.total_rounds, "model_version": s.model_version, "task": s.task, "model": s.model,
         "dataset": s.dataset, "aggregation": s.aggregation, "min_nodes_to_start": s.min_nodes_to_start,
         "client_fraction": s.client_fraction, "min_updates": s.min_updates,
         "current_round": None if s.current_round is None else asdict(s.current_round),
@@ -96,8 +97,9 @@ def take_snapshot(federation, now: float) -> Snapshot:
     if st.in_round:
         current = OpenRound(st.round, list(st.participants), len(st.updates), len(st.refused), st.attempt,
                             round(now - st.started_mono, 3), c.round_timeout)
-    return Snapshot(federation.run_id, st.phase.value, st.round, c.communication_rounds, st.model_version, c.model,
-                    c.dataset, c.aggregation, c.min_nodes_to_start, c.client_fraction, c.min_updates, current,
+    return Snapshot(federation.run_id, st.phase.value, st.round, c.communication_rounds, st.model_version,
+                    federation.task.name, federation.task.model_name, c.dataset, c.aggregation, c.min_nodes_to_start,
+                    c.client_fraction, c.min_updates, current,
                     dict(federation.updates_refused_total), dict(federation.requests_refused_total), nodes,
                     list(st.history), federation.traffic["bytes_received"], federation.traffic["bytes_sent"])
 

@@ -19,6 +19,8 @@ MAX_DEVICE_LENGTH = 64
 MAX_SYSTEM_INFO_BYTES = 4096
 MAX_LONG_POLL = 60.0  # seconds
 MAX_NUM_SAMPLES = 10**9
+MAX_SCHEMA_ENTRIES = 20_000  # state_dict keys of a registering worker's model
+MAX_CLASSES = 20_000
 
 
 def json_object() -> dict:
@@ -87,8 +89,41 @@ def registration() -> dict:
     instance_id = body.get("instance_id")
     if instance_id is not None:
         instance_id = short_text(instance_id, "instance_id", 64)
+    task = body.get("task")
     return {"name": name, "device": device, "num_samples": num_samples, "system_info": system_info,
-            "instance_id": instance_id}
+            "instance_id": instance_id, "task": None if task is None else task_fingerprint(task)}
+
+
+def _string_list(value, name: str, max_items: int, max_length: int) -> list[str]:
+    if not isinstance(value, list) or len(value) > max_items:
+        raise ApiError(400, "bad_request", f"{name} must be a list of at most {max_items} strings")
+    return [short_text(v, f"{name}[]", max_length) for v in value]
+
+
+def task_fingerprint(task) -> dict:
+    """The ``task`` of a registration (:mod:`fedrest.tasks.fingerprint`): name, schema [[key, shape, dtype]...],
+    classes (list or null) and details (an object), each checked for type and size."""
+    if not isinstance(task, dict):
+        raise ApiError(400, "bad_request", "task must be a JSON object (name, schema, classes, details)")
+    name = short_text(task.get("name"), "task.name", MAX_NAME_LENGTH)
+    schema = task.get("schema", [])
+    if not isinstance(schema, list) or len(schema) > MAX_SCHEMA_ENTRIES:
+        raise ApiError(400, "bad_request", f"task.schema must be a list of at most {MAX_SCHEMA_ENTRIES} entries")
+    checked = []
+    for entry in schema:
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[1], list) and len(entry[1]) <= 16
+                and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in entry[1])):
+            raise ApiError(400, "bad_request", "task.schema entries must be [key, [dimensions...], dtype]")
+        checked.append([short_text(entry[0], "task.schema key", 1024), entry[1],
+                        short_text(entry[2], "task.schema dtype", 32)])
+    classes = task.get("classes")
+    if classes is not None:
+        classes = _string_list(classes, "task.classes", MAX_CLASSES, MAX_NAME_LENGTH)
+    details = task.get("details", {})
+    if not isinstance(details, dict) or len(json.dumps(details)) > MAX_SYSTEM_INFO_BYTES:
+        raise ApiError(400, "bad_request", f"task.details must be a JSON object of at most {MAX_SYSTEM_INFO_BYTES} "
+                                           "bytes")
+    return {"name": name, "schema": checked, "classes": classes, "details": details}
 
 
 def long_poll_wait() -> float:

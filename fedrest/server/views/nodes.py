@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 from flask import Blueprint, Response, jsonify
 
 from fedrest.server import validation
 from fedrest.server.auth import federation, require_node, require_own_node, require_token
+from fedrest.server.errors import TaskMismatch
 from fedrest.server.views import API
 
+log = logging.getLogger("fl.coordinator")
 bp = Blueprint("nodes", __name__, url_prefix=API)
 
 
@@ -16,11 +20,15 @@ def register():
     require_token("join")
     body = validation.registration()
     fed = federation()
-    node, token, created = fed.register(**body)
+    try:
+        node, token, created = fed.register(**body)
+    except TaskMismatch as exc:
+        log.warning("refused the registration of %s: %s", body["name"], "; ".join(exc.details["differences"]))
+        raise
     return jsonify({"node_id": node.node_id, "node_token": token, "name": node.name,
                     "heartbeat_interval": fed.config.heartbeat_interval,
-                    "node_timeout": fed.config.node_timeout, "run_id": fed.run_id,
-                    "model": fed.config.model, "dataset": fed.config.dataset}), (201 if created else 200)
+                    "node_timeout": fed.config.node_timeout, "run_id": fed.run_id, "task": fed.task.name,
+                    "model": fed.task.model_name, "dataset": fed.config.dataset}), (201 if created else 200)
 
 
 @bp.post("/nodes/<node_id>/heartbeat")
@@ -52,5 +60,5 @@ def model():
     fed = federation()
     version, data = fed.model_bytes()
     return Response(data, mimetype="application/octet-stream",
-                    headers={"X-Model-Version": str(version), "X-Model-Name": fed.config.model,
+                    headers={"X-Model-Version": str(version), "X-Model-Name": fed.task.model_name,
                              "Cache-Control": "no-store"})

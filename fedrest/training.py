@@ -1,0 +1,117 @@
+"""The built-in training and evaluation loops, over any :class:`~fedrest.tasks.data.LocalData`.
+
+They follow PyTorch's MNIST example (pytorch/examples, mnist/main.py): ``model.train()`` for training, SGD over
+shuffled mini-batches with cross-entropy; ``model.eval()`` with ``torch.no_grad()`` for testing, the loss summed
+with ``reduction="sum"`` and divided by the number of examples, so that averages are exact whatever the batch size
+(and a sample-weighted mean over workers is the mean over all their examples).
+A task that defines its own ``train`` or ``evaluate`` replaces these (:mod:`fedrest.tasks`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedrest.tasks.data import LocalData, TensorData
+from model import train_batch
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Outcome of local training: counts are examples, seconds are wall-clock."""
+
+    num_samples: int  # distinct training examples (the FedAvg weight n_k)
+    num_examples_seen: int  # num_samples * epochs
+    loss: float | None  # mean training loss over all examples seen (None: a task's train did not say)
+    accuracy: float | None  # fraction of examples seen classified correctly during training
+    seconds: float
+    metrics: dict = field(default_factory=dict)  # what a task's own train returned
+
+
+def fit(model: nn.Module, data: LocalData, *, epochs: int, batch_size: int, learning_rate: float,
+        momentum: float = 0.0, seed: int = 0, device: torch.device | None = None,
+        progress: Callable[[int, float, int], None] | None = None) -> TrainResult:
+    """Train ``model`` in place for ``epochs`` passes over ``data`` with SGD and cross-entropy.
+
+    Parameters
+    ----------
+    data : examples (x, y) with int64 class labels y; read in mini-batches of ``batch_size`` on ``device``
+        (default: the model's device).
+    seed : seeds the shuffling, so a round is reproducible for a given seed.
+    progress : called after every batch with (batch size, batch mean loss, examples seen so far); it may raise
+        to stop the training (the worker does when the round closed).
+
+    Raises
+    ------
+    ValueError
+        If there are no examples (the FedAvg weight would be zero).
+    """
+    n = len(data)
+    if n == 0:
+        raise ValueError("no training examples: a node with zero samples cannot train")
+    device = device or next(model.parameters()).device
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    start = time.perf_counter()
+    for _ in range(epochs):
+        for x, y in data.batches(batch_size, device, generator):
+            batch_loss, batch_correct = train_batch(model, optimizer, x, y)
+            loss_sum += batch_loss
+            correct += batch_correct
+            seen += int(y.shape[0])
+            if progress is not None:
+                progress(int(y.shape[0]), batch_loss / int(y.shape[0]), seen)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return TrainResult(num_samples=n, num_examples_seen=seen, loss=loss_sum / max(seen, 1),
+                       accuracy=correct / max(seen, 1), seconds=seconds)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: LocalData, batch_size: int = 1000,
+             device: torch.device | None = None) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``data``.
+
+    Returns
+    -------
+    {"loss": per-example mean cross-entropy (summed with ``reduction="sum"``, then divided by N),
+     "accuracy": fraction of correct predictions}, Python floats.
+
+    Raises
+    ------
+    ValueError
+        If there are no examples.
+    """
+    n = len(data)
+    if n == 0:
+        raise ValueError("no test examples")
+    model.eval()
+    device = device or next(model.parameters()).device
+    loss_sum, correct = 0.0, 0
+    for x, y in data.batches(batch_size, device):
+        logits = model(x)
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == y).sum())
+    return {"loss": loss_sum / n, "accuracy": correct / n}
+
+
+def local_train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, **kwargs) -> TrainResult:
+    """:func:`fit` on two tensors (N, ...) and (N,) already on the model's device (keyword arguments of fit)."""
+    return fit(model, TensorData(images, labels), **kwargs)
+
+
+def test(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
+    """(loss, accuracy) of :func:`evaluate` on two tensors."""
+    metrics = evaluate(model, TensorData(images, labels), batch_size)
+    return metrics["loss"], metrics["accuracy"]
+
+
+test.__test__ = False  # not a pytest test when imported into a test module
