@@ -19,7 +19,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from fedrest.monitoring import add_monitor_arguments, parse_monitor_args
+from fedrest.monitoring import add_monitor_arguments, is_loss, metric_names, parse_monitor_args, round_metrics
 
 DEFAULT_PNG = Path("logs") / "monitor.png"
 SAVE_FORMATS = (".png", ".svg", ".pdf")
@@ -64,13 +64,7 @@ def draw(fig, status: dict | None, timeline: NodeTimeline, error: str | None = N
     history = status["history"]
     rounds = [r["round"] for r in history]
 
-    acc_ax.set_title("global model on the test set")
-    acc_ax.set_xlabel("round")
-    acc_ax.plot(rounds, [r["test_accuracy"] for r in history], "o-", color="tab:blue", label="accuracy")
-    acc_ax.set_ylabel("accuracy", color="tab:blue")
-    loss_ax = acc_ax.twinx()
-    loss_ax.plot(rounds, [r["test_loss"] for r in history], "s--", color="tab:red", label="loss")
-    loss_ax.set_ylabel("loss", color="tab:red")
+    _draw_metrics(acc_ax, history, rounds)
 
     train = [r["max_train_seconds"] or 0.0 for r in history]
     other = [max(0.0, r["duration_s"] - t) for r, t in zip(history, train)]
@@ -104,6 +98,26 @@ def draw(fig, status: dict | None, timeline: NodeTimeline, error: str | None = N
         if rounds:
             ax.set_xticks(rounds if len(rounds) <= 20 else rounds[:: max(1, len(rounds) // 10)])
     fig.tight_layout()
+
+
+def _draw_metrics(ax, history: list, rounds: list) -> None:
+    """Every metric the task reports, per round: losses (and errors) on the right axis, the others on the left;
+    federated evaluation dashed."""
+    names = metric_names(history)
+    ax.set_title("global model on the test set" if set(names) <= {"accuracy", "loss"} else "global model")
+    ax.set_xlabel("round")
+    right = ax.twinx()
+    colors = iter(["tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink",
+                   "tab:olive", "tab:cyan", "tab:gray"] * 3)
+    for name in names:
+        axis = right if is_loss(name) else ax
+        axis.plot(rounds, [round_metrics(r).get(name) for r in history], "s--" if "federated" in name else "o-",
+                  color=next(colors), label=name)
+    ax.set_ylabel(", ".join(n for n in names if not is_loss(n))[:60] or "metric")
+    right.set_ylabel(", ".join(n for n in names if is_loss(n))[:60] or "loss")
+    if len(names) > 2:
+        handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+        ax.legend(handles=handles, fontsize="small", loc="center right")
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from fedrest.monitoring import add_monitor_arguments, parse_monitor_args
+from fedrest.monitoring import add_monitor_arguments, metric_names, parse_monitor_args, round_metrics
 
 SPARK = "▁▂▃▄▅▆▇█"
 STATUS_STYLE = {"online": "green", "training": "cyan", "offline": "red"}
@@ -77,27 +77,30 @@ def _node_table(nodes: list, rows: int) -> Table:
     return table
 
 
-def _trend_table(history: list) -> Table:
-    """The last TREND_ROUNDS rounds' test metrics, with sparklines of the whole run."""
-    trend = Table(title="global model on the test set", box=box.SIMPLE_HEAD, expand=True, pad_edge=False,
-                  show_edge=False, padding=(0, 1))
-    for column in ("round", "accuracy", "loss", "updates", "samples", "seconds"):
-        trend.add_column(column, no_wrap=True)
+def _trend_table(history: list, width: int = 100) -> Table:
+    """The last TREND_ROUNDS rounds' metrics (every name the task reports, as many as fit), with sparklines."""
+    names = metric_names(history)
+    shown = names[:max(2, min(len(names), (width - 40) // 12))]
+    title = "global model on the test set" if all(n in ("accuracy", "loss") for n in names) else "global model"
+    trend = Table(title=title, box=box.SIMPLE_HEAD, expand=True, pad_edge=False, show_edge=False, padding=(0, 1))
+    for column in ("round", *shown, "updates", "samples", "seconds"):
+        trend.add_column(column, no_wrap=True, overflow="ellipsis")
     for r in history[-TREND_ROUNDS:]:
-        trend.add_row(str(r["round"]), _fmt(r["test_accuracy"], ".4f"), _fmt(r["test_loss"], ".4f"),
-                      str(r["num_updates"]), str(r["num_samples"]), f"{r['duration_s']:.1f}")
-    trend.caption = (f"accuracy {sparkline([r['test_accuracy'] for r in history])}   "
-                     f"loss {sparkline([r['test_loss'] for r in history])}")
+        metrics = round_metrics(r)
+        trend.add_row(str(r["round"]), *(_fmt(metrics.get(n), ".4f") for n in shown), str(r["num_updates"]),
+                      str(r["num_samples"]), f"{r['duration_s']:.1f}")
+    trend.caption = "   ".join(f"{n} {sparkline([round_metrics(r).get(n) for r in history])}" for n in shown[:3])
     return trend
 
 
 def render(status: dict | None, error: str | None = None, unreachable_since: float | None = None,
-           height: int = 24, refused: bool = False, full_errors: bool = False) -> Group:
+           height: int = 24, refused: bool = False, full_errors: bool = False, width: int = 100) -> Group:
     """The dashboard for ``status`` (the last one seen, or None) as a rich renderable.
 
     ``height`` is the terminal's number of lines: the node table is cut to fit, its last row saying
     "+N more"; the whole picture then fits in ``height`` - 1 lines (one is left for the cursor).
-    ``full_errors`` wraps an error over several lines instead of cutting it to one (for ``--once``).
+    ``full_errors`` wraps an error over several lines instead of cutting it to one (for ``--once``). ``width`` (the
+    terminal's columns) decides how many of the task's metrics the trend table shows.
     """
     parts = []
     if error is not None:
@@ -113,7 +116,8 @@ def render(status: dict | None, error: str | None = None, unreachable_since: flo
     history = status["history"]
     done, total = len(history), status["total_rounds"]
     parts.append(Text(f"run {status['run_id']} · {status['state']} · round {status['round']}/{total} · "
-                      f"{status['model']}/{status['dataset']}", style="bold", no_wrap=True, overflow="ellipsis"))
+                      f"{status['model']}/{status.get('task', status['dataset'])}", style="bold", no_wrap=True,
+                      overflow="ellipsis"))
     bar = Table.grid(padding=(0, 1))
     bar.add_row(ProgressBar(total=total, completed=done, width=30), Text(f"{done}/{total} rounds done"))
     parts.append(bar)
@@ -125,7 +129,7 @@ def render(status: dict | None, error: str | None = None, unreachable_since: flo
     fixed = len(parts) + NODE_TABLE_LINES + (TREND_LINES if history else 0) + 1  # parts: error? + header
     parts.append(_node_table(status["nodes"], rows=max(1, height - fixed)))
     if history:
-        parts.append(_trend_table(history))
+        parts.append(_trend_table(history, width))
     return Group(*parts)
 
 
@@ -138,7 +142,7 @@ def main(argv=None) -> int:
         poll = poller.poll()
         console = Console(no_color=True, highlight=False, width=int(os.environ.get("COLUMNS", "100")))
         console.print(render(poll.status, poll.error, poll.unreachable_since, height=10_000, refused=poll.refused,
-                             full_errors=True))
+                             full_errors=True, width=console.width))
         return 0 if poll.status is not None else 1
     console = Console()
     try:
@@ -150,7 +154,8 @@ def main(argv=None) -> int:
                     print(f"error: {poll.error}", file=sys.stderr)
                     return 1
                 live.update(render(poll.status or poller.last_status, poll.error, poll.unreachable_since,
-                                   height=console.size.height, refused=poll.refused), refresh=True)
+                                   height=console.size.height, refused=poll.refused, width=console.size.width),
+                            refresh=True)
                 time.sleep(poller.next_delay())
     except KeyboardInterrupt:
         return 0

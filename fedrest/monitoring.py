@@ -75,3 +75,31 @@ class StatusPoller:
         if self.failures == 0:
             return self.interval
         return min(30.0, max(self.interval, 2.0 ** (self.failures - 1)))
+
+
+def round_metrics(record: dict) -> dict[str, float]:
+    """The metrics of one round of the status history, by name: the coordinator's evaluation ("accuracy",
+    "loss", and whatever the task reports: "f1", "auc"...), then the workers' federated evaluation as
+    "federated <name>". Records of earlier versions have only ``test_accuracy`` and ``test_loss``."""
+    metrics = dict(record.get("test_metrics") or {})
+    for key, name in (("test_accuracy", "accuracy"), ("test_loss", "loss")):
+        if name not in metrics and record.get(key) is not None:
+            metrics[name] = record[key]
+    for name, value in (record.get("federated_metrics") or {}).items():
+        metrics[f"federated {name}"] = value
+    return metrics
+
+
+def metric_names(history: list[dict]) -> list[str]:
+    """Every metric name of ``history`` (:func:`round_metrics`), accuracy and loss first, the others in the
+    order they first appear."""
+    names: list[str] = []
+    for record in history:
+        names += [n for n in round_metrics(record) if n not in names]
+    first = [n for n in ("accuracy", "loss") if n in names]
+    return first + [n for n in names if n not in first]
+
+
+def is_loss(name: str) -> bool:
+    """True for metrics where lower is better and that are drawn on their own axis (loss, MAE, MSE...)."""
+    return any(word in name.lower() for word in ("loss", "mae", "mse", "rmse", "error"))

@@ -32,9 +32,7 @@ function makeChart(id, config) {
 const charts = {
   accuracy: makeChart("chart-accuracy", {
     type: "line",
-    data: { labels: [], datasets: [
-      { label: "accuracy", data: [], borderColor: "#1565c0", yAxisID: "y" },
-      { label: "loss", data: [], borderColor: "#c62828", borderDash: [5, 4], yAxisID: "y1" }] },
+    data: { labels: [], datasets: [] },  // one line per metric the task reports (setMetrics)
     options: { scales: { y: { position: "left", title: { display: true, text: "accuracy" } },
                          y1: { position: "right", grid: { drawOnChartArea: false }, title: { display: true, text: "loss" } } } },
   }),
@@ -73,6 +71,38 @@ function ago(seconds) {
   return `${(seconds / 3600).toFixed(1)}h ago`;
 }
 
+// The metrics of one round, by name: the coordinator's evaluation, then the workers' as "federated <name>"
+// (records of earlier versions have only test_accuracy and test_loss).
+function roundMetrics(r) {
+  const metrics = { ...(r.test_metrics || {}) };
+  if (!("accuracy" in metrics) && r.test_accuracy !== null && r.test_accuracy !== undefined) metrics.accuracy = r.test_accuracy;
+  if (!("loss" in metrics) && r.test_loss !== null && r.test_loss !== undefined) metrics.loss = r.test_loss;
+  for (const [name, value] of Object.entries(r.federated_metrics || {})) metrics[`federated ${name}`] = value;
+  return metrics;
+}
+
+function metricNames(history) {
+  const names = [];
+  for (const r of history) for (const name of Object.keys(roundMetrics(r))) if (!names.includes(name)) names.push(name);
+  const first = ["accuracy", "loss"].filter((n) => names.includes(n));
+  return first.concat(names.filter((n) => !first.includes(n)));
+}
+
+const isLoss = (name) => ["loss", "mae", "mse", "error"].some((word) => name.toLowerCase().includes(word));
+const PALETTE = ["#1565c0", "#c62828", "#2e7d32", "#6a1b9a", "#ef6c00", "#4e342e", "#ad1457", "#827717", "#00838f"];
+
+function setMetrics(chart, rounds, history) {
+  const names = metricNames(history);
+  chart.data.labels = rounds;
+  chart.data.datasets = names.map((name, i) => ({
+    label: name, borderColor: PALETTE[i % PALETTE.length], yAxisID: isLoss(name) ? "y1" : "y",
+    borderDash: name.startsWith("federated ") ? [5, 4] : [],
+    data: history.map((r) => { const v = roundMetrics(r)[name]; return v === undefined ? null : v; }) }));
+  chart.options.scales.y.title.text = names.filter((n) => !isLoss(n)).join(", ").slice(0, 60) || "metric";
+  chart.options.scales.y1.title.text = names.filter(isLoss).join(", ").slice(0, 60) || "loss";
+  chart.update();
+}
+
 function setSeries(chart, labels, series) {
   chart.data.labels = labels;
   series.forEach((values, i) => { chart.data.datasets[i].data = values; });
@@ -87,13 +117,16 @@ function render(status) {
   text("state", status.state);
   text("round", `${status.round} / ${status.total_rounds}`);
   text("nodes-up", `${up} of ${status.nodes.length}`);
-  text("last-accuracy", history.length ? fmt(history[history.length - 1].test_accuracy, 4) : "-");
+  const last = history.length ? roundMetrics(history[history.length - 1]) : {};
+  const headline = "accuracy" in last ? "accuracy" : (Object.keys(last)[0] || "accuracy");
+  text("last-metric-name", `last ${headline}`);
+  text("last-accuracy", headline in last ? fmt(last[headline], 4) : "-");
   document.getElementById("rounds-bar").style.width = `${(100 * history.length) / status.total_rounds}%`;
   const current = status.current_round;
   text("current-round", current ? `round ${current.round}: ${current.updates_received} of ${current.participants.length} `
        + `updates, ${Math.round(current.elapsed_s)} s of a ${Math.round(current.timeout_s)} s deadline` : "");
 
-  setSeries(charts.accuracy, rounds, [history.map((r) => r.test_accuracy), history.map((r) => r.test_loss)]);
+  setMetrics(charts.accuracy, rounds, history);
   const training = history.map((r) => r.max_train_seconds || 0);
   setSeries(charts.duration, rounds, [training, history.map((r, i) => Math.max(0, r.duration_s - training[i]))]);
   setSeries(charts.updates, rounds, [history.map((r) => r.num_updates), history.map((r) => r.num_samples)]);

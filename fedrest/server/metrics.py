@@ -10,7 +10,8 @@ Metrics (text exposition format, ``prometheus_client``):
 - ``fl_updates_accepted_total`` and ``fl_updates_rejected_total{reason=...}`` (counters)
 - ``fl_bytes_received_total`` (update uploads) and ``fl_bytes_sent_total`` (global models) (counters, bytes)
 - ``fl_round_duration_seconds`` and ``fl_aggregation_duration_seconds`` (histograms over completed rounds)
-- ``fl_test_accuracy`` and ``fl_test_loss`` of the last evaluated global model (gauges)
+- ``fl_test_accuracy`` and ``fl_test_loss`` of the last evaluated global model (gauges), and every metric the task
+  reports as ``fl_test_metric{name="f1"}``
 """
 
 from __future__ import annotations
@@ -68,6 +69,19 @@ class FederationCollector(Collector):
         losses = [r.test_loss for r in history if r.test_loss is not None]
         if losses:
             yield GaugeMetricFamily("fl_test_loss", "Test loss of the last evaluated global model", value=losses[-1])
+        yield _last_by_name("fl_test_metric", "Every metric of the task on the coordinator's test data, last "
+                            "evaluated round", [r.test_metrics for r in history])
+
+
+def _last_by_name(name: str, documentation: str, per_round: list[dict]) -> GaugeMetricFamily:
+    """A gauge labelled ``name=<metric>`` with each metric's value in the last round that reported it."""
+    family = GaugeMetricFamily(name, documentation, labels=["name"])
+    last: dict[str, float] = {}
+    for metrics in per_round:
+        last.update(metrics or {})
+    for metric, value in sorted(last.items()):
+        family.add_metric([metric], value)
+    return family
 
 
 def _by_reason(name: str, documentation: str, counts: dict) -> CounterMetricFamily:

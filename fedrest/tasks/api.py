@@ -63,7 +63,7 @@ class Task:
     name : what the coordinator and the workers must agree on.
     source : where it came from (a file path, a module, "built-in"), for messages.
     build_model, load_train_data, load_test_data, train, evaluate : the task's functions (None: not defined).
-    model_name : the architecture's name shown in the status.
+    model_name : the architecture's name shown in the status (default: the built model's class name).
     details : settings that must be equal on every node (image size, normalisation...); part of the fingerprint.
     transform : applied to every batch's x on the device (the built-in image pipeline normalises there).
     """
@@ -75,7 +75,7 @@ class Task:
         self.name, self.source = name, source
         self._build_model, self._load_train, self._load_test = build_model, load_train_data, load_test_data
         self._train, self._evaluate = train, evaluate
-        self.model_name = model_name or name
+        self.model_name = model_name  # None: the class name of the model build_model returns
         self.details = dict(details or {})
         self.transform = transform
         self.classes: list[str] | None = None  # known once data is loaded (or set by the task)
@@ -98,6 +98,7 @@ class Task:
         if not isinstance(model, nn.Module):
             raise TaskError(f"task {self.name}: build_model() must return a torch.nn.Module, not "
                             f"{type(model).__name__}")
+        self.model_name = self.model_name or type(model).__name__
         return model
 
     def load_data(self, ctx: TaskContext, split: str) -> LocalData:
