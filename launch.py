@@ -37,7 +37,8 @@ DEMO_DIRS = {"temp_dir": os.path.join("temp", "demo"), "models_dir": os.path.joi
 LAUNCH_FIELDS = (
     "dataset", "data_dir", "models_dir", "logs_dir", "temp_dir", "communication_rounds", "local_epochs",
     "batch_size", "learning_rate", "momentum", "round_timeout", "partition", "alpha", "seed", "device",
-    "cpu_threads", "model",
+    "cpu_threads", "task", "model", "image_size", "image_channels", "normalize_mean", "normalize_std",
+    "data_workers", "eval_fraction", "no_eval",
 )
 
 
@@ -146,18 +147,25 @@ class Launch:
             if online != nodes_seen and not last["history"]:
                 nodes_seen = online
                 print(f"{online}/{self.num_workers} workers registered")
-            for r in last["history"][printed:]:
-                acc = "n/a" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"
-                loss = "n/a" if r["test_loss"] is None else f"{r['test_loss']:.4f}"
-                print(f"round {r['round']}/{last['total_rounds']}: test accuracy {acc}, test loss {loss}, "
-                      f"{r['num_updates']} updates, {r['num_samples']} samples, {r['duration_s']:.1f}s")
-            printed = len(last["history"])
+            settled = len(last["history"]) - (last["state"] == "evaluating")  # the last one waits for its evaluation
+            for r in last["history"][printed:settled]:
+                print(round_line(r, last["total_rounds"]))
+            printed = max(printed, settled)
             workers = [p for name, p in self.procs.items() if name != "coordinator"]
             if last["state"] == "finished" and all(p.poll() == 0 for p in workers):
                 return last, 0
             time.sleep(0.5)
         print(f"the coordinator exited with status {coordinator.returncode}; see {self.logs}/launch_coordinator.out")
         return last, 1
+
+
+def round_line(r: dict, total_rounds: int) -> str:
+    """One finished round as launch prints it: test metrics (and the federated evaluation's), counts, seconds."""
+    acc = "n/a" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"
+    loss = "n/a" if r["test_loss"] is None else f"{r['test_loss']:.4f}"
+    federated = "".join(f", federated {k} {v:.4f}" for k, v in (r.get("federated_metrics") or {}).items())
+    return (f"round {r['round']}/{total_rounds}: test accuracy {acc}, test loss {loss}{federated}, "
+            f"{r['num_updates']} updates, {r['num_samples']} samples, {r['duration_s']:.1f}s")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,6 +226,8 @@ def main(argv=None) -> int:
     print("\nsummary")
     print(f"  rounds:              {len(history)}")
     print(f"  final test accuracy: {acc}")
+    for name, value in (final.get("federated_metrics") or {}).items():
+        print(f"  final federated {name}: {value:.4f} ({final['federated_num_nodes']} workers' held-out data)")
     print("  accuracy per round:  " + ", ".join(
         "n/a" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}" for r in history))
     print(f"  wall time:           {wall:.1f}s")

@@ -16,13 +16,9 @@ or join token refused; 2 bad arguments, device or data unavailable.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
-import os
-import platform
 import secrets
 import signal
-import socket
 import sys
 import threading
 import time
@@ -33,6 +29,7 @@ import torch
 import config as config_module
 from config import WORKER_FIELDS, Config
 from fedrest.client import CoordinatorClient, CoordinatorError, make_session
+from fedrest.node_identity import default_name, shuffle_seed, system_info
 from fedrest.serialization import bytes_to_state_dict, state_dict_to_bytes
 from fedrest.tasks import Task, TaskError, TrainSettings, load_task
 from fedrest.tasks.data import LocalData
@@ -58,21 +55,6 @@ class FatalError(Exception):
     """The worker cannot go on (the message says why); exit status 1."""
 
 
-def default_name(cfg: Config) -> str:
-    host = socket.gethostname()
-    return f"{host}-p{cfg.partition_id}" if cfg.partition_id is not None else f"{host}-{os.getpid()}"
-
-
-def system_info(device: torch.device) -> dict:
-    return {"hostname": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "device": device_description(device), "cpu_count": os.cpu_count()}
-
-
-def _shuffle_seed(seed: int, round_number: int, name: str) -> int:
-    digest = hashlib.sha256(f"{seed}/{round_number}/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
 class Worker:
     """One worker process's state and main loop.
 
@@ -92,7 +74,7 @@ class Worker:
         self.task, self.data, self.held_out = task, data, held_out
         self.model = task.build_model().to(device)
         self.fingerprint = task.fingerprint(self.model)
-        self.name = cfg.name or default_name(cfg)
+        self.name = cfg.name or default_name(cfg.partition_id)
         # few quick retries per call; longer outages are waited out (and logged) by _wait_for_coordinator
         self.client = CoordinatorClient(cfg.coordinator_address, session=self._session(3))
         self.instance_id = secrets.token_hex(8)  # this process; see Federation.register
@@ -117,7 +99,8 @@ class Worker:
         """Register (or re-register under the same name). Errors: see :func:`fedrest.worker_policy.react`."""
         answer, created = self.client.register(self.name, device_description(self.device), len(self.data),
                                                system_info(self.device), self.cfg.token, self.instance_id,
-                                               task=self.fingerprint)
+                                               task=self.fingerprint,
+                                               eval_samples=len(self.held_out) if self.held_out is not None else 0)
         if "task" not in answer and answer.get("dataset", self.cfg.dataset) != self.cfg.dataset:  # an older one
             raise FatalError(f"the coordinator trains on {answer['dataset']} but this worker holds "
                              f"{self.cfg.dataset} data; start it with --dataset {answer['dataset']}")
@@ -179,6 +162,8 @@ class Worker:
                     return 0
                 if action == "train":
                     self._call(lambda task=task: self.train_round(task))
+                elif action == "evaluate":
+                    self._call(lambda task=task: self.evaluate_round(task), "upload")
         except StopRequested:
             log.info("stopping on signal; telling the coordinator")
             self._leave()
@@ -254,6 +239,19 @@ class Worker:
             self.model_version = version
             log.info("downloaded global model version %d (%.1f MB)", version, len(data) / 1e6)
 
+    def evaluate_round(self, task: dict) -> None:
+        """Evaluate global model ``task["round"]`` on the held-out data and send the metrics (federated
+        evaluation). Errors: as an upload (:func:`fedrest.worker_policy.react`)."""
+        self._ensure_model(task)
+        settings = TrainSettings(int(task["round"]), 1, 1, 0.0, 0.0, 0, self.device,
+                                 int(task.get("settings", {}).get("test_batch_size", 1000)))
+        started = time.perf_counter()
+        metrics = self.task.evaluate(self.model, self.held_out, settings)
+        self.client.submit_evaluation(settings.round, len(self.held_out), metrics)
+        log.info("round %d: evaluated the global model on %d held-out examples in %.1fs: %s; sent", settings.round,
+                 len(self.held_out), time.perf_counter() - started, ", ".join(f"{k} {v:.4f}" for k, v in
+                                                                             metrics.items()))
+
     def train_round(self, task: dict) -> None:
         """Train on the task's round and upload the update.
 
@@ -268,7 +266,7 @@ class Worker:
         self.abort_training.clear()
         self.training_round = round_number
         progress = self._progress(round_number, settings["local_epochs"])
-        seed = _shuffle_seed(settings.get("seed", 0), round_number, self.name)
+        seed = shuffle_seed(settings.get("seed", 0), round_number, self.name)
         torch.manual_seed(seed)  # dropout draws: the same run gives the same model
         train_settings = TrainSettings(round_number, settings["local_epochs"], settings["batch_size"],
                                        settings["learning_rate"], settings.get("momentum", 0.0), seed, self.device)
@@ -359,7 +357,7 @@ def _main(argv) -> int:
         parser.error(f"--coordinator-address: {exc}")
     except OSError as exc:  # OSError, ssl.SSLError: an unreadable --ca-cert
         parser.error(f"--ca-cert {cfg.ca_cert}: {exc}")
-    name = cfg.name or default_name(cfg)
+    name = cfg.name or default_name(cfg.partition_id)
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
     try:
         setup_logging(Path(cfg.logs_dir) / f"worker_{safe}.log")

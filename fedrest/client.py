@@ -193,14 +193,17 @@ class CoordinatorClient:
 
     def register(self, name: str, device: str, num_samples: int, system_info: Mapping[str, Any],
                  join_token: str | None, instance_id: str | None = None,
-                 task: Mapping[str, Any] | None = None) -> tuple[dict, bool]:
+                 task: Mapping[str, Any] | None = None, eval_samples: int = 0) -> tuple[dict, bool]:
         """Register; returns (answer with node_id/node_token/heartbeat_interval, created). ``task``: the task's
-        fingerprint (:mod:`fedrest.tasks.fingerprint`), checked by the coordinator (409 task_mismatch)."""
+        fingerprint (:mod:`fedrest.tasks.fingerprint`), checked by the coordinator (409 task_mismatch);
+        ``eval_samples``: examples held out for federated evaluation."""
         body = {"name": name, "device": device, "num_samples": num_samples, "system_info": dict(system_info)}
         if instance_id is not None:
             body["instance_id"] = instance_id
         if task is not None:
             body["task"] = dict(task)
+        if eval_samples:
+            body["eval_samples"] = eval_samples
         response = self._request("POST", "/nodes", expected=(200, 201), token=join_token or "", json=body)
         return response.json(), response.status_code == 201
 
@@ -218,6 +221,11 @@ class CoordinatorClient:
         """(model version, serialised global state_dict)."""
         response = self._request("GET", "/model", read_timeout=60.0)
         return int(response.headers.get("X-Model-Version", "-1")), response.content
+
+    def submit_evaluation(self, round_number: int, num_samples: int, metrics: Mapping[str, float]) -> dict:
+        """Send the metrics of global model ``round_number`` on ``num_samples`` held-out examples; the 202 answer."""
+        return self._json("POST", f"/rounds/{round_number}/evaluation", expected=(202,),
+                          json={"num_samples": num_samples, "metrics": dict(metrics)})
 
     def submit_update(self, round_number: int, metadata: Mapping[str, Any], data: bytes) -> dict:
         """Upload one update as multipart/form-data; returns the 202 answer."""

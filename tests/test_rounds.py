@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from fedrest.server.rounds import Action, Phase, RoundFacts, Settings, after_round, decide
+from fedrest.server.rounds import Action, Phase, RoundFacts, Settings, after_round, decide, federated_mean
 
 SETTINGS = Settings(min_nodes_to_start=2, min_updates=2, round_timeout=60.0)
 ABC = ("a", "b", "c")
@@ -17,6 +17,12 @@ def training(now=10.0, updates=(), refused=(), online=ABC, participants=ABC, str
     """Round open since t=0 with deadline t=60 (ROUND_TIMEOUT)."""
     return RoundFacts(Phase.TRAINING, now, participants=participants, updates=frozenset(updates),
                       refused=frozenset(refused), online=frozenset(online), deadline=60.0, refused_streak=streak)
+
+
+def evaluating(now=10.0, answered=(), online=ABC) -> RoundFacts:
+    """Nodes a and b asked at t=0 to evaluate the new global model; deadline t=60."""
+    return RoundFacts(Phase.EVALUATING, now, participants=("a", "b"), updates=frozenset(answered),
+                      online=frozenset(online), deadline=60.0)
 
 
 # (name, facts, expected action, expected delay or None)
@@ -45,6 +51,11 @@ TABLE = [
     ("training, refused and accepted but too few", training(updates="a", refused="bc"), Action.BACK_OFF, 2.0),
     ("aggregating: the driver is on it", RoundFacts(Phase.AGGREGATING, 0.0), Action.NOTHING, None),
     ("finished", RoundFacts(Phase.FINISHED, 0.0, online=frozenset("abc")), Action.NOTHING, None),
+    ("evaluating, a live evaluator still owes its metrics", evaluating(answered="a"), Action.NOTHING, None),
+    ("evaluating, every evaluator answered", evaluating(answered="ab"), Action.CLOSE_EVALUATION, None),
+    ("evaluating, the one missing went offline", evaluating(answered="a", online="ac"), Action.CLOSE_EVALUATION,
+     None),
+    ("evaluating, deadline passed (no MIN_UPDATES applies)", evaluating(now=60.0), Action.CLOSE_EVALUATION, None),
 ]
 
 
@@ -76,3 +87,9 @@ def test_after_a_round(number, online, action):
 def test_no_deadline_means_wait_forever_for_live_participants():
     facts = RoundFacts(Phase.TRAINING, 1e12, participants=("a",), online=frozenset("a"), deadline=math.inf)
     assert decide(facts, SETTINGS).action == Action.NOTHING
+
+
+def test_federated_mean_weights_each_metric_by_the_samples_that_reported_it():
+    metrics, total = federated_mean([(30, {"accuracy": 0.9, "f1": 0.5}), (10, {"accuracy": 0.5}), (0, {})])
+    assert total == 40 and metrics["accuracy"] == pytest.approx((27 + 5) / 40) and metrics["f1"] == 0.5
+    assert federated_mean([]) == ({}, 0)

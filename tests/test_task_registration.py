@@ -98,3 +98,55 @@ def test_the_status_history_and_metrics_show_every_metric_of_the_task(make_app):
     assert (record["test_loss"], record["test_accuracy"]) == (0.5, 0.75)
     text = client.get("/metrics", headers=MONITOR).get_data(as_text=True)
     assert 'fl_test_metric{name="f1"} 0.625' in text and "fl_test_accuracy 0.75" in text
+
+
+def test_federated_evaluation_asks_the_holders_and_records_the_weighted_mean(make_app):
+    """After a round's commit the nodes holding a held-out part evaluate the new global model; the round's record
+    gets the sample-weighted mean of their metrics, the run goes on when all answered, and a stale, unasked or
+    repeated evaluation is a 409 that changes nothing."""
+    app = make_app(communication_rounds=1, min_nodes_to_start=2)
+    client, fed = app.test_client(), app.extensions["federation"]
+    nodes = {}
+    for name, held in (("a", 30), ("b", 10), ("c", 0)):
+        nodes[name] = client.post(f"{API}/nodes", headers=JOIN, json={**body(name), "eval_samples": held}).json
+    fed.tick()
+    for name in nodes:
+        response = post_update(client, None, 1, filled_state_dict(0.5, 1), headers=bearer(nodes[name]["node_token"]))
+        assert response.status_code == 202
+    fed.tick()  # aggregates round 1, then asks a and b (c holds nothing out)
+    assert fed.phase.value == "evaluating" and sorted(fed.state.evaluators) == sorted(
+        nodes[n]["node_id"] for n in ("a", "b"))
+    task = client.get(f"{API}/task", headers=bearer(nodes["a"]["node_token"])).json
+    assert task["action"] == "evaluate" and task["model_version"] == 1
+    assert client.get(f"{API}/task", headers=bearer(nodes["c"]["node_token"])).json["action"] == "wait"
+
+    def evaluate(name, round_number, num_samples, metrics):
+        return client.post(f"{API}/rounds/{round_number}/evaluation", headers=bearer(nodes[name]["node_token"]),
+                           json={"num_samples": num_samples, "metrics": metrics})
+
+    assert evaluate("c", 1, 5, {"accuracy": 1.0}).json["error"] == "not_evaluator"
+    assert evaluate("a", 2, 30, {"accuracy": 0.9}).json["error"] == "stale_round"
+    assert evaluate("a", 1, 30, {"accuracy": float("inf")}).status_code == 400
+    assert evaluate("a", 1, 30, {"accuracy": 0.9, "loss": 0.3}).status_code == 202
+    assert evaluate("a", 1, 30, {"accuracy": 0.9}).json["error"] == "duplicate_evaluation"
+    fed.tick()
+    assert fed.phase.value == "evaluating"  # b has not answered yet
+    assert evaluate("b", 1, 50, {"accuracy": 0.5, "loss": 0.7}).status_code == 202  # 50 counted as its 10
+    fed.tick()
+    assert fed.finished
+    record = client.get(f"{API}/status", headers=MONITOR).json["history"][0]
+    assert record["federated_metrics"] == pytest.approx({"accuracy": (30 * 0.9 + 10 * 0.5) / 40,
+                                                         "loss": (30 * 0.3 + 10 * 0.7) / 40})
+    assert (record["federated_num_samples"], record["federated_num_nodes"]) == (40, 2)
+    text = client.get("/metrics", headers=MONITOR).get_data(as_text=True)
+    assert 'fl_federated_metric{name="accuracy"} 0.8' in text
+
+
+def test_no_evaluation_phase_without_held_out_data(make_app):
+    app = make_app(communication_rounds=2)
+    client, fed = app.test_client(), app.extensions["federation"]
+    node = client.post(f"{API}/nodes", headers=JOIN, json=body("a")).json
+    fed.tick()
+    assert post_update(client, None, 1, filled_state_dict(0.5, 1), headers=bearer(node["node_token"])).status_code == 202
+    fed.tick()
+    assert fed.phase.value == "training" and fed.round == 2  # straight to the next round, as before

@@ -143,3 +143,24 @@ def test_workers_with_another_task_or_other_class_folders_are_refused_and_exit_1
     status = try_status(status_client(port))
     assert status["nodes"] == [] and status["state"] == "waiting_for_nodes"  # none of them joined
     assert "refused the registration of other-task" in procs.output("coordinator")
+
+
+def test_federated_evaluation_when_the_coordinator_holds_no_data(procs):
+    """--no-eval on the coordinator, --eval-fraction on the workers: each round's global model is evaluated on the
+    workers' held-out parts, and the history records the sample-weighted mean beside the (absent) server side."""
+    port = free_port()
+    task = str(ROOT / "examples" / "breast_cancer.py")
+    procs.coordinator(port, "--task", task, "--no-eval", "--rounds", "2", "--min-nodes", "2", "--local-epochs", "2",
+                      "--batch-size", "16", "--learning-rate", "0.05")
+    for i in range(2):
+        procs.worker(f"w{i}", port, "--task", task, "--partition-id", str(i), "--num-partitions", "2",
+                     "--eval-fraction", "0.2")
+    status = run_to_the_end(procs, port)
+    for r in status["history"]:
+        assert r["test_accuracy"] is None and r["test_metrics"] == {}
+        assert (r["federated_num_nodes"], r["federated_num_samples"], r["num_samples"]) == (2, 91, 364)
+        assert {"loss", "accuracy", "f1"} <= set(r["federated_metrics"])
+    assert status["history"][-1]["federated_metrics"]["accuracy"] > 0.9, status["history"]
+    assert "held out 46 of 228 examples" in procs.output("w0")
+    assert "evaluated the global model on 46 held-out examples" in procs.output("w0")
+    assert "federated evaluation by 2 of 2 nodes on 91 examples" in procs.output("coordinator")

@@ -89,7 +89,7 @@ def test_a_worker_that_registers_into_a_new_run_says_so_and_fetches_the_new_mode
     class Coordinator:  # answers registrations as the coordinator does, in the run it is told
         run_id, url, token = "aaaaaaaaaaaa", "http://127.0.0.1:5000", None
 
-        def register(self, *args, task=None):
+        def register(self, *args, **kwargs):
             return {"node_id": "0123456789abcdef", "node_token": "t" * 43, "run_id": self.run_id,
                     "dataset": "mnist", "heartbeat_interval": 10.0}, True
 

@@ -16,7 +16,8 @@ from collections import OrderedDict
 from dataclasses import asdict
 
 from fedrest.server import closing
-from fedrest.server.rounds import Action, Decision, Phase, RoundRecord, Settings, after_round, decide
+from fedrest.server.rounds import (Action, Decision, Phase, RoundRecord, Settings, after_round, decide, federated_mean,
+                                   sample_participants)
 from fedrest.server.spool import AcceptedUpdate
 
 log = logging.getLogger("fl.federation")
@@ -70,6 +71,9 @@ class RoundDriver:
             st.phase = Phase.AGGREGATING
             self.fed.store.put(st.values())
             return True
+        if decision.action == Action.CLOSE_EVALUATION:
+            self._close_evaluation(decision, now)
+            return False
         if decision.action == Action.OPEN:
             self._open_round(st.round + 1, 1, now, decision.reason)
         else:
@@ -165,22 +169,61 @@ class RoundDriver:
         st.updates = OrderedDict()
         st.refused_streak = 0
         now = self.fed.clock()
-        action = after_round(number, c.communication_rounds, len(self.fed.registry.online(now)),
-                             c.min_nodes_to_start)
-        started = None
-        if action == Action.FINISH:
-            st.phase, st.participants = Phase.FINISHED, []
-        elif action == Action.OPEN:
-            started = self._open_round(number + 1, 1, now, "previous round done", announce=False)
+        evaluators = self._evaluators(number, now)
+        if evaluators:
+            st.start_evaluation(evaluators, now)
+            started = (f"round {number}: {len(evaluators)} nodes evaluate the new global model on their held-out "
+                       "data: " + ", ".join(self.fed.nodes[i].name for i in evaluators[:10])
+                       + (f" and {len(evaluators) - 10} more" if len(evaluators) > 10 else ""))
         else:
-            self._wait_for_nodes()
+            started = self._next_round(number, now)
         self.fed.store.finish_round(number, asdict(record), st.values(), contributors)
         closing.log_round_done(record, c.communication_rounds)
+        self._announce(number, started)
+
+    def _evaluators(self, number: int, now: float) -> list[str]:
+        """The online nodes asked to evaluate global model ``number``: a fraction CLIENT_FRACTION (at least one)
+        of those holding a held-out part, sampled reproducibly from (SEED, round) apart from training's draws."""
+        holders = [i for i in self.fed.registry.online_ids(now) if self.fed.nodes[i].eval_samples > 0]
+        c = self.fed.config
+        return sample_participants(holders, c.client_fraction, 1, c.seed, number, 0) if holders else []
+
+    def _next_round(self, number: int, now: float) -> str | None:
+        """After round ``number`` (and its evaluation): finish, open the next round or wait for nodes; returns the
+        "started" line to log after the caller's commit."""
+        c = self.fed.config
+        action = after_round(number, c.communication_rounds, len(self.fed.registry.online(now)),
+                             c.min_nodes_to_start)
+        if action == Action.FINISH:
+            self.fed.state.phase, self.fed.state.participants = Phase.FINISHED, []
+        elif action == Action.OPEN:
+            return self._open_round(number + 1, 1, now, "previous round done", announce=False)
+        else:
+            self._wait_for_nodes()
+        return None
+
+    def _announce(self, number: int, started: str | None) -> None:
         if started:
             log.info("%s", started)
-        if st.phase == Phase.FINISHED:
+        if self.fed.state.phase == Phase.FINISHED:
             log.info("all %d rounds done; telling workers to stop", number)
         self.fed.changed.notify_all()
+
+    def _close_evaluation(self, decision: Decision, now: float) -> None:
+        """Combine the federated evaluations of global model ``round`` into its history record, then go on."""
+        st = self.fed.state
+        number, record = st.round, st.history[-1]
+        results = [(e["num_samples"], e["metrics"]) for e in st.evaluations.values()]
+        record.federated_metrics, record.federated_num_samples = federated_mean(results)
+        record.federated_num_nodes = len(results)
+        log.info("round %d: federated evaluation by %d of %d nodes on %d examples%s: %s", number, len(results),
+                 len(st.evaluators), record.federated_num_samples,
+                 f" ({decision.reason}; missing {len(decision.missing)})" if decision.missing else "",
+                 ", ".join(f"{k} {v:.4f}" for k, v in record.federated_metrics.items()) or "no metrics")
+        st.evaluators, st.evaluations = [], {}
+        started = self._next_round(number, now)
+        self.fed.store.finish_round(number, asdict(record), st.values(), {})
+        self._announce(number, started)
 
     def start(self) -> None:
         """Start the driver thread that calls :meth:`tick` (every 0.2 s, or at once on a change)."""

@@ -34,7 +34,7 @@ import torch
 from config import Config
 from fedrest.aggregation import make_strategy
 from fedrest.files import remove_stale_temporaries
-from fedrest.serialization import UpdateRejected, bytes_to_state_dict, check_compatible, state_dict_to_bytes
+from fedrest.serialization import UpdateRejected, state_dict_to_bytes
 from fedrest.server.checkpoints import GlobalModels
 from fedrest.server.credentials import hash_token, new_token
 from fedrest.server.errors import Conflict, TaskMismatch
@@ -46,7 +46,8 @@ from fedrest.server.rounds import Phase
 from fedrest.server.spool import AcceptedUpdate, UpdateSpool
 from fedrest.server.state_dir import DB_NAME, GLOBAL, UPDATES
 from fedrest.server.status import Snapshot, take_snapshot
-from fedrest.server.store import RunStore, StoreError
+from fedrest.server.resume import read_stored_run
+from fedrest.server.store import RunStore
 from fedrest.tasks.fingerprint import TaskIdentity, differences
 
 log = logging.getLogger("fl.federation")
@@ -123,25 +124,11 @@ class Federation:
         log.info("new run %s", self.run_id)
 
     def _resume(self, reference: "OrderedDict[str, torch.Tensor]") -> None:
-        s = self.store
-        self.run_id = s.get("run_id")
-        version = s.get("model_version")
-        try:
-            state = bytes_to_state_dict(self.global_models.read(version))
-            check_compatible(state, reference)
-        except (OSError, UpdateRejected) as exc:
-            raise StoreError(f"cannot resume run {self.run_id}: global model version {version} "
-                             f"({self.global_models.path(version)}) is unreadable: {exc}. Start with --fresh "
-                             "for a new run.") from None
-        self._set_global(state)
         now = self.clock()
-        values = {k: s.get(k) for k in ("phase", "round", "attempt", "participants", "round_started_wall",
-                                        "model_version")}
-        updates = self.spool.present(values["round"], [AcceptedUpdate(**r) for r in s.updates(values["round"])])
-        self.state = RoundState.from_values(values, updates, s.history(), now)
-        s.put({"config": self.config.public_dict()})  # a run that completed no round may have new settings
-        expected = self.state.participants if self.state.phase == Phase.TRAINING else ()
-        self.registry.load(s.nodes(), now, time.time(), expected)
+        self.run_id, state, self.state = read_stored_run(self.store, self.global_models, self.spool, reference, now)
+        self._set_global(state)
+        self.store.put({"config": self.config.public_dict()})  # a run that completed no round may have new settings
+        self.registry.load(self.store.nodes(), now, time.time(), self.state.expected_answers())
         self.spool.remove_other_rounds(self.state.round)
         st = self.state
         log.info("resumed run %s: %s, round %d/%d (attempt %d), model version %d, %d nodes, %d updates of "
@@ -173,8 +160,8 @@ class Federation:
 
     # ------------------------------------------------------------------ nodes
 
-    def register(self, name: str, device: str, num_samples: int, system_info: dict,
-                 instance_id: str | None = None, task: dict | None = None) -> tuple[Node, str, bool]:
+    def register(self, name: str, device: str, num_samples: int, system_info: dict, instance_id: str | None = None,
+                 task: dict | None = None, eval_samples: int = 0) -> tuple[Node, str, bool]:
         """Register a node, or re-register the node already called ``name`` (same id, history and place in
         the open round; a new token, the old one stops working). Stored before this returns.
 
@@ -202,7 +189,7 @@ class Federation:
                 raise TaskMismatch(name, found)
             node, created = self.registry.prepare_registration(name, device, num_samples, system_info,
                                                                instance_id, hash_token(token), self.clock(),
-                                                               time.time())
+                                                               time.time(), eval_samples)
             self.store.save_node(node.node_id, name, node.record())
             self.registry.add(node)
             self.changed.notify_all()
@@ -348,6 +335,16 @@ class Federation:
                      len(self.state.updates), len(self.state.participants), node.name, accepted.num_samples,
                      "not checked" if norm is None else f"{norm:.3g}")
         return accepted
+
+    def submit_evaluation(self, node: Node, round_number: int, num_samples: int, metrics: dict) -> None:
+        """Store ``node``'s federated evaluation of global model ``round_number`` (``num_samples`` held-out
+        examples, at most the number it registered). Raises :class:`Conflict` unless it was asked for it
+        (:meth:`RoundState.add_evaluation`)."""
+        with self.changed:
+            self.state.add_evaluation(node.node_id, round_number, min(num_samples, node.eval_samples), metrics)
+            self.store.put({"evaluations": self.state.evaluations})
+            self._touch(node)
+            self.changed.notify_all()
 
     def record_refusal(self, node: Node, round_number: int, refusal: UpdateRejected) -> None:
         """Count a refused update (:class:`UpdateRejected`, by its ``error``), and log it.

@@ -11,7 +11,7 @@ Metrics (text exposition format, ``prometheus_client``):
 - ``fl_bytes_received_total`` (update uploads) and ``fl_bytes_sent_total`` (global models) (counters, bytes)
 - ``fl_round_duration_seconds`` and ``fl_aggregation_duration_seconds`` (histograms over completed rounds)
 - ``fl_test_accuracy`` and ``fl_test_loss`` of the last evaluated global model (gauges), and every metric the task
-  reports as ``fl_test_metric{name="f1"}``
+  reports as ``fl_test_metric{name="f1"}``; the workers' federated evaluation as ``fl_federated_metric{name=...}``
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ class FederationCollector(Collector):
             yield GaugeMetricFamily("fl_test_loss", "Test loss of the last evaluated global model", value=losses[-1])
         yield _last_by_name("fl_test_metric", "Every metric of the task on the coordinator's test data, last "
                             "evaluated round", [r.test_metrics for r in history])
+        yield _last_by_name("fl_federated_metric", "Sample-weighted mean of the workers' evaluations of the global "
+                            "model on their held-out data, last round", [r.federated_metrics for r in history])
 
 
 def _last_by_name(name: str, documentation: str, per_round: list[dict]) -> GaugeMetricFamily:

@@ -42,10 +42,11 @@ class Node:
     left: bool = False  # said it leaves (DELETE); offline until its next authenticated request
     banned: bool = False  # removed by the operator: no token works, its name cannot register
     stop_sent: bool = False
+    eval_samples: int = 0  # examples held out for federated evaluation (0: it is never asked to evaluate)
 
     _DURABLE = ("node_id", "name", "device", "num_samples", "system_info", "token_hash", "registered_at",
                 "updates_submitted", "rounds_contributed", "last_train_loss", "last_train_accuracy",
-                "instance_id", "superseded", "left", "banned", "last_seen_wall")
+                "instance_id", "superseded", "left", "banned", "last_seen_wall", "eval_samples")
 
     def record(self) -> dict:
         """The fields that are stored. ``last_seen_wall`` is as fresh as the node's last stored change
@@ -93,7 +94,7 @@ class NodeRegistry:
 
     def prepare_registration(self, name: str, device: str, num_samples: int, system_info: dict,
                              instance_id: str | None, token_hash: str, now_mono: float,
-                             now_wall: float) -> tuple[Node, bool]:
+                             now_wall: float, eval_samples: int = 0) -> tuple[Node, bool]:
         """The node that registering ``name`` gives: a new one (not yet added: store it, then :meth:`add`
         it), or the existing one updated with the new token and facts. Returns (node, created).
 
@@ -112,7 +113,7 @@ class NodeRegistry:
                 raise Forbidden("node_limit", f"the federation is full: MAX_NODES={self.max_nodes} "
                                 "nodes are registered")
             return Node(secrets.token_hex(8), name, device, num_samples, system_info, token_hash, now_wall,
-                        now_mono, now_wall, instance_id=instance_id), True
+                        now_mono, now_wall, instance_id=instance_id, eval_samples=eval_samples), True
         node = self.nodes[node_id]
         if instance_id is not None and instance_id in node.superseded:
             raise Conflict("name_in_use", f"another worker registered later as {name!r}; give every "
@@ -124,6 +125,7 @@ class NodeRegistry:
         node.instance_id = instance_id
         self._by_token.pop(node.token_hash, None)
         node.device, node.num_samples, node.system_info = device, num_samples, system_info
+        node.eval_samples = eval_samples
         node.token_hash = token_hash
         node.last_seen_mono, node.last_seen_wall = now_mono, now_wall
         node.stop_sent = node.left = False

@@ -39,6 +39,8 @@ class RoundState:
     history: list = field(default_factory=list)
     not_before: float = -math.inf
     refused_streak: int = 0
+    evaluators: list = field(default_factory=list)  # nodes asked to evaluate global model ``round`` (evaluating)
+    evaluations: dict = field(default_factory=dict)  # node id -> {"num_samples": n, "metrics": {...}}
 
     @classmethod
     def from_values(cls, values: dict, updates, history, now_mono: float) -> "RoundState":
@@ -46,17 +48,43 @@ class RoundState:
         fresh deadline from ``now_mono``."""
         return cls(Phase(values["phase"]), values["round"], values["attempt"], list(values["participants"]),
                    OrderedDict((u.node_id, u) for u in updates), {}, now_mono, values["round_started_wall"],
-                   values["model_version"], [RoundRecord(**r) for r in history])
+                   values["model_version"], [RoundRecord(**r) for r in history],
+                   evaluators=list(values.get("evaluators") or []), evaluations=dict(values.get("evaluations") or {}))
 
     def values(self) -> dict:
         """The run keys stored with every change of the round."""
         return {"phase": self.phase.value, "round": self.round, "attempt": self.attempt,
                 "participants": self.participants, "round_started_wall": self.started_wall,
-                "model_version": self.model_version}
+                "model_version": self.model_version, "evaluators": self.evaluators, "evaluations": self.evaluations}
 
     @property
     def in_round(self) -> bool:
-        return self.phase in (Phase.TRAINING, Phase.AGGREGATING)
+        return self.phase in (Phase.TRAINING, Phase.AGGREGATING, Phase.EVALUATING)
+
+    def expected_answers(self) -> list:
+        """The nodes the open phase waits for: participants while training, evaluators while evaluating."""
+        return {Phase.TRAINING: self.participants, Phase.EVALUATING: self.evaluators}.get(self.phase, [])
+
+    def owes_evaluation(self, node_id: str) -> bool:
+        return self.phase == Phase.EVALUATING and node_id in self.evaluators and node_id not in self.evaluations
+
+    def start_evaluation(self, evaluators: list, now_mono: float) -> None:
+        """Ask ``evaluators`` to evaluate global model ``round`` (it has just been committed)."""
+        self.phase, self.participants, self.evaluators, self.evaluations = Phase.EVALUATING, [], evaluators, {}
+        self.started_mono = now_mono
+
+    def add_evaluation(self, node_id: str, round_number: int, num_samples: int, metrics: dict) -> None:
+        """Record ``node_id``'s federated evaluation of global model ``round_number``.
+
+        Raises :class:`Conflict` (``stale_round``, ``duplicate_evaluation``, ``not_evaluator``) unless it was asked."""
+        if self.phase != Phase.EVALUATING or round_number != self.round:
+            raise Conflict("stale_round", f"global model {round_number} is not being evaluated; the current round is "
+                           f"{self.round} ({self.phase.value})", current_round=self.round, state=self.phase.value)
+        if node_id in self.evaluations or node_id not in self.evaluators:
+            error = "duplicate_evaluation" if node_id in self.evaluations else "not_evaluator"
+            raise Conflict(error, f"node {node_id} was not asked for (another) evaluation of global model "
+                           f"{round_number}", current_round=self.round, state=self.phase.value)
+        self.evaluations[node_id] = {"num_samples": num_samples, "metrics": dict(metrics)}
 
     def deadline(self, round_timeout: float) -> float:
         return self.started_mono + round_timeout
@@ -68,8 +96,10 @@ class RoundState:
 
     def facts(self, now: float, online: Collection[str], round_timeout: float) -> RoundFacts:
         """The facts :func:`rounds.decide` reads."""
-        return RoundFacts(phase=self.phase, now=now, participants=tuple(self.participants),
-                          updates=frozenset(self.updates), refused=frozenset(self.refused),
+        evaluating = self.phase == Phase.EVALUATING
+        return RoundFacts(phase=self.phase, now=now, participants=tuple(self.expected_answers()),
+                          updates=frozenset(self.evaluations if evaluating else self.updates),
+                          refused=frozenset(self.refused),
                           online=frozenset(online), deadline=self.deadline(round_timeout),
                           not_before=self.not_before, refused_streak=self.refused_streak)
 
@@ -124,5 +154,10 @@ class RoundState:
                     "deadline_s": round(self.deadline(c.round_timeout) - now_mono, 3),
                     "settings": {"local_epochs": c.local_epochs, "batch_size": c.batch_size,
                                  "learning_rate": c.learning_rate, "momentum": c.momentum, "seed": c.seed}}
+        if self.owes_evaluation(node_id):
+            return {"action": "evaluate", "round": self.round, "model_version": self.model_version,
+                    "model": task.model_name, "task": task.name,
+                    "deadline_s": round(self.deadline(config.round_timeout) - now_mono, 3),
+                    "settings": {"test_batch_size": config.test_batch_size}}
         return {"action": "wait", "round": self.round, "model_version": self.model_version,
                 "state": self.phase.value}

@@ -7,7 +7,11 @@
                    and >= MIN_UPDATES updates--> aggregating(r)
     training(r) --(same, with fewer updates)--> training(r) again (a new attempt, nodes sampled anew),
                    or back off (every update was refused), or waiting_for_nodes (too few online)
-    aggregating(r) --(new global model committed)--> training(r+1) | waiting_for_nodes | finished
+    aggregating(r) --(new global model committed)--> evaluating(r) | training(r+1) | waiting_for_nodes | finished
+    evaluating(r) --(every live evaluator answered, or ROUND_TIMEOUT passed)--> training(r+1) | waiting | finished
+
+``evaluating(r)``: federated evaluation of global model r by a sample of the online nodes that hold a held-out
+part of their data (``--eval-fraction``); only when there are such nodes.
 
 :func:`decide` says what the open round does next; :func:`after_round` what follows a committed round;
 :func:`sample_participants` who trains. The federation (:mod:`.federation`) gathers the facts under its lock,
@@ -26,6 +30,7 @@ class Phase(str, Enum):
     WAITING = "waiting_for_nodes"
     TRAINING = "training"
     AGGREGATING = "aggregating"
+    EVALUATING = "evaluating"  # workers evaluate the new global model on their held-out data
     FINISHED = "finished"
 
 
@@ -39,6 +44,7 @@ class Action(str, Enum):
     BACK_OFF = "back_off"  # every answer was a refused update: wait ``delay`` seconds, then open it again
     WAIT_FOR_NODES = "wait_for_nodes"  # too few nodes online: go back to waiting_for_nodes
     FINISH = "finish"  # the last round is done
+    CLOSE_EVALUATION = "close_evaluation"  # combine the federated evaluations that arrived, then go on
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,8 @@ def decide(facts: RoundFacts, settings: Settings) -> Decision:
     update, starts a new attempt when enough nodes are online, and waits for nodes otherwise.
     """
     online = len(facts.online)
+    if facts.phase == Phase.EVALUATING:
+        return _decide_evaluation(facts)
     if facts.phase == Phase.WAITING:
         if facts.now < facts.not_before or online < settings.min_nodes_to_start:
             return Decision(Action.NOTHING)
@@ -111,6 +119,32 @@ def decide(facts: RoundFacts, settings: Settings) -> Decision:
     if online >= settings.min_nodes_to_start:
         return Decision(Action.REOPEN, why, timed_out=timed_out)
     return Decision(Action.WAIT_FOR_NODES, why, timed_out=timed_out)
+
+
+def _decide_evaluation(facts: RoundFacts) -> Decision:
+    """Evaluating: wait while an evaluator that is online has not answered and the deadline has not passed."""
+    missing = [i for i in facts.participants if i not in facts.updates]
+    timed_out = facts.now >= facts.deadline
+    if any(i in facts.online for i in missing) and not timed_out:
+        return Decision(Action.NOTHING)
+    return Decision(Action.CLOSE_EVALUATION, "deadline passed" if timed_out else "every live evaluator answered",
+                    missing=tuple(missing), timed_out=timed_out)
+
+
+def federated_mean(evaluations: list[tuple[int, dict]]) -> tuple[dict, int]:
+    """The sample-weighted mean of each metric over the workers' evaluations ``(num_samples, {name: value})``
+    (a worker that does not report a metric is left out of that metric's mean), and the samples in all.
+
+    For losses and accuracies computed as per-example means this is the mean over all evaluated examples; for
+    metrics that are not means over examples (F1, AUC) it is the usual federated approximation.
+    """
+    sums: dict[str, float] = {}
+    weights: dict[str, int] = {}
+    for num_samples, metrics in evaluations:
+        for name, value in metrics.items():
+            sums[name] = sums.get(name, 0.0) + num_samples * value
+            weights[name] = weights.get(name, 0) + num_samples
+    return {name: sums[name] / weights[name] for name in sums}, sum(n for n, _ in evaluations)
 
 
 def after_round(number: int, total_rounds: int, num_online: int, min_nodes_to_start: int) -> Action:
@@ -155,3 +189,6 @@ class RoundRecord:
     mean_train_loss: float | None
     max_train_seconds: float | None
     test_metrics: dict = field(default_factory=dict)  # every metric of the coordinator's evaluation, by name
+    federated_metrics: dict = field(default_factory=dict)  # sample-weighted mean of the workers' evaluations
+    federated_num_samples: int = 0  # held-out examples those evaluations covered
+    federated_num_nodes: int = 0  # workers whose evaluation arrived

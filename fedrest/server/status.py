@@ -33,7 +33,8 @@ class NodeView:
 
 @dataclass(frozen=True)
 class OpenRound:
-    """The round in training or aggregation."""
+    """The round in training, aggregation or federated evaluation (then ``participants`` are the evaluators and
+    ``updates_received`` the evaluations received)."""
 
     round: int
     participants: list
@@ -95,8 +96,9 @@ def take_snapshot(federation, now: float) -> Snapshot:
              for n in federation.registry.sorted_by_name()]
     current = None
     if st.in_round:
-        current = OpenRound(st.round, list(st.participants), len(st.updates), len(st.refused), st.attempt,
-                            round(now - st.started_mono, 3), c.round_timeout)
+        answered = st.evaluations if st.phase.value == "evaluating" else st.updates  # evaluators while evaluating
+        current = OpenRound(st.round, list(st.expected_answers() or st.participants), len(answered),
+                            len(st.refused), st.attempt, round(now - st.started_mono, 3), c.round_timeout)
     return Snapshot(federation.run_id, st.phase.value, st.round, c.communication_rounds, st.model_version,
                     federation.task.name, federation.task.model_name, c.dataset, c.aggregation, c.min_nodes_to_start,
                     c.client_fraction, c.min_updates, current,

@@ -21,6 +21,7 @@ MAX_LONG_POLL = 60.0  # seconds
 MAX_NUM_SAMPLES = 10**9
 MAX_SCHEMA_ENTRIES = 20_000  # state_dict keys of a registering worker's model
 MAX_CLASSES = 20_000
+MAX_METRICS = 64  # metric names in one federated evaluation
 
 
 def json_object() -> dict:
@@ -90,8 +91,24 @@ def registration() -> dict:
     if instance_id is not None:
         instance_id = short_text(instance_id, "instance_id", 64)
     task = body.get("task")
+    eval_samples = body.get("eval_samples", 0)
+    if isinstance(eval_samples, bool) or not isinstance(eval_samples, int) or not 0 <= eval_samples <= MAX_NUM_SAMPLES:
+        raise ApiError(400, "bad_request", f"eval_samples must be an integer in [0, {MAX_NUM_SAMPLES}]")
     return {"name": name, "device": device, "num_samples": num_samples, "system_info": system_info,
-            "instance_id": instance_id, "task": None if task is None else task_fingerprint(task)}
+            "instance_id": instance_id, "task": None if task is None else task_fingerprint(task),
+            "eval_samples": eval_samples}
+
+
+def evaluation() -> tuple[int, dict]:
+    """The body of ``POST /rounds/<r>/evaluation``: ``num_samples`` (int >= 1) and ``metrics``, an object of at
+    most MAX_METRICS names (1-64 characters) to finite numbers."""
+    body = json_object()
+    num_samples = positive_int(body.get("num_samples"), "num_samples")
+    metrics = body.get("metrics")
+    if not isinstance(metrics, dict) or len(metrics) > MAX_METRICS:
+        raise ApiError(400, "bad_request", f"metrics must be an object of at most {MAX_METRICS} names to numbers")
+    return num_samples, {short_text(k, "metric name", 64): finite_number(v, f"metrics.{k}", -1e15, 1e15)
+                         for k, v in metrics.items()}
 
 
 def _string_list(value, name: str, max_items: int, max_length: int) -> list[str]:

@@ -1,4 +1,5 @@
-"""Update uploads: ``POST /api/v1/rounds/<round>/updates`` (multipart: metadata JSON + state_dict file)."""
+"""Update uploads, ``POST /api/v1/rounds/<round>/updates`` (multipart: metadata JSON + state_dict file), and
+federated evaluations of a global model, ``POST /api/v1/rounds/<round>/evaluation`` (JSON)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,12 @@ def submit_update(round_number: int):
         raise
     return jsonify({"accepted": True, "round": round_number, "node_id": node.node_id,
                     "num_samples": accepted.num_samples}), 202
+
+
+@bp.post("/rounds/<int:round_number>/evaluation")
+def submit_evaluation(round_number: int):
+    """202 once the worker's metrics of global model ``round_number`` on its held-out data are stored."""
+    node = require_node()
+    num_samples, metrics = validation.evaluation()
+    federation().submit_evaluation(node, round_number, num_samples, metrics)
+    return jsonify({"accepted": True, "round": round_number, "node_id": node.node_id}), 202
