@@ -376,6 +376,8 @@ def _main(argv) -> int:
         task = load_task(cfg)
         data, held_out = worker_data(task, cfg, device)
         worker = Worker(cfg, device, task, data, held_out)
+        log.info("task %s (%s): model %s, %d training examples%s", task.name, task.source, task.model_name,
+                 len(data), f", {len(held_out)} held out for federated evaluation" if held_out is not None else "")
     except TaskError as exc:
         log.debug("the task failed", exc_info=exc.__cause__ or exc)
         print(f"error: {exc}", file=sys.stderr)

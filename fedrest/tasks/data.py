@@ -119,6 +119,7 @@ class DatasetData(LocalData):
         self.transform, self.description = transform, description
         self._cache: TensorData | None = None
         self._cache_checked = False
+        self._loaders: dict = {}  # (batch size, device type, shuffled) -> (DataLoader, its generator)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -140,9 +141,22 @@ class DatasetData(LocalData):
         return self.dataset
 
     def _loader(self, batch_size: int, device: torch.device, generator: torch.Generator | None) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=batch_size, shuffle=generator is not None, generator=generator,
-                          num_workers=self.num_workers, pin_memory=device.type == "cuda",
-                          persistent_workers=False)
+        """A DataLoader kept for every later epoch (its worker processes persist); reseeded from ``generator``."""
+        key = (batch_size, device.type, generator is not None)
+        if key not in self._loaders:
+            own = torch.Generator()
+            self._loaders[key] = (DataLoader(self.dataset, batch_size=batch_size, shuffle=generator is not None,
+                                             generator=own, num_workers=self.num_workers,
+                                             pin_memory=device.type == "cuda",
+                                             persistent_workers=self.num_workers > 0), own)
+        loader, own = self._loaders[key]
+        if generator is not None:
+            own.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        return loader
+
+    def warm(self, device: torch.device) -> None:
+        """Decode into the cache now (before the caller starts threads: DataLoader processes are forked)."""
+        self._cached(device)
 
     def batches(self, batch_size, device, generator=None):
         cache = self._cached(device)

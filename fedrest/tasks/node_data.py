@@ -11,7 +11,7 @@ import torch
 
 from fedrest.partition import partition_indices
 from fedrest.tasks.api import Task, TaskContext, TaskError
-from fedrest.tasks.data import LocalData, TensorData
+from fedrest.tasks.data import DatasetData, LocalData, TensorData
 
 log = logging.getLogger("fl.data")
 
@@ -61,11 +61,17 @@ def worker_data(task: Task, cfg, device: torch.device) -> tuple[LocalData, Local
         data, held_out = hold_out(data, cfg.eval_fraction, f"{cfg.seed}/{cfg.partition_id}")
         log.info("held out %d of %d examples (EVAL_FRACTION=%g) to evaluate each global model on; training on "
                  "%d", len(held_out), len(data) + len(held_out), cfg.eval_fraction, len(data))
-    if isinstance(data, TensorData):
-        data = data.to(device)
-    if isinstance(held_out, TensorData):
-        held_out = held_out.to(device)
+    data, held_out = (_ready(d, device) for d in (data, held_out))
     return data, held_out
+
+
+def _ready(data: LocalData | None, device: torch.device) -> LocalData | None:
+    """Tensors moved to ``device``; a Dataset decoded into its cache now, if it fits."""
+    if isinstance(data, TensorData):
+        return data.to(device)
+    if isinstance(data, DatasetData):
+        data.warm(device)
+    return data
 
 
 def hold_out(data: LocalData, fraction: float, key: str) -> tuple[LocalData, LocalData]:
