@@ -147,6 +147,7 @@ def test_no_evaluation_phase_without_held_out_data(make_app):
     client, fed = app.test_client(), app.extensions["federation"]
     node = client.post(f"{API}/nodes", headers=JOIN, json=body("a")).json
     fed.tick()
-    assert post_update(client, None, 1, filled_state_dict(0.5, 1), headers=bearer(node["node_token"])).status_code == 202
+    response = post_update(client, None, 1, filled_state_dict(0.5, 1), headers=bearer(node["node_token"]))
+    assert response.status_code == 202
     fed.tick()
     assert fed.phase.value == "training" and fed.round == 2  # straight to the next round, as before
