@@ -122,8 +122,9 @@ def render(status: dict | None, error: str | None = None, unreachable_since: flo
     bar.add_row(ProgressBar(total=total, completed=done, width=30), Text(f"{done}/{total} rounds done"))
     parts.append(bar)
     current = status.get("current_round")
+    answers = "evaluations of the new model" if status["state"] == "evaluating" else "updates"
     parts.append(Text(f"round {current['round']} (attempt {current['attempt']}): {current['updates_received']}/"
-                      f"{len(current['participants'])} updates · {current['elapsed_s']:.0f}s of a "
+                      f"{len(current['participants'])} {answers} · {current['elapsed_s']:.0f}s of a "
                       f"{current['timeout_s']:.0f}s deadline" if current else "", no_wrap=True, overflow="ellipsis"))
 
     fixed = len(parts) + NODE_TABLE_LINES + (TREND_LINES if history else 0) + 1  # parts: error? + header

@@ -123,8 +123,9 @@ function render(status) {
   text("last-accuracy", headline in last ? fmt(last[headline], 4) : "-");
   document.getElementById("rounds-bar").style.width = `${(100 * history.length) / status.total_rounds}%`;
   const current = status.current_round;
-  text("current-round", current ? `round ${current.round}: ${current.updates_received} of ${current.participants.length} `
-       + `updates, ${Math.round(current.elapsed_s)} s of a ${Math.round(current.timeout_s)} s deadline` : "");
+  const answers = status.state === "evaluating" ? "evaluations of the new model" : "updates";
+  text("current-round", current ? `round ${current.round}: ${current.updates_received} of ${current.participants.length} ${answers}, `
+       + `${Math.round(current.elapsed_s)} s of a ${Math.round(current.timeout_s)} s deadline` : "");
 
   setMetrics(charts.accuracy, rounds, history);
   const training = history.map((r) => r.max_train_seconds || 0);

@@ -79,6 +79,18 @@ def test_the_readme_task_file_trains_a_tabular_mlp_and_reports_its_metrics(procs
         sys.modules.pop("my_task", None)
 
 
+def test_a_task_file_with_only_a_model_and_data_trains_with_the_built_in_loops(procs):
+    port = free_port()
+    task = str(TASKS / "only_model_and_data.py")
+    procs.coordinator(port, "--task", task, "--rounds", "3", "--min-nodes", "2", "--batch-size", "8")
+    for i in range(2):
+        procs.worker(f"w{i}", port, "--task", task, "--partition-id", str(i), "--num-partitions", "2")
+    status = run_to_the_end(procs, port)
+    assert [set(r["test_metrics"]) for r in status["history"]] == [{"loss", "accuracy"}] * 3
+    assert status["history"][-1]["test_accuracy"] >= 0.9 and status["history"][-1]["num_samples"] == 138
+    assert status["model"] == "Sequential" and status["task"] == "only_model_and_data"
+
+
 def test_a_task_with_its_own_training_step_and_metric(procs):
     port = free_port()
     task = str(TASKS / "digits_own_train.py")
