@@ -6,28 +6,25 @@ Every field has a default here, can be overridden by an environment variable ``F
 
 Each program exposes only the flags that concern it (see ``COORDINATOR_FIELDS`` and ``WORKER_FIELDS``); the
 environment variables are read for the same fields. Bad values end the program with ``error: ...`` and exit
-status 2, never a traceback (:class:`ConfigError` is turned into an argparse error).
+status 2, never a traceback (:class:`ConfigError` is turned into an argparse error). The checks every Config
+passes (types, ranges, the rules between fields) are in :mod:`fedrest.config_rules`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
 from typing import Mapping, Sequence
 
-ENV_PREFIX = "FL_"
+from fedrest.config_rules import (ENV_PREFIX, ConfigError, env_name, field_type, flag_name,  # noqa: F401 - re-exported
+                                  validate)
 
 DATASETS = ("mnist", "fashion-mnist")
 AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
 PARTITIONS = ("iid", "dirichlet")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, malformed or out of range."""
 
 
 def _meta(help_text: str, *, lo: float | None = None, hi: float | None = None, choices=None, secret=False) -> dict:
@@ -212,14 +209,6 @@ SECRET_FLAGS = ("--token", "--monitor-token", "--admin-token")
 ENV_ALIASES = {"cpu_threads": ["FL_CPU_WORKERS"]}
 
 
-def _field_type(f: dataclasses.Field) -> type:
-    t = f.type if isinstance(f.type, str) else f.type.__name__
-    for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
-        if t.startswith(name):
-            return typ
-    raise TypeError(f"unsupported config field type {t!r}")  # pragma: no cover - programming error
-
-
 def parse_value(f: dataclasses.Field, raw: str, source: str):
     """Convert the text ``raw`` given for field ``f`` into its typed value.
 
@@ -228,7 +217,7 @@ def parse_value(f: dataclasses.Field, raw: str, source: str):
     ConfigError
         When ``raw`` is not a valid value of the field's type; the message names ``source``.
     """
-    typ = _field_type(f)
+    typ = field_type(f)
     text = raw.strip()
     if typ is bool:
         low = text.lower()
@@ -243,70 +232,6 @@ def parse_value(f: dataclasses.Field, raw: str, source: str):
         return typ(text)
     except ValueError:
         raise ConfigError(f"{source}: expected {typ.__name__}, got {raw!r}") from None
-
-
-def validate(cfg: Config) -> None:
-    """Check every field's type and range, then the rules between fields.
-
-    Raises
-    ------
-    ConfigError
-        Naming the first bad field, its flag and environment variable, and the allowed range.
-    """
-    for f in fields(cfg):
-        _validate_field(cfg, f)
-    if (cfg.partition_id is None) != (cfg.num_partitions is None):
-        raise ConfigError("--partition-id and --num-partitions must be given together")
-    if (cfg.certfile is None) != (cfg.keyfile is None):
-        raise ConfigError("--certfile and --keyfile must be given together")
-    for name in ("normalize_mean", "normalize_std"):
-        if not all(_is_number(v) for v in getattr(cfg, name).split(",")):
-            raise ConfigError(f"{name} ({flag_name(name)} / {env_name(name)}): expected comma-separated numbers, "
-                              f"got {getattr(cfg, name)!r}")
-    if cfg.partition_id is not None and cfg.partition_id >= cfg.num_partitions:
-        raise ConfigError(f"--partition-id must be < --num-partitions ({cfg.num_partitions}), "
-                          f"got {cfg.partition_id}")
-
-
-def _is_number(text: str) -> bool:
-    try:
-        return math.isfinite(float(text))
-    except ValueError:
-        return False
-
-
-def _validate_field(cfg: Config, f: dataclasses.Field) -> None:
-    value = getattr(cfg, f.name)
-    if value is None and f.default is None:
-        return
-    where = f"{f.name} ({flag_name(f.name)} / {env_name(f.name)})"
-    typ = _field_type(f)
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-        object.__setattr__(cfg, f.name, value)  # frozen dataclass: normalise 1 -> 1.0 once
-    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
-    if typ is float and not math.isfinite(value):
-        raise ConfigError(f"{where}: must be a finite number, got {value!r}")
-    lo, hi, choices = f.metadata["lo"], f.metadata["hi"], f.metadata["choices"]
-    if lo is not None and value < lo:
-        raise ConfigError(f"{where}: must be >= {lo}, got {value!r}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{where}: must be <= {hi}, got {value!r}")
-    if choices is not None and value not in choices:
-        raise ConfigError(f"{where}: must be one of {', '.join(choices)}, got {value!r}")
-    if typ is str and not value.strip():
-        raise ConfigError(f"{where}: must not be empty")
-    if f.name in ("token", "monitor_token", "admin_token") and len(value) < 16:
-        raise ConfigError(f"{where}: must be at least 16 characters")
-
-
-def flag_name(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def env_name(name: str) -> str:
-    return ENV_PREFIX + name.upper()
 
 
 def env_names(name: str) -> list[str]:
@@ -333,10 +258,10 @@ def add_arguments(parser: argparse.ArgumentParser, names: Sequence[str],
             notes.append(f"default: {shown}")
         help_text = f"{f.metadata['help']} ({'; '.join(notes + [f'env {env_name(name)}'])})"
         flags = [flag_name(name)] + ALIASES.get(name, []) + list(extra_flags.get(name, []))
-        if _field_type(f) is bool and default:  # on by default: the flag turns it off
+        if field_type(f) is bool and default:  # on by default: the flag turns it off
             parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_const", const="false",
                                 default=None, help=f"do not: {help_text}")
-        elif _field_type(f) is bool:
+        elif field_type(f) is bool:
             parser.add_argument(*flags, dest=name, action="store_const", const="true", default=None,
                                 help=help_text)
         elif name in BARE_FLAG_VALUES:
