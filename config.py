@@ -24,6 +24,7 @@ from fedrest.config_rules import (ENV_PREFIX, ConfigError, env_name, field_type,
 
 DATASETS = ("mnist", "fashion-mnist")
 AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
+STRATEGIES = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedprox")  # fedrest.aggregation.STRATEGIES
 PARTITIONS = ("iid", "dirichlet")
 
 
@@ -112,10 +113,30 @@ class Config:
         lo=0, hi=1e6))
     address_rate_limit: float = field(default=200.0, metadata=_meta(
         "requests per second allowed per client IP address, bursts of 5x (0: no limit)", lo=0, hi=1e6))
-    # --- robust aggregation (McMahan et al. FedAvg by default) ---
+    # --- strategy (README "Strategies"; FedAvg, McMahan et al. 2017, by default) ---
+    strategy: str = field(default="fedavg", metadata=_meta(
+        "what workers do and how the global model moves: fedavg, fedavgm (server momentum), fedadagrad, fedadam, "
+        "fedyogi (adaptive server optimizers), fedprox (proximal term)", choices=STRATEGIES))
+    server_learning_rate: float | None = field(default=None, metadata=_meta(
+        "server optimizers: learning rate eta of the step along the round's change (default: fedavgm 1.0, "
+        "fedadagrad 0.1, fedadam and fedyogi 0.01)", lo=1e-9, hi=100.0))
+    server_momentum: float = field(default=0.9, metadata=_meta("fedavgm: server momentum beta", lo=0.0, hi=0.999))
+    beta1: float = field(default=0.9, metadata=_meta(
+        "fedadagrad, fedadam, fedyogi: decay of the first moment", lo=0.0, hi=0.999))
+    beta2: float = field(default=0.99, metadata=_meta("fedadam, fedyogi: decay of the second moment", lo=0.0,
+                                                      hi=0.99999))
+    tau: float = field(default=1e-3, metadata=_meta(
+        "fedadagrad, fedadam, fedyogi: adaptivity tau added to the root of the second moment", lo=1e-12, hi=10.0))
+    proximal_mu: float = field(default=0.01, metadata=_meta(
+        "fedprox: coefficient mu of the proximal term mu/2 * ||w - w_global||^2 of local training", lo=0.0,
+        hi=1e4))
+    max_share: float = field(default=0.5, metadata=_meta(
+        "largest share of a round's FedAvg weight one node may take (1: no bound; a node's samples are also "
+        "bounded by the number it registered with)", lo=0.01, hi=1.0))
+    # --- robust aggregation ---
     aggregation: str = field(default="fedavg", metadata=_meta(
-        "aggregation rule: fedavg (sample-weighted mean), median (coordinate-wise) or trimmed_mean",
-        choices=AGGREGATIONS))
+        "how a round's updates are combined: fedavg (sample-weighted mean), median (coordinate-wise) or "
+        "trimmed_mean", choices=AGGREGATIONS))
     trim_fraction: float = field(default=0.1, metadata=_meta(
         "trimmed_mean: fraction of updates dropped at each end of every coordinate", lo=0.0, hi=0.49))
     clip_norm: float = field(default=0.0, metadata=_meta(
@@ -181,6 +202,7 @@ COORDINATOR_FIELDS = (
     "batch_size", "test_batch_size", "learning_rate", "momentum", "local_epochs", "communication_rounds",
     "min_nodes_to_start", "client_fraction", "min_updates", "node_timeout", "heartbeat_interval", "round_timeout",
     "seed", "cpu_threads", "save_model", "max_update_bytes", "max_nodes", "rate_limit", "address_rate_limit",
+    "strategy", "server_learning_rate", "server_momentum", "beta1", "beta2", "tau", "proximal_mu", "max_share",
     "aggregation", "trim_fraction", "clip_norm", "max_update_norm", "token", "monitor_token", "admin_token",
     "no_auth", "no_eval", "debug", "fresh", "keep_serving",
 )
@@ -195,6 +217,7 @@ WORKER_FIELDS = (
 RUN_FIELDS = (
     *TASK_FIELDS, "classes", "batch_size", "test_batch_size", "learning_rate", "momentum", "local_epochs",
     "communication_rounds", "min_nodes_to_start", "client_fraction", "min_updates", "seed", "no_eval",
+    "strategy", "server_learning_rate", "server_momentum", "beta1", "beta2", "tau", "proximal_mu", "max_share",
     "aggregation", "trim_fraction", "clip_norm",
 )
 # Short spellings users expect from the README and the issue text.

@@ -68,13 +68,15 @@ def build_model(name: str, **kwargs) -> nn.Module:
 
 
 def train_batch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-                y: torch.Tensor) -> tuple[float, int]:
+                y: torch.Tensor, before_step: Callable[[], None] | None = None) -> tuple[float, int]:
     """One optimisation step on one mini-batch.
 
     Parameters
     ----------
     x : float tensor (B, ...) of inputs on the model's device (SimpleCNN: (B, 1, 28, 28)).
     y : int64 tensor (B,) of class labels.
+    before_step : called between the backward pass and the optimizer's step (a strategy's change of the
+        gradients, e.g. FedProx's proximal term, :func:`fedrest.training.proximal_term`).
 
     Returns
     -------
@@ -84,6 +86,8 @@ def train_batch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
     logits = model(x)
     loss = F.cross_entropy(logits, y)
     loss.backward()
+    if before_step is not None:
+        before_step()
     optimizer.step()
     with torch.no_grad():
         correct = int((logits.argmax(dim=1) == y).sum())

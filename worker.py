@@ -268,8 +268,7 @@ class Worker:
         progress = self._progress(round_number, settings["local_epochs"])
         seed = shuffle_seed(settings.get("seed", 0), round_number, self.name)
         torch.manual_seed(seed)  # dropout draws: the same run gives the same model
-        train_settings = TrainSettings(round_number, settings["local_epochs"], settings["batch_size"],
-                                       settings["learning_rate"], settings.get("momentum", 0.0), seed, self.device)
+        train_settings = TrainSettings.of_round(settings, round_number, seed, self.device)
         try:
             result = self.task.train(self.model, self.data, train_settings, progress)
         except RoundClosed:

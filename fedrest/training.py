@@ -3,7 +3,8 @@
 They follow PyTorch's MNIST example (pytorch/examples, mnist/main.py): ``model.train()`` for training, SGD over
 shuffled mini-batches with cross-entropy; ``model.eval()`` with ``torch.no_grad()`` for testing, the loss summed
 with ``reduction="sum"`` and divided by the number of examples, so that averages are exact whatever the batch size
-(and a sample-weighted mean over workers is the mean over all their examples).
+(and a sample-weighted mean over workers is the mean over all their examples). With FedProx's ``proximal_mu``
+the local objective gains the proximal term (:func:`proximal_term`).
 A task that defines its own ``train`` or ``evaluate`` replaces these (:mod:`fedrest.tasks`).
 """
 
@@ -33,9 +34,36 @@ class TrainResult:
     metrics: dict = field(default_factory=dict)  # what a task's own train returned
 
 
+def proximal_term(model: nn.Module, mu: float) -> Callable[[], None]:
+    """FedProx's proximal term (Li et al. 2020, "Federated Optimization in Heterogeneous Networks", Eq. 2): the
+    local objective is h(w) = F(w) + mu/2 * ||w - w_global||^2, with w_global the model's parameters now (call
+    this before training, when the model holds the global model).
+
+    Returns a function to call after each backward pass (``train_batch``'s ``before_step``): it adds the term's
+    gradient mu * (w - w_global) to every parameter's gradient, in place.
+
+    Raises
+    ------
+    ValueError
+        If ``mu`` is not >= 0.
+    """
+    if not mu >= 0:
+        raise ValueError(f"proximal_mu must be >= 0, got {mu}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchors = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def add_gradient() -> None:
+        for param, anchor in zip(params, anchors):
+            if param.grad is not None:
+                param.grad.add_(param - anchor, alpha=mu)
+
+    return add_gradient
+
+
 def fit(model: nn.Module, data: LocalData, *, epochs: int, batch_size: int, learning_rate: float,
         momentum: float = 0.0, seed: int = 0, device: torch.device | None = None,
-        progress: Callable[[int, float, int], None] | None = None) -> TrainResult:
+        progress: Callable[[int, float, int], None] | None = None, proximal_mu: float = 0.0) -> TrainResult:
     """Train ``model`` in place for ``epochs`` passes over ``data`` with SGD and cross-entropy.
 
     Parameters
@@ -45,6 +73,8 @@ def fit(model: nn.Module, data: LocalData, *, epochs: int, batch_size: int, lear
     seed : seeds the shuffling, so a round is reproducible for a given seed.
     progress : called after every batch with (batch size, batch mean loss, examples seen so far); it may raise
         to stop the training (the worker does when the round closed).
+    proximal_mu : FedProx's mu (0: plain SGD): the proximal term anchored at the model as it is now
+        (:func:`proximal_term`). The reported loss is the cross-entropy alone.
 
     Raises
     ------
@@ -57,12 +87,13 @@ def fit(model: nn.Module, data: LocalData, *, epochs: int, batch_size: int, lear
     device = device or next(model.parameters()).device
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
     generator = torch.Generator().manual_seed(seed)
+    before_step = proximal_term(model, proximal_mu) if proximal_mu > 0 else None
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
     for _ in range(epochs):
         for x, y in data.batches(batch_size, device, generator):
-            batch_loss, batch_correct = train_batch(model, optimizer, x, y)
+            batch_loss, batch_correct = train_batch(model, optimizer, x, y, before_step)
             loss_sum += batch_loss
             correct += batch_correct
             seen += int(y.shape[0])

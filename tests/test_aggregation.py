@@ -12,9 +12,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from config import AGGREGATIONS
-from fedrest.aggregation import (aggregate, clip_update, coordinate_median, delta_norm, make_strategy,
-                                 trimmed_mean)
+import fedrest.aggregation
+from config import AGGREGATIONS, STRATEGIES, Config
+from fedrest.aggregation import (aggregate, clip_update, coordinate_median, delta_norm, make_combiner,
+                                 make_strategy, trimmed_mean)
+from fedrest.aggregation.combine import COMBINERS
 from conftest import API, MONITOR, filled_state_dict, post_update, register
 
 WIDTH = 5  # coordinates of the float32 vector
@@ -147,8 +149,16 @@ def test_an_absurdly_large_change_is_refused_counted_and_changes_nothing(make_ap
 
 
 @pytest.mark.parametrize("name", AGGREGATIONS)
-def test_every_configurable_rule_builds_its_strategy(name):
-    assert make_strategy(name).name == name
+def test_every_configurable_rule_builds_its_combiner(name):
+    assert make_combiner(name).name == name
+
+
+def test_the_configurable_names_are_the_implemented_ones():
+    assert set(AGGREGATIONS) == set(COMBINERS)
+    assert set(STRATEGIES) == set(fedrest.aggregation.STRATEGIES)
+    for name in STRATEGIES:
+        strategy = make_strategy(Config(strategy=name, aggregation="median"))
+        assert (strategy.name, strategy.combiner.name) == (name, "median")
 
 
 def test_two_updates_with_one_key_are_refused():

@@ -306,7 +306,8 @@ def test_task_wait_train_then_wait(client, fed):
     assert task["model"] == "simple_cnn"
     assert 0 < task["deadline_s"] <= cfg.round_timeout
     assert task["settings"] == {"local_epochs": cfg.local_epochs, "batch_size": cfg.batch_size,
-                                "learning_rate": cfg.learning_rate, "momentum": cfg.momentum, "seed": cfg.seed}
+                                "learning_rate": cfg.learning_rate, "momentum": cfg.momentum, "seed": cfg.seed,
+                                "strategy": "fedavg"}
     assert post_update(client, node, 1, filled_state_dict(0.5, 1), {"num_samples": 10}).status_code == 202
     task = client.get(f"{API}/task", headers=node["headers"]).get_json()
     assert (task["action"], task["round"], task["state"]) == ("wait", 1, "training")
@@ -647,7 +648,9 @@ def test_oversized_metadata_field_is_413(client, fed, cfg, round_one):
 # ============================================================================= aggregation (F1, F3, F13, F14)
 
 
-def test_two_nodes_aggregate_once_to_the_hand_computed_mean_round_after_round(client, fed, cfg):
+def test_two_nodes_aggregate_once_to_the_hand_computed_mean_round_after_round(make_app):
+    app = make_app(max_share=1.0)  # the plain sample-weighted mean (no bound on a node's share)
+    client, fed, cfg = app.test_client(), app.extensions["federation"], app.extensions["federation"].config
     a = register(client, "node-a", num_samples=10)
     b = register(client, "node-b", num_samples=30)
     fed.tick()
@@ -694,7 +697,9 @@ def test_two_nodes_aggregate_once_to_the_hand_computed_mean_round_after_round(cl
     assert served["bn2.num_batches_tracked"].item() == 5
 
 
-def test_real_model_updates_average_to_the_sample_weighted_mean(client, fed, cfg):
+def test_real_model_updates_average_to_the_sample_weighted_mean(make_app):
+    app = make_app(max_share=1.0)  # the plain sample-weighted mean (no bound on a node's share)
+    client, fed = app.test_client(), app.extensions["federation"]
     a = register(client, "node-a", num_samples=100)
     b = register(client, "node-b", num_samples=300)
     fed.tick()

@@ -103,7 +103,7 @@ def test_coordinator_killed_after_k_of_n_updates_loses_none(procs):
                                        "atomic_write.before_replace=30@3"])
 def test_coordinator_killed_during_aggregation_or_checkpoint_recovers_consistently(procs, tmp_path, failpoint):
     port = free_port()
-    args = ("--rounds", "2", "--min-nodes", "2", "--no-eval", "--round-timeout", "60")
+    args = ("--rounds", "2", "--min-nodes", "2", "--no-eval", "--round-timeout", "60", "--max-share", "1")
     spec = failpoint if "=" in failpoint else f"{failpoint}=30"
     procs.coordinator(port, *args, env={"FL_FAILPOINTS": spec})
     wait_state(port, procs, lambda s: True, 60, "the coordinator to answer")

@@ -63,7 +63,7 @@ def test_restart_mid_round_keeps_every_acknowledged_update(make_app):
 
 
 def test_kill_during_aggregation_then_restart_aggregates_once(make_app, monkeypatch):
-    app = make_app(min_nodes_to_start=2, communication_rounds=3)
+    app = make_app(min_nodes_to_start=2, communication_rounds=3, max_share=1.0)
     client, fed = app.test_client(), app.extensions["federation"]
     a, b = register(client, "a", num_samples=10), register(client, "b", num_samples=30)
     fed.tick()
@@ -81,7 +81,7 @@ def test_kill_during_aggregation_then_restart_aggregates_once(make_app, monkeypa
     assert dict(db.execute("SELECT key, value FROM run").fetchall())["phase"] == '"aggregating"'
     db.close()
 
-    app2 = make_app(min_nodes_to_start=2, communication_rounds=3)
+    app2 = make_app(min_nodes_to_start=2, communication_rounds=3, max_share=1.0)
     fed2 = app2.extensions["federation"]
     assert fed2.phase == Phase.AGGREGATING and len(fed2.state.updates) == 2 and fed2.model_version == 0
     fed2.tick()
@@ -201,7 +201,7 @@ def test_client_sampling_is_reproducible_and_sized():
 def test_fifty_rounds_keep_memory_for_updates_flat(tmp_path):
     """F7: no tensor of an earlier round stays referenced; stored updates are removed after each round."""
     tiny = OrderedDict(w=torch.zeros(64, 64), b=torch.zeros(64), n=torch.tensor(0, dtype=torch.int64))
-    cfg = make_config(tmp_path, min_nodes_to_start=2, communication_rounds=50, save_model=False)
+    cfg = make_config(tmp_path, min_nodes_to_start=2, communication_rounds=50, save_model=False, max_share=1.0)
     fed = Federation(cfg, tiny)
     a, _, _ = fed.register("a", "cpu", 10, {})
     b, _, _ = fed.register("b", "cpu", 30, {})

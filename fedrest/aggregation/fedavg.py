@@ -17,6 +17,7 @@ Rules of :func:`fedavg` and :class:`FedAvgAccumulator`:
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Iterable, Mapping
 
@@ -62,10 +63,17 @@ class FedAvgAccumulator:
         """
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise UpdateRejected(f"num_samples must be an integer >= 1, got {num_samples!r}")
+        self.add_weighted(update, num_samples)
+
+    def add_weighted(self, update: Mapping[str, torch.Tensor], weight: float) -> None:
+        """Add one update with any finite weight > 0 (a bounded weight of :mod:`.weights`). Raises
+        :class:`UpdateRejected` as :meth:`add` does, or ValueError for a bad weight; nothing is added then."""
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"a FedAvg weight must be a finite number > 0, got {weight!r}")
         check_compatible(update, self._reference)
         for key, total in self._sums.items():
-            total.add_(update[key].detach().to("cpu", torch.float64), alpha=num_samples)
-        self.total_samples += num_samples
+            total.add_(update[key].detach().to("cpu", torch.float64), alpha=weight)
+        self.total_samples += weight
         self.num_updates += 1
 
     def result(self) -> "OrderedDict[str, torch.Tensor]":

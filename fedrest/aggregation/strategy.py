@@ -1,215 +1,121 @@
-"""Strategies: how the accepted updates of a round become the next global model.
+"""Strategies: what the workers do in a round, and how their updates become the next global model.
 
-The coordinator calls one entry point, :meth:`Strategy.aggregate`, with the round's updates and the current
-global model. Underneath, a strategy calls the pure rules of this package (:mod:`.fedavg`, :mod:`.rules`).
-What every strategy shares, so that every rule gets it the same way:
+A :class:`Strategy` is the coordinator's one entry point (:meth:`Strategy.aggregate`). It has up to three
+parts, chosen with ``--strategy`` and ``--aggregation`` (:func:`make_strategy`):
 
-- **One canonical order**: updates are taken in the order of their ``key`` (the node id), whatever order they
-  arrived in, so the same run gives the same bits (float64 sums depend on the order of their terms).
-- **Loading** one update at a time through :attr:`ClientUpdate.load` (the stored file is read only then); an
-  update that cannot be read or does not match the global model is left out and named in
-  :attr:`Aggregate.skipped`, it does not fail the round.
-- **Clipping** (``clip_norm`` > 0) of every update's change before the rule (:func:`.rules.clip_update`).
-- **Memory**: FedAvg streams (one model plus one update in memory); the robust rules collect the round's
-  updates (they need every value of a coordinate at once).
+1. **What workers do** (:meth:`Strategy.client_settings`, sent with every round's task): plain local SGD, or
+   FedProx's proximal term (``fedprox``).
+2. **A combining rule** (:mod:`.combine`, ``--aggregation``): the bounded sample-weighted mean (FedAvg), the
+   coordinate-wise median or the trimmed mean, after the optional clipping.
+3. **A server optimizer** (:mod:`.server_optimizers`) for ``fedavgm``, ``fedadagrad``, ``fedadam``, ``fedyogi``:
+   a step along the pseudo-gradient (combined - global) with state kept across rounds.
 
-A strategy is an object so that one with server state (momentum, Adam moments, control variates) keeps that
-state on itself; the strategies here have none. The names are :data:`config.AGGREGATIONS` (one list).
+Server state (:attr:`Strategy.state`): name -> tensor, committed with the round (:meth:`aggregate` returns the
+new state in :attr:`Aggregate.server_state` and changes nothing; the coordinator adopts it at the round's
+commit, so that a round aggregated again after a crash starts from the same state and gives the same bits).
+
+Which combinations are refused, and why: :func:`fedrest.config_rules.validate`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import torch
 
-from config import AGGREGATIONS
-from fedrest.aggregation.fedavg import FedAvgAccumulator
-from fedrest.aggregation.rules import clip_update, coordinate_median, trimmed_mean
+from fedrest.aggregation.combine import Aggregate, ClientUpdate, Combiner, make_combiner
+from fedrest.aggregation.server_optimizers import SERVER_OPTIMIZERS, ServerOptimizer
 from fedrest.serialization import UpdateRejected, check_compatible
 
 StateDict = Mapping[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class ClientUpdate:
-    """One accepted update of a round.
-
-    Attributes
-    ----------
-    key : the node id; the canonical order of aggregation, unique within a round.
-    num_samples : n_k, the examples it was trained on (int >= 1): FedAvg's weight.
-    load : returns the update's state_dict (reads the stored file); may raise OSError or UpdateRejected.
-    """
-
-    key: str
-    num_samples: int
-    load: Callable[[], StateDict]
-
-    @classmethod
-    def of(cls, key: str, state_dict: StateDict, num_samples: int) -> "ClientUpdate":
-        """An update already in memory."""
-        return cls(key, num_samples, lambda: state_dict)
-
-
-@dataclass
-class Aggregate:
-    """What :meth:`Strategy.aggregate` returns.
-
-    ``state_dict`` is None when no update could be used. ``used`` are the keys that went into it (canonical
-    order), ``skipped`` the (key, reason) of updates left out, ``clipped`` how many were clipped.
-    """
-
-    state_dict: "dict[str, torch.Tensor] | None"
-    used: list = field(default_factory=list)
-    skipped: list = field(default_factory=list)
-    clipped: int = 0
+CLIENT_SIDE = ("fedprox",)  # strategies that change the workers' local objective
+STRATEGIES = ("fedavg", *SERVER_OPTIMIZERS, *CLIENT_SIDE)
 
 
 class Strategy:
-    """Base of the aggregation strategies (see the module docstring).
+    """A strategy: client settings, a combining rule and an optional server optimizer (module docstring).
 
     Parameters
     ----------
-    clip_norm : clip each update's change from the global model to this L2 norm first (0: no clipping).
+    name : one of :data:`STRATEGIES` (for the status and the logs).
+    combiner : the combining rule (:func:`.combine.make_combiner`).
+    optimizer : the server optimizer, or None (the combined state_dict is the next global model).
+    parameter_keys : the state_dict keys that are model parameters (the optimizer steps only those; None: every
+        floating tensor).
+    proximal_mu : FedProx's mu >= 0 sent to the workers (0 for other strategies).
     """
 
-    name = ""
+    def __init__(self, name: str, combiner: Combiner, optimizer: ServerOptimizer | None = None, *,
+                 parameter_keys: Collection[str] | None = None, proximal_mu: float = 0.0) -> None:
+        if proximal_mu < 0:
+            raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
+        self.name, self.combiner, self.optimizer = name, combiner, optimizer
+        self.parameter_keys = None if parameter_keys is None else frozenset(parameter_keys)
+        self.proximal_mu = float(proximal_mu)
+        self.state: dict[str, torch.Tensor] = {}  # the server state after the last committed round
 
-    def __init__(self, clip_norm: float = 0.0) -> None:
-        if clip_norm < 0:
-            raise ValueError(f"clip_norm must be >= 0, got {clip_norm}")
-        self.clip_norm = clip_norm
+    @property
+    def has_state(self) -> bool:
+        """True when the strategy keeps state across rounds (it is then stored with each round)."""
+        return self.optimizer is not None
+
+    def client_settings(self) -> dict:
+        """What the workers need of the strategy with each round's task (JSON-ready): ``strategy`` and, for
+        fedprox, ``proximal_mu``."""
+        settings = {"strategy": self.name}
+        if self.proximal_mu > 0:
+            settings["proximal_mu"] = self.proximal_mu
+        return settings
+
+    def describe(self) -> dict:
+        """The strategy's settings for the status (JSON-ready)."""
+        out = {"strategy": self.name, "aggregation": self.combiner.name}
+        if self.optimizer is not None:
+            out.update(self.optimizer.settings())
+        return {**out, **{k: v for k, v in self.client_settings().items() if k != "strategy"}}
 
     def aggregate(self, updates: Sequence[ClientUpdate], reference: StateDict) -> Aggregate:
-        """The next global model from ``updates`` (any order) and the current global model ``reference``.
+        """The next global model from ``updates`` (any order) and the current global model ``reference``;
+        :attr:`state` is not changed (the new one is in the result's ``server_state``).
 
         Raises
         ------
         ValueError
             If two updates share a key.
         """
-        ordered = sorted(updates, key=lambda u: u.key)
-        if len({u.key for u in ordered}) != len(ordered):
-            raise ValueError("two updates of one round share a key")
-        result = Aggregate(None)
-        self.start(reference)
-        try:
-            self._add_all(ordered, reference, result)
-            if result.used:
-                result.state_dict = self.finish(reference)
-        finally:
-            self.reset()  # nothing of this round stays referenced
+        result = self.combiner.combine(updates, reference)
+        if result.state_dict is not None and self.optimizer is not None:
+            result.state_dict, result.server_state = self.optimizer.step(reference, result.state_dict, self.state,
+                                                                         self.parameter_keys)
         return result
 
-    def _add_all(self, ordered: Sequence[ClientUpdate], reference: StateDict, result: Aggregate) -> None:
-        for update in ordered:
-            try:
-                state = update.load()
-                check_compatible(state, reference)
-            except (OSError, UpdateRejected) as exc:
-                result.skipped.append((update.key, str(exc)))
-                continue
-            if self.clip_norm > 0:
-                state, scale = clip_update(state, reference, self.clip_norm)
-                result.clipped += scale < 1.0
-            self.add(state, update.num_samples)
-            result.used.append(update.key)
-            del state
 
-    # The rule itself: start, add each update in the canonical order, finish; reset drops what it held.
-
-    def start(self, reference: StateDict) -> None:
-        raise NotImplementedError
-
-    def add(self, state_dict: StateDict, num_samples: int) -> None:
-        raise NotImplementedError
-
-    def finish(self, reference: StateDict) -> "dict[str, torch.Tensor]":
-        raise NotImplementedError
-
-    def reset(self) -> None:
-        raise NotImplementedError
-
-
-class FedAvg(Strategy):
-    """The sample-weighted mean (McMahan et al. 2017, Algorithm 1), streamed in float64 (:mod:`.fedavg`)."""
-
-    name = "fedavg"
-
-    def start(self, reference: StateDict) -> None:
-        self._acc = FedAvgAccumulator(reference)
-
-    def add(self, state_dict: StateDict, num_samples: int) -> None:
-        self._acc.add(state_dict, num_samples)
-
-    def finish(self, reference: StateDict) -> "dict[str, torch.Tensor]":
-        return self._acc.result()
-
-    def reset(self) -> None:
-        self._acc = None
-
-
-class _Collecting(Strategy):
-    """A rule that needs every update at once (unweighted)."""
-
-    def start(self, reference: StateDict) -> None:
-        self._states: list = []
-
-    def add(self, state_dict: StateDict, num_samples: int) -> None:
-        self._states.append(state_dict)
-
-    def reset(self) -> None:
-        self._states = []
-
-
-class Median(_Collecting):
-    """The coordinate-wise median (Yin et al. 2018, Definition 1; :func:`.rules.coordinate_median`)."""
-
-    name = "median"
-
-    def finish(self, reference: StateDict) -> "dict[str, torch.Tensor]":
-        return coordinate_median(self._states, reference)
-
-
-class TrimmedMean(_Collecting):
-    """The coordinate-wise beta-trimmed mean (Yin et al. 2018, Definition 2; :func:`.rules.trimmed_mean`)."""
-
-    name = "trimmed_mean"
-
-    def __init__(self, clip_norm: float = 0.0, trim_fraction: float = 0.1) -> None:
-        super().__init__(clip_norm)
-        if not 0 <= trim_fraction < 0.5:
-            raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
-        self.trim_fraction = trim_fraction
-
-    def finish(self, reference: StateDict) -> "dict[str, torch.Tensor]":
-        return trimmed_mean(self._states, reference, self.trim_fraction)
-
-
-_STRATEGIES = {cls.name: cls for cls in (FedAvg, Median, TrimmedMean)}
-
-
-def make_strategy(name: str, *, clip_norm: float = 0.0, trim_fraction: float = 0.1) -> Strategy:
-    """The strategy called ``name`` (one of :data:`config.AGGREGATIONS`).
+def make_strategy(config, parameter_keys: Collection[str] | None = None) -> Strategy:
+    """The strategy of ``config`` (a :class:`config.Config`: ``strategy``, ``aggregation`` and their settings).
 
     Raises
     ------
     ValueError
         For an unknown name or a bad setting.
     """
-    if name not in AGGREGATIONS or name not in _STRATEGIES:
-        raise ValueError(f"unknown aggregation rule {name!r}; one of {', '.join(AGGREGATIONS)}")
-    if name == "trimmed_mean":
-        return TrimmedMean(clip_norm, trim_fraction)
-    return _STRATEGIES[name](clip_norm)
+    name = config.strategy
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; one of {', '.join(STRATEGIES)}")
+    combiner = make_combiner(config.aggregation, clip_norm=config.clip_norm, trim_fraction=config.trim_fraction,
+                             max_share=config.max_share)
+    optimizer = None
+    if name in SERVER_OPTIMIZERS:
+        optimizer = ServerOptimizer(name, config.server_learning_rate, momentum=config.server_momentum,
+                                    beta1=config.beta1, beta2=config.beta2, tau=config.tau)
+    return Strategy(name, combiner, optimizer, parameter_keys=parameter_keys,
+                    proximal_mu=config.proximal_mu if name == "fedprox" else 0.0)
 
 
 def aggregate(updates: Sequence[tuple[str, StateDict, int]], reference: StateDict, rule: str = "fedavg", *,
-              trim_fraction: float = 0.1, clip_norm: float = 0.0) -> "dict[str, torch.Tensor]":
-    """The new global model from in-memory ``(key, state_dict, num_samples)`` triples by ``rule``: the same
-    path as the coordinator's (:meth:`Strategy.aggregate`), for tests and scripts.
+              trim_fraction: float = 0.1, clip_norm: float = 0.0, max_share: float = 1.0) -> "dict[str, torch.Tensor]":
+    """The combined state_dict of in-memory ``(key, state_dict, num_samples)`` triples by combining ``rule``: the
+    same path as the coordinator's (:meth:`.combine.Combiner.combine`), for tests and scripts. ``max_share``
+    bounds FedAvg's weights (the coordinator passes MAX_SHARE; 1 here: the plain sample-weighted mean).
 
     Raises
     ------
@@ -220,10 +126,9 @@ def aggregate(updates: Sequence[tuple[str, StateDict, int]], reference: StateDic
     """
     if not updates:
         raise ValueError(f"{rule} of zero updates")
-    strategy = make_strategy(rule, clip_norm=clip_norm, trim_fraction=trim_fraction)
+    combiner = make_combiner(rule, clip_norm=clip_norm, trim_fraction=trim_fraction, max_share=max_share)
     for _, state_dict, num_samples in updates:
         check_compatible(state_dict, reference)
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise UpdateRejected(f"num_samples must be an integer >= 1, got {num_samples!r}")
-    result = strategy.aggregate([ClientUpdate.of(k, sd, n) for k, sd, n in updates], reference)
-    return result.state_dict
+    return combiner.combine([ClientUpdate.of(k, sd, n) for k, sd, n in updates], reference).state_dict

@@ -5,6 +5,10 @@
   before the round's commit that refers to it, read back (weights-only, checked against the model) by a
   restarted coordinator, and only the version the database names is kept. Nothing else goes into it because
   everything else about the round (metrics, settings, history) is in the database, committed with it.
+- **The server state** (``TEMP_DIR/global/server_state_v<v>.pt``, :meth:`GlobalModels.write_state`): a
+  strategy's state after ``v`` rounds (server momentum, Adam moments), a weights-only ``{name: tensor}`` file,
+  written beside the resume copy before the same commit and kept for the same version, so that a restarted
+  coordinator continues the run with the same bits.
 - **The user's checkpoint** (``MODELS_DIR/global_model_round_<r>.pt`` and ``global_model.pt``,
   :func:`save_checkpoint`): a self-describing file for people and scripts, kept for every round unless
   ``--no-save-model``: the state_dict with the model name, round, test metrics and the run's settings, so that
@@ -24,7 +28,7 @@ import torch
 
 from fedrest import failpoints
 from fedrest.files import atomic_write_bytes
-from fedrest.serialization import torch_save_bytes
+from fedrest.serialization import bytes_to_state_dict, state_dict_to_bytes, torch_save_bytes
 from fedrest.tasks.fingerprint import TaskIdentity
 
 CHECKPOINT_FORMAT = "fl-checkpoint-v1"
@@ -47,10 +51,30 @@ class GlobalModels:
         """The bytes of ``version``. Raises OSError when the file is missing or unreadable."""
         return self.path(version).read_bytes()
 
+    def state_path(self, version: int) -> Path:
+        return self.directory / f"server_state_v{version}.pt"
+
+    def write_state(self, version: int, state: Mapping[str, torch.Tensor]) -> None:
+        """Store the strategy's server state after ``version`` rounds (atomic, fsynced)."""
+        atomic_write_bytes(self.state_path(version), state_dict_to_bytes(state))
+
+    def read_state(self, version: int) -> "dict[str, torch.Tensor]":
+        """The server state after ``version`` rounds ({} for version 0: no round has made one).
+
+        Raises
+        ------
+        OSError
+            When the file is missing or unreadable.
+        UpdateRejected
+            When it is not a weights-only {name: tensor} file (:func:`bytes_to_state_dict`).
+        """
+        return dict(bytes_to_state_dict(self.state_path(version).read_bytes())) if version else {}
+
     def keep_only(self, version: int) -> None:
         """Delete every other version (after the commit that names ``version``)."""
-        for old in self.directory.glob("model_v*.pt"):
-            if old != self.path(version):
+        keep = {self.path(version), self.state_path(version)}
+        for old in [*self.directory.glob("model_v*.pt"), *self.directory.glob("server_state_v*.pt")]:
+            if old not in keep:
                 old.unlink(missing_ok=True)
 
 

@@ -38,6 +38,7 @@ class ClosedRound:
     aggregation_s: float
     evaluation_s: float
     test_metrics: dict  # name -> value of the coordinator's evaluation ({} when there is none)
+    server_state: dict  # the strategy's state after this round (adopted at the commit; {}: none)
 
     @property
     def test_loss(self) -> float | None:
@@ -83,11 +84,14 @@ def close_round(number: int, updates: list[AcceptedUpdate], reference: Mapping[s
     if result.clipped:
         log.info("round %d: clipped %d of %d updates to CLIP_NORM=%g", number, result.clipped,
                  len(result.used), config.clip_norm)
+    if result.capped:
+        log.info("round %d: lowered the FedAvg weight of %s to MAX_SHARE=%g of the round", number,
+                    ", ".join(result.capped), config.max_share)
     t1 = time.perf_counter()
     test_metrics = _evaluate(number, result.state_dict, evaluator)
     t2 = time.perf_counter()
     return ClosedRound(result.state_dict, state_dict_to_bytes(result.state_dict),
-                       [by_node[k] for k in result.used], t1 - t0, t2 - t1, test_metrics)
+                       [by_node[k] for k in result.used], t1 - t0, t2 - t1, test_metrics, result.server_state)
 
 
 def _evaluate(number: int, state_dict, evaluator: Evaluator | None) -> dict[str, float]:
@@ -107,9 +111,12 @@ def _evaluate(number: int, state_dict, evaluator: Evaluator | None) -> dict[str,
 
 
 def write_round_files(number: int, closed: ClosedRound, record: RoundRecord, global_models: GlobalModels,
-                      config: Config, task: TaskIdentity) -> None:
-    """Write the resume copy of the new global model (version ``number``), then the user's checkpoint (a
-    failure of the latter is logged, not raised). Raises OSError when the resume copy cannot be written."""
+                      config: Config, task: TaskIdentity, has_state: bool = False) -> None:
+    """Write the server state (when the strategy ``has_state``) and the resume copy of the new global model
+    (version ``number``), then the user's checkpoint (a failure of the latter is logged, not raised). Raises
+    OSError when the server state or the resume copy cannot be written."""
+    if has_state:
+        global_models.write_state(number, closed.server_state)
     global_models.write(number, closed.state_bytes)
     failpoints.hit("aggregate.before_checkpoint")
     if config.save_model:

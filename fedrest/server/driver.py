@@ -146,7 +146,8 @@ class RoundDriver:
                 self.fed.changed.notify_all()
             return
         record = closed.record(number, self.fed.state.started_wall, num_participants)
-        closing.write_round_files(number, closed, record, self.fed.global_models, self.fed.config, self.fed.task)
+        closing.write_round_files(number, closed, record, self.fed.global_models, self.fed.config, self.fed.task,
+                                  self.fed.strategy.has_state)
         with self.fed.changed:
             self._commit_round(number, closed, record)
         self.fed.spool.discard_round(number)
@@ -156,6 +157,7 @@ class RoundDriver:
         """Make round ``number``'s aggregate the global model and open what comes next, in one transaction."""
         st, c = self.fed.state, self.fed.config
         self.fed.global_state, self.fed.global_bytes = closed.state_dict, closed.state_bytes
+        self.fed.strategy.state = closed.server_state
         st.model_version = number
         record.finished_at = time.time()
         record.duration_s = record.finished_at - st.started_wall

@@ -27,7 +27,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Collection, Mapping
 
 import torch
 
@@ -65,6 +65,8 @@ class Federation:
     evaluator : returns the test metrics of a state_dict (:mod:`.evaluation`); None disables evaluation.
     clock : monotonic clock in seconds (tests may pass a fake one).
     task : the task's identity (default: the built-in task of ``config``, fingerprinted from the initial model).
+    parameter_keys : the state_dict keys that are the model's parameters (a server optimizer steps only those;
+        default: every floating tensor).
 
     Attributes (read them under the lock, or in tests): ``state`` (:class:`RoundState`), ``registry``,
     ``spool``, ``store``, ``global_state`` / ``global_bytes`` (the global model), ``updates_refused_total``
@@ -78,7 +80,7 @@ class Federation:
 
     def __init__(self, config: Config, initial_state_dict: Mapping[str, torch.Tensor],
                  evaluator: Evaluator | None = None, clock: Callable[[], float] = time.monotonic,
-                 task: TaskIdentity | None = None) -> None:
+                 task: TaskIdentity | None = None, parameter_keys: Collection[str] | None = None) -> None:
         self.config = config
         self.task = task or TaskIdentity.builtin(config, initial_state_dict)
         self.evaluator = evaluator
@@ -86,8 +88,7 @@ class Federation:
         self._lock = threading.Lock()
         self.changed = threading.Condition(self._lock)  # the one lock, notified on every change
         self.registry = NodeRegistry(config.node_timeout, config.max_nodes)
-        self.strategy = make_strategy(config.aggregation, clip_norm=config.clip_norm,
-                                      trim_fraction=config.trim_fraction)
+        self.strategy = make_strategy(config, parameter_keys)
         self.state = RoundState()
         self.updates_refused_total: dict[str, int] = {}
         self.requests_refused_total: dict[str, int] = {}
@@ -125,7 +126,8 @@ class Federation:
 
     def _resume(self, reference: "OrderedDict[str, torch.Tensor]") -> None:
         now = self.clock()
-        self.run_id, state, self.state = read_stored_run(self.store, self.global_models, self.spool, reference, now)
+        self.run_id, state, self.state, self.strategy.state = read_stored_run(
+            self.store, self.global_models, self.spool, reference, now, self.strategy.has_state)
         self._set_global(state)
         self.store.put({"config": self.config.public_dict()})  # a run that completed no round may have new settings
         self.registry.load(self.store.nodes(), now, time.time(), self.state.expected_answers())
@@ -272,7 +274,8 @@ class Federation:
             node.polling += 1
             try:
                 while True:
-                    task = self.state.task(node.node_id, self.config, self.clock(), self.task)
+                    task = self.state.task(node.node_id, self.config, self.clock(), self.task,
+                                           self.strategy.client_settings())
                     if task["action"] == "stop" and not node.stop_sent:  # the worker exits now: it is gone
                         node.stop_sent = node.left = True  # (offline from here, and after a restart)
                         self.store.save_node(node.node_id, node.name, node.record())

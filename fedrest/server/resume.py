@@ -17,15 +17,17 @@ ROUND_KEYS = ("phase", "round", "attempt", "participants", "round_started_wall",
 
 
 def read_stored_run(store: RunStore, global_models: GlobalModels, spool: UpdateSpool,
-                    reference: Mapping[str, torch.Tensor], now_mono: float) -> tuple[str, dict, RoundState]:
-    """(run id, the global model's state_dict, the round state) of the run in ``store``; the open round gets a
-    fresh deadline from ``now_mono``, and keeps its stored updates whose files exist.
+                    reference: Mapping[str, torch.Tensor], now_mono: float,
+                    has_state: bool = False) -> tuple[str, dict, RoundState, dict]:
+    """(run id, the global model's state_dict, the round state, the strategy's server state) of the run in
+    ``store``; the open round gets a fresh deadline from ``now_mono``, and keeps its stored updates whose files
+    exist. The server state is read when the strategy ``has_state`` ({} otherwise).
 
     Raises
     ------
     StoreError
-        When the global model the database names is missing, damaged, or does not fit ``reference`` (another
-        model): the message says how to start a new run.
+        When the global model or server state the database names is missing, damaged, or does not fit
+        ``reference`` (another model): the message says how to start a new run.
     """
     run_id, version = store.get("run_id"), store.get("model_version")
     try:
@@ -35,6 +37,12 @@ def read_stored_run(store: RunStore, global_models: GlobalModels, spool: UpdateS
         raise StoreError(f"cannot resume run {run_id}: global model version {version} "
                          f"({global_models.path(version)}) is unreadable: {exc}. Start with --fresh for a new "
                          "run.") from None
+    try:
+        server_state = global_models.read_state(version) if has_state else {}
+    except (OSError, UpdateRejected) as exc:
+        raise StoreError(f"cannot resume run {run_id}: the server state of version {version} "
+                         f"({global_models.state_path(version)}) is unreadable: {exc}. Start with --fresh for a "
+                         "new run.") from None
     values = {k: store.get(k) for k in ROUND_KEYS}
     updates = spool.present(values["round"], [AcceptedUpdate(**r) for r in store.updates(values["round"])])
-    return run_id, state, RoundState.from_values(values, updates, store.history(), now_mono)
+    return run_id, state, RoundState.from_values(values, updates, store.history(), now_mono), server_state

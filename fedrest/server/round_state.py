@@ -142,8 +142,10 @@ class RoundState:
             self.refused.pop(node_id, None)
         return dropped
 
-    def task(self, node_id: str, config: Config, now_mono: float, task: TaskIdentity) -> dict:
-        """The answer of ``GET /task`` for ``node_id``: stop, train (with the round's settings) or wait."""
+    def task(self, node_id: str, config: Config, now_mono: float, task: TaskIdentity,
+             strategy_settings: dict | None = None) -> dict:
+        """The answer of ``GET /task`` for ``node_id``: stop, train (with the round's settings and
+        ``strategy_settings``, :meth:`Strategy.client_settings`) or wait."""
         if self.phase == Phase.FINISHED:
             return {"action": "stop", "round": self.round, "model_version": self.model_version,
                     "reason": f"all {config.communication_rounds} rounds are done"}
@@ -153,7 +155,8 @@ class RoundState:
                     "model": task.model_name, "task": task.name, "dataset": c.dataset,
                     "deadline_s": round(self.deadline(c.round_timeout) - now_mono, 3),
                     "settings": {"local_epochs": c.local_epochs, "batch_size": c.batch_size,
-                                 "learning_rate": c.learning_rate, "momentum": c.momentum, "seed": c.seed}}
+                                 "learning_rate": c.learning_rate, "momentum": c.momentum, "seed": c.seed,
+                                 **(strategy_settings or {})}}
         if self.owes_evaluation(node_id):
             return {"action": "evaluate", "round": self.round, "model_version": self.model_version,
                     "model": task.model_name, "task": task.name,

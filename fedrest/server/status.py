@@ -59,6 +59,7 @@ class Snapshot:
     model: str
     dataset: str
     aggregation: str
+    strategy: dict  # the strategy's name and settings (Strategy.describe)
     min_nodes_to_start: int
     client_fraction: float
     min_updates: int
@@ -77,7 +78,8 @@ def status_json(snapshot: Snapshot) -> dict:
     return {
         "api_version": 1, "run_id": s.run_id, "state": s.state, "round": s.round,
         "total_rounds": s.total_rounds, "model_version": s.model_version, "task": s.task, "model": s.model,
-        "dataset": s.dataset, "aggregation": s.aggregation, "min_nodes_to_start": s.min_nodes_to_start,
+        "dataset": s.dataset, "aggregation": s.aggregation, "strategy": dict(s.strategy),
+        "min_nodes_to_start": s.min_nodes_to_start,
         "client_fraction": s.client_fraction, "min_updates": s.min_updates,
         "current_round": None if s.current_round is None else asdict(s.current_round),
         "updates_refused_total": dict(s.updates_refused_total),
@@ -100,7 +102,8 @@ def take_snapshot(federation, now: float) -> Snapshot:
         current = OpenRound(st.round, list(st.expected_answers() or st.participants), len(answered),
                             len(st.refused), st.attempt, round(now - st.started_mono, 3), c.round_timeout)
     return Snapshot(federation.run_id, st.phase.value, st.round, c.communication_rounds, st.model_version,
-                    federation.task.name, federation.task.model_name, c.dataset, c.aggregation, c.min_nodes_to_start,
+                    federation.task.name, federation.task.model_name, c.dataset, c.aggregation,
+                    federation.strategy.describe(), c.min_nodes_to_start,
                     c.client_fraction, c.min_updates, current,
                     dict(federation.updates_refused_total), dict(federation.requests_refused_total), nodes,
                     list(st.history), federation.traffic["bytes_received"], federation.traffic["bytes_sent"])

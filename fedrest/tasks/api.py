@@ -36,7 +36,12 @@ class TaskContext:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """The round's training settings, as the coordinator sent them (``seed``: this node's for this round)."""
+    """The round's training settings, as the coordinator sent them (``seed``: this node's for this round).
+
+    ``strategy`` is the run's strategy; with ``fedprox``, ``proximal_mu`` > 0 is the coefficient of the proximal
+    term that the local objective adds (the built-in loop does; a task's own ``train`` must add it itself, for
+    example with :func:`fedrest.training.proximal_term`).
+    """
 
     round: int
     local_epochs: int
@@ -46,6 +51,15 @@ class TrainSettings:
     seed: int
     device: torch.device
     test_batch_size: int = 1000
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.0
+
+    @classmethod
+    def of_round(cls, settings: dict, round_number: int, seed: int, device: torch.device) -> "TrainSettings":
+        """The settings of a round's ``train`` task (its ``settings`` object) for this node (``seed``)."""
+        return cls(round_number, settings["local_epochs"], settings["batch_size"], settings["learning_rate"],
+                   settings.get("momentum", 0.0), seed, device, strategy=str(settings.get("strategy", "fedavg")),
+                   proximal_mu=float(settings.get("proximal_mu", 0.0)))
 
 
 def where_in(exc: BaseException, source: str) -> str:
@@ -132,7 +146,7 @@ class Task:
         if self._train is None:
             return training.fit(model, data, epochs=settings.local_epochs, batch_size=settings.batch_size,
                                 learning_rate=settings.learning_rate, momentum=settings.momentum, seed=settings.seed,
-                                device=settings.device, progress=progress)
+                                device=settings.device, progress=progress, proximal_mu=settings.proximal_mu)
         started = time.perf_counter()
         model.train()
         metrics = self._call("train(model, data, settings)", self._train, model, data.raw, settings)

@@ -1,0 +1,226 @@
+"""Combining rules: how the accepted updates of a round become one state_dict (FedAvg, median, trimmed mean).
+
+A :class:`Combiner` is the first half of every strategy (:mod:`.strategy`); a server optimizer may take the
+combined state_dict as its pseudo-gradient's end point afterwards. What every combining rule shares, so that
+each gets it the same way:
+
+- **One canonical order**: updates are taken in the order of their ``key`` (the node id), whatever order they
+  arrived in, so the same run gives the same bits (float64 sums depend on the order of their terms).
+- **Loading** one update at a time through :attr:`ClientUpdate.load` (the stored file is read only then); an
+  update that cannot be read or does not match the global model is left out and named in
+  :attr:`Aggregate.skipped`, it does not fail the round.
+- **Clipping** (``clip_norm`` > 0) of every update's change before the rule (:func:`.rules.clip_update`).
+- **Bounded weights** (FedAvg): no update takes more than ``max_share`` of the round (:mod:`.weights`), computed
+  over the round's updates before they are read.
+- **Memory**: FedAvg streams (one model plus one update in memory); the robust rules collect the round's
+  updates (they need every value of a coordinate at once).
+
+The names are :data:`config.AGGREGATIONS` (one list).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from fedrest.aggregation.fedavg import FedAvgAccumulator
+from fedrest.aggregation.rules import clip_update, coordinate_median, trimmed_mean
+from fedrest.aggregation.weights import capped_weights
+from fedrest.serialization import UpdateRejected, check_compatible
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One accepted update of a round.
+
+    Attributes
+    ----------
+    key : the node id; the canonical order of aggregation, unique within a round.
+    num_samples : n_k, the examples it was trained on (int >= 1): FedAvg's weight.
+    load : returns the update's state_dict (reads the stored file); may raise OSError or UpdateRejected.
+    """
+
+    key: str
+    num_samples: int
+    load: Callable[[], StateDict]
+
+    @classmethod
+    def of(cls, key: str, state_dict: StateDict, num_samples: int) -> "ClientUpdate":
+        """An update already in memory."""
+        return cls(key, num_samples, lambda: state_dict)
+
+
+@dataclass
+class Aggregate:
+    """What :meth:`Combiner.combine` and :meth:`.strategy.Strategy.aggregate` return.
+
+    ``state_dict`` is None when no update could be used. ``used`` are the keys that went into it (canonical
+    order), ``skipped`` the (key, reason) of updates left out, ``clipped`` how many were clipped, ``capped`` the
+    keys whose FedAvg weight :mod:`.weights` lowered. ``server_state`` is the strategy's state after this round
+    (name -> tensor; {} for a strategy without one), to be adopted when the round commits.
+    """
+
+    state_dict: "dict[str, torch.Tensor] | None"
+    used: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    clipped: int = 0
+    capped: list = field(default_factory=list)
+    server_state: dict = field(default_factory=dict)
+
+
+class Combiner:
+    """Base of the combining rules (see the module docstring).
+
+    Parameters
+    ----------
+    clip_norm : clip each update's change from the global model to this L2 norm first (0: no clipping).
+    max_share : the largest share of a round's weight one update may take, in (0, 1] (1: FedAvg's n_k as
+        they are); only weighted rules use it.
+    """
+
+    name = ""
+    weighted = False
+
+    def __init__(self, clip_norm: float = 0.0, max_share: float = 1.0) -> None:
+        if clip_norm < 0:
+            raise ValueError(f"clip_norm must be >= 0, got {clip_norm}")
+        if not 0 < max_share <= 1:
+            raise ValueError(f"max_share must be in (0, 1], got {max_share}")
+        self.clip_norm = clip_norm
+        self.max_share = max_share
+
+    def combine(self, updates: Sequence[ClientUpdate], reference: StateDict) -> Aggregate:
+        """The next global model from ``updates`` (any order) and the current global model ``reference``.
+
+        Raises
+        ------
+        ValueError
+            If two updates share a key.
+        """
+        ordered = sorted(updates, key=lambda u: u.key)
+        if len({u.key for u in ordered}) != len(ordered):
+            raise ValueError("two updates of one round share a key")
+        result = Aggregate(None)
+        weights = [float(u.num_samples) for u in ordered]
+        if self.weighted and ordered:
+            capped = capped_weights(weights, self.max_share)
+            result.capped = [u.key for u, w, c in zip(ordered, weights, capped) if c < w]
+            weights = capped
+        self.start(reference)
+        try:
+            self._add_all(ordered, weights, reference, result)
+            if result.used:
+                result.state_dict = self.finish(reference)
+        finally:
+            self.reset()  # nothing of this round stays referenced
+        return result
+
+    def _add_all(self, ordered: Sequence[ClientUpdate], weights: Sequence[float], reference: StateDict,
+                 result: Aggregate) -> None:
+        for update, weight in zip(ordered, weights):
+            try:
+                state = update.load()
+                check_compatible(state, reference)
+            except (OSError, UpdateRejected) as exc:
+                result.skipped.append((update.key, str(exc)))
+                continue
+            if self.clip_norm > 0:
+                state, scale = clip_update(state, reference, self.clip_norm)
+                result.clipped += scale < 1.0
+            self.add(state, weight)
+            result.used.append(update.key)
+            del state
+
+    # The rule itself: start, add each update in the canonical order, finish; reset drops what it held.
+
+    def start(self, reference: StateDict) -> None:
+        raise NotImplementedError
+
+    def add(self, state_dict: StateDict, weight: float) -> None:
+        raise NotImplementedError
+
+    def finish(self, reference: StateDict) -> "dict[str, torch.Tensor]":
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+
+class FedAvg(Combiner):
+    """The sample-weighted mean (McMahan et al. 2017, Algorithm 1), streamed in float64 (:mod:`.fedavg`), with
+    each weight bounded by ``max_share`` (:mod:`.weights`)."""
+
+    name = "fedavg"
+    weighted = True
+
+    def start(self, reference: StateDict) -> None:
+        self._acc = FedAvgAccumulator(reference)
+
+    def add(self, state_dict: StateDict, weight: float) -> None:
+        self._acc.add_weighted(state_dict, weight)
+
+    def finish(self, reference: StateDict) -> "dict[str, torch.Tensor]":
+        return self._acc.result()
+
+    def reset(self) -> None:
+        self._acc = None
+
+
+class _Collecting(Combiner):
+    """A rule that needs every update at once (unweighted)."""
+
+    def start(self, reference: StateDict) -> None:
+        self._states: list = []
+
+    def add(self, state_dict: StateDict, weight: float) -> None:
+        self._states.append(state_dict)
+
+    def reset(self) -> None:
+        self._states = []
+
+
+class Median(_Collecting):
+    """The coordinate-wise median (Yin et al. 2018, Definition 1; :func:`.rules.coordinate_median`)."""
+
+    name = "median"
+
+    def finish(self, reference: StateDict) -> "dict[str, torch.Tensor]":
+        return coordinate_median(self._states, reference)
+
+
+class TrimmedMean(_Collecting):
+    """The coordinate-wise beta-trimmed mean (Yin et al. 2018, Definition 2; :func:`.rules.trimmed_mean`)."""
+
+    name = "trimmed_mean"
+
+    def __init__(self, clip_norm: float = 0.0, trim_fraction: float = 0.1, max_share: float = 1.0) -> None:
+        super().__init__(clip_norm, max_share)
+        if not 0 <= trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+        self.trim_fraction = trim_fraction
+
+    def finish(self, reference: StateDict) -> "dict[str, torch.Tensor]":
+        return trimmed_mean(self._states, reference, self.trim_fraction)
+
+
+COMBINERS = {cls.name: cls for cls in (FedAvg, Median, TrimmedMean)}
+
+
+def make_combiner(name: str, *, clip_norm: float = 0.0, trim_fraction: float = 0.1,
+                  max_share: float = 1.0) -> Combiner:
+    """The combining rule called ``name`` (one of :data:`config.AGGREGATIONS`).
+
+    Raises
+    ------
+    ValueError
+        For an unknown name or a bad setting.
+    """
+    if name not in COMBINERS:
+        raise ValueError(f"unknown aggregation rule {name!r}; one of {', '.join(COMBINERS)}")
+    if name == "trimmed_mean":
+        return TrimmedMean(clip_norm, trim_fraction, max_share)
+    return COMBINERS[name](clip_norm, max_share)
