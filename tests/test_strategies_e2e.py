@@ -39,7 +39,7 @@ def run(procs, label: str, failpoint: str | None = None) -> tuple[str, float]:
             worker.upload(number, UPLOADS[name][1][number - 1], number)
         if failpoint and number == 2:
             reached = f"failpoint {failpoint.split('=')[0]} reached"
-            wait_for(lambda: reached in procs.output("coordinator"), 60, reached, procs)
+            wait_for(lambda text=reached: text in procs.output("coordinator"), 60, reached, procs)
             procs.kill("coordinator")
             procs.coordinator(port, *args)
             started = time.monotonic()
