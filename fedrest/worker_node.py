@@ -1,0 +1,315 @@
+"""A worker node's state and main loop: register, heartbeat, long-poll for tasks, train or evaluate a round,
+upload, survive outages (what each answer means: :mod:`fedrest.worker_policy`). ``worker.py`` is its program.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import sys
+import threading
+import time
+
+import torch
+
+from config import Config
+from fedrest.client import CoordinatorClient, CoordinatorError, make_session
+from fedrest.node_identity import default_name, shuffle_seed, system_info
+from fedrest.serialization import bytes_to_state_dict, state_dict_to_bytes
+from fedrest.tasks import Task, TaskError, TrainSettings
+from fedrest.tasks.data import LocalData
+from fedrest.worker_policy import CALL_ERRORS, Action, Reaction, react
+from utils import device_description
+
+log = logging.getLogger("fl.worker")
+
+LONG_POLL_SECONDS = 30.0
+
+
+class StopRequested(BaseException):
+    """SIGINT or SIGTERM arrived: leave the federation and exit 0 (a BaseException, like KeyboardInterrupt,
+    so that no library's ``except Exception`` swallows it)."""
+
+
+class RoundClosed(Exception):
+    """The round this node is training for closed (deadline, or restarted without it)."""
+
+
+class FatalError(Exception):
+    """The worker cannot go on (the message says why); exit status 1."""
+
+
+class Worker:
+    """One worker process's state and main loop.
+
+    Parameters
+    ----------
+    cfg : settings (coordinator address, token, name, ...).
+    device : where training runs.
+    task : what this worker trains (:mod:`fedrest.tasks`); its model is built here, once.
+    data : local training data (tensors already on ``device``).
+    held_out : the part of the local data held out for federated evaluation, or None.
+    """
+
+    def __init__(self, cfg: Config, device: torch.device, task: Task, data: LocalData,
+                 held_out: LocalData | None = None) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.task, self.data, self.held_out = task, data, held_out
+        self.model = task.build_model().to(device)
+        self.fingerprint = task.fingerprint(self.model)
+        self.name = cfg.name or default_name(cfg.partition_id)
+        # few quick retries per call; longer outages are waited out (and logged) by _wait_for_coordinator
+        self.client = CoordinatorClient(cfg.coordinator_address, session=self._session(3))
+        self.instance_id = secrets.token_hex(8)  # this process; see Federation.register
+        self.node_id: str | None = None
+        self.run_id: str | None = None  # the coordinator's run this worker is in
+        self.heartbeat_interval = 10.0
+        self.model_version = -1
+        self.rounds_done = 0
+        self.stop_event = threading.Event()
+        self.need_register = threading.Event()
+        self.abort_training = threading.Event()
+        self.training_round: int | None = None
+        self._unreachable_since: float | None = None
+        self._heartbeat_thread: threading.Thread | None = None
+
+    def _session(self, retries: int):
+        return make_session(total_retries=retries, ca_cert=self.cfg.ca_cert)
+
+    # ------------------------------------------------------------------ registration and liveness
+
+    def register(self) -> None:
+        """Register (or re-register under the same name). Errors: see :func:`fedrest.worker_policy.react`."""
+        answer, created = self.client.register(self.name, device_description(self.device), len(self.data),
+                                               system_info(self.device), self.cfg.token, self.instance_id,
+                                               task=self.fingerprint,
+                                               eval_samples=len(self.held_out) if self.held_out is not None else 0)
+        if "task" not in answer and answer.get("dataset", self.cfg.dataset) != self.cfg.dataset:  # an older one
+            raise FatalError(f"the coordinator trains on {answer['dataset']} but this worker holds "
+                             f"{self.cfg.dataset} data; start it with --dataset {answer['dataset']}")
+        run_id = answer.get("run_id")
+        if self.run_id is not None and run_id != self.run_id:
+            log.warning("the coordinator runs a new run %s (this worker was in run %s): its rounds and global "
+                        "model start over", run_id, self.run_id)
+            self.model_version = -1
+        self.run_id = run_id
+        self.node_id = answer["node_id"]
+        self.client.token = answer["node_token"]
+        self.heartbeat_interval = float(answer.get("heartbeat_interval", 10.0))
+        self.need_register.clear()
+        log.info("%s as node %s (%s) at %s", "registered" if created else "re-registered", self.node_id,
+                 self.name, self.client.url)
+
+    def _heartbeat_loop(self) -> None:
+        client = CoordinatorClient(self.cfg.coordinator_address, session=self._session(1))
+        while not self.stop_event.wait(self.heartbeat_interval):
+            node_id, client.token = self.node_id, self.client.token
+            if node_id is None or self.need_register.is_set():
+                continue
+            try:
+                answer = client.heartbeat(node_id)
+                training = self.training_round
+                if training is not None and (answer.get("node_status") != "training"
+                                             or answer.get("round") != training):
+                    log.info("heartbeat: round %s is %s and this node is %s; stopping local training",
+                             training, answer.get("state"), answer.get("node_status"))
+                    self.abort_training.set()
+            except CALL_ERRORS as exc:
+                reaction = react(exc, "heartbeat")
+                if reaction.action == Action.REGISTER:
+                    log.warning("heartbeat: %s", reaction.message)
+                    self.need_register.set()
+                elif isinstance(exc, CoordinatorError):
+                    log.warning("%s", reaction.message)
+                else:
+                    log.debug("heartbeat failed: %s", exc)
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> int:
+        """Work until told to stop; returns the exit status."""
+        try:
+            self._call(self.register, "register")
+            self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+            self._heartbeat_thread.start()
+            while True:
+                if self.need_register.is_set():
+                    self._call(self.register, "register")
+                task = self._call(lambda: self.client.task(wait=LONG_POLL_SECONDS))
+                if task is None:
+                    continue
+                action = task.get("action")
+                if action == "stop":
+                    log.info("coordinator says stop (%s); trained %d rounds", task.get("reason", "done"),
+                             self.rounds_done)
+                    return 0
+                if action == "train":
+                    self._call(lambda task=task: self.train_round(task))
+                elif action == "evaluate":
+                    self._call(lambda task=task: self.evaluate_round(task), "upload")
+        except StopRequested:
+            log.info("stopping on signal; telling the coordinator")
+            self._leave()
+            return 0
+        except FatalError as exc:
+            log.error("%s", exc)
+            return 1
+        except TaskError as exc:  # the user's task failed: one line here, the traceback in the log file
+            log.debug("the task failed", exc_info=exc.__cause__ or exc)
+            log.error("%s; leaving the federation", exc)
+            self._leave()
+            return 1
+        finally:
+            self.stop_event.set()
+
+    def _call(self, fn, during: str = "call"):
+        """Run ``fn``, surviving outages: returns its result, or None after a handled error."""
+        started = time.monotonic()
+        try:
+            result = fn()
+        except CALL_ERRORS as exc:
+            self._carry_out(react(exc, during), started)
+            return None
+        self._unreachable_since = None
+        return result
+
+    def _carry_out(self, reaction: Reaction, started: float, prefix: str = "") -> None:
+        """Do what :func:`fedrest.worker_policy.react` said (ACCEPTED and DROP need nothing here)."""
+        action, message = reaction.action, prefix + reaction.message
+        if action == Action.FATAL:
+            raise FatalError(message)
+        if action == Action.WAIT_OUTAGE:
+            self._wait_for_coordinator(reaction.message, started)  # raises FatalError after GIVE_UP_AFTER
+            return
+        log.log(reaction.level, "%s", message)
+        if action == Action.REGISTER:
+            self.need_register.set()
+        elif action == Action.RETRY:
+            self.stop_event.wait(reaction.delay)
+
+    def _wait_for_coordinator(self, exc: Exception | str, failing_since: float | None = None) -> None:
+        """Sleep before the next try (backoff), or raise FatalError after GIVE_UP_AFTER seconds unreachable.
+
+        ``failing_since`` is when the failed call began (its own quick retries count as time unreachable).
+        """
+        now = time.monotonic()
+        if self._unreachable_since is None:
+            self._unreachable_since = failing_since if failing_since is not None else now
+            log.warning("coordinator unreachable (%s); retrying with backoff for up to %gs", exc,
+                        self.cfg.give_up_after)
+        down = now - self._unreachable_since
+        if down > self.cfg.give_up_after:
+            raise FatalError(f"coordinator unreachable for {down:.0f}s (GIVE_UP_AFTER="
+                             f"{self.cfg.give_up_after:g}s); last error: {exc}")
+        self.stop_event.wait(min(10.0, 1.0 + down / 4))
+
+    def _leave(self) -> None:
+        if self.node_id is None:
+            return
+        try:
+            self.client.session = self._session(0)
+            self.client.leave(self.node_id)
+        except CALL_ERRORS as exc:  # leaving is best effort: the node times out anyway
+            log.info("could not tell the coordinator that this node leaves: %s", exc)
+
+    # ------------------------------------------------------------------ one round
+
+    def _ensure_model(self, task: dict) -> None:
+        if self.model_version != task["model_version"]:
+            version, data = self.client.model()
+            state = bytes_to_state_dict(data)
+            self.model.load_state_dict(state, strict=True)
+            self.model_version = version
+            log.info("downloaded global model version %d (%.1f MB)", version, len(data) / 1e6)
+
+    def evaluate_round(self, task: dict) -> None:
+        """Evaluate global model ``task["round"]`` on the held-out data and send the metrics (federated
+        evaluation). Errors: as an upload (:func:`fedrest.worker_policy.react`)."""
+        self._ensure_model(task)
+        settings = TrainSettings(int(task["round"]), 1, 1, 0.0, 0.0, 0, self.device,
+                                 int(task.get("settings", {}).get("test_batch_size", 1000)))
+        started = time.perf_counter()
+        metrics = self.task.evaluate(self.model, self.held_out, settings)
+        self.client.submit_evaluation(settings.round, len(self.held_out), metrics)
+        log.info("round %d: evaluated the global model on %d held-out examples in %.1fs: %s; sent", settings.round,
+                 len(self.held_out), time.perf_counter() - started, ", ".join(f"{k} {v:.4f}" for k, v in
+                                                                             metrics.items()))
+
+    def train_round(self, task: dict) -> None:
+        """Train on the task's round and upload the update.
+
+        Training is dropped when the heartbeat learns that the round closed (the worker then joins the
+        current one). An upload that fails for want of a connection is sent again, the same bytes, until
+        it is answered (a repeat that had in fact arrived is answered 409 duplicate_update and counted
+        once). 409/400/413 answers are logged and these bytes are not sent again.
+        """
+        round_number = int(task["round"])
+        settings = task["settings"]
+        self._ensure_model(task)
+        self.abort_training.clear()
+        self.training_round = round_number
+        progress = self._progress(round_number, settings["local_epochs"])
+        seed = shuffle_seed(settings.get("seed", 0), round_number, self.name)
+        torch.manual_seed(seed)  # dropout draws: the same run gives the same model
+        train_settings = TrainSettings.of_round(settings, round_number, seed, self.device)
+        try:
+            result = self.task.train(self.model, self.data, train_settings, progress)
+        except RoundClosed:
+            self.model_version = -1
+            log.warning("round %d closed while this node was training; dropping the work", round_number)
+            return
+        finally:
+            self.training_round = None
+            progress.close()
+        self.model_version = -1  # local weights now differ from any global version
+        metadata = {"num_samples": result.num_samples, "train_seconds": result.seconds}
+        if result.loss is not None and 0 <= result.loss <= 1e12:  # the ranges the coordinator takes
+            metadata["train_loss"] = result.loss
+        if result.accuracy is not None and 0 <= result.accuracy <= 1:
+            metadata["train_accuracy"] = result.accuracy
+        data = state_dict_to_bytes(self.model.state_dict())
+        if not self._upload(round_number, metadata, data):
+            return
+        self.rounds_done += 1
+        shown = {"loss": result.loss, "accuracy": result.accuracy, **result.metrics}
+        log.info("round %d: trained %d samples x %d epochs in %.1fs (%.0f samples/s), %s; update sent", round_number,
+                 result.num_samples, settings["local_epochs"], result.seconds,
+                 result.num_examples_seen / max(result.seconds, 1e-9),
+                 ", ".join(f"{k} {v:.4f}" for k, v in shown.items() if v is not None) or "no training metrics")
+
+    def _upload(self, round_number: int, metadata: dict, data: bytes) -> bool:
+        """Send one update until it is answered; True if the coordinator holds it."""
+        while True:
+            started = time.monotonic()
+            try:
+                self.client.submit_update(round_number, metadata, data)
+                self._unreachable_since = None
+                return True
+            except CALL_ERRORS as exc:
+                reaction = react(exc, "upload")
+            if reaction.action == Action.ACCEPTED:
+                log.info("round %d: %s", round_number, reaction.message)
+                return True
+            self._carry_out(reaction, started, prefix=f"round {round_number}: ")
+            if reaction.action not in (Action.RETRY, Action.WAIT_OUTAGE):
+                return False  # dropped, or registering again (then this node trains again)
+
+    def _progress(self, round_number: int, epochs: int):
+        """Per-batch callback: a tqdm bar (unless --quiet), and the check that the round is still open."""
+        bar = None
+        if not self.cfg.quiet:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(self.data) * epochs, desc=f"round {round_number}", unit="ex", unit_scale=True,
+                       leave=False, dynamic_ncols=True, file=sys.stderr)
+
+        def update(batch: int, loss: float, _seen: int) -> None:
+            if self.abort_training.is_set():
+                raise RoundClosed(round_number)
+            if bar is not None:
+                bar.update(batch)
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+        update.close = bar.close if bar is not None else (lambda: None)
+        return update
