@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import signal
 import socket
@@ -38,7 +39,9 @@ LAUNCH_FIELDS = (
     "dataset", "data_dir", "models_dir", "logs_dir", "temp_dir", "communication_rounds", "local_epochs",
     "batch_size", "learning_rate", "momentum", "round_timeout", "partition", "alpha", "seed", "device",
     "cpu_threads", "task", "model", "image_size", "image_channels", "normalize_mean", "normalize_std",
-    "data_workers", "eval_fraction", "no_eval",
+    "data_workers", "eval_fraction", "no_eval", "client_fraction", "strategy", "server_learning_rate",
+    "server_momentum", "beta1", "beta2", "tau", "proximal_mu", "aggregation", "trim_fraction", "clip_norm",
+    "max_share",
 )
 
 
@@ -46,6 +49,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch_min_nodes(num_workers: int, client_fraction: float) -> int:
+    """MIN_NODES_TO_START of a launch: every worker (C = 1), else the round's sample, ceil(C * N), which is
+    also the smallest sample the coordinator takes (so that C, not the start, sets how many train)."""
+    return num_workers if client_fraction >= 1 else max(1, math.ceil(client_fraction * num_workers))
 
 
 def child_env(cfg: Config, names, extra: dict) -> dict:
@@ -88,7 +97,7 @@ class Launch:
         coord_fields = [f for f in LAUNCH_FIELDS if f in COORDINATOR_FIELDS]
         self._spawn("coordinator", "coordinator.py", child_env(self.cfg, coord_fields, {
             "host": "127.0.0.1", "port": self.port, "token": self.token, "monitor_token": self.monitor_token,
-            "min_nodes_to_start": self.num_workers,
+            "min_nodes_to_start": launch_min_nodes(self.num_workers, self.cfg.client_fraction),
             "node_timeout": self.cfg.node_timeout, "heartbeat_interval": self.cfg.heartbeat_interval,
             "keep_serving": "true"}))
         client = CoordinatorClient(self.address, token=self.monitor_token, session=make_session(total_retries=0))

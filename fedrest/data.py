@@ -17,7 +17,10 @@ There is never a silent switch to synthetic data: when nothing works,
 
 from __future__ import annotations
 
+import gzip
 import logging
+import os
+import secrets
 import shutil
 import socket
 from dataclasses import dataclass
@@ -93,29 +96,43 @@ def _have_idx(directory: Path, train: bool) -> bool:
     return all((directory / f).exists() or (directory / (f + ".gz")).exists() for f in _FILES[train])
 
 
-def _read_idx(directory: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read the IDX pair with torchvision's reader, decompressing ``.gz`` files in place first."""
+def _read_idx(directory: Path, train: bool, source: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read the IDX pair of ``directory`` with torchvision's reader; a file present only as ``.gz`` (in
+    ``directory``, else in ``source``) is decompressed into ``directory`` first."""
     from torchvision.datasets.mnist import read_image_file, read_label_file
-    from torchvision.datasets.utils import extract_archive
 
     paths = []
     for f in _FILES[train]:
         path = directory / f
         if not path.exists():
-            extract_archive(str(directory / (f + ".gz")), str(directory))
+            packed = directory / (f + ".gz")
+            _decompress(packed if packed.exists() or source is None else source / (f + ".gz"), path)
         paths.append(path)
     return read_image_file(str(paths[0])), read_label_file(str(paths[1]))
 
 
+def _decompress(packed: Path, path: Path) -> None:
+    """Write the decompressed ``packed`` (.gz) as ``path``, atomically: workers started together (launch.py)
+    decompress the same file at once, and none may read another's half-written copy."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with gzip.open(packed, "rb") as src, open(temporary, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def _from_system_package(data_dir: str, name: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    system = SYSTEM_DATASETS_DIR / _SPECS[name][1]
     target = _raw_dir(data_dir, name)
     target.mkdir(parents=True, exist_ok=True)
+    system = SYSTEM_DATASETS_DIR / _SPECS[name][1]
     for f in _FILES[train]:
-        for candidate in (system / f, system / (f + ".gz")):
-            if candidate.exists() and not (target / candidate.name).exists():
-                shutil.copyfile(candidate, target / candidate.name)
-    return _read_idx(target, train)
+        if (system / f).exists() and not (target / f).exists():
+            temporary = target / f".{f}.{os.getpid()}.tmp"
+            shutil.copyfile(system / f, temporary)
+            os.replace(temporary, target / f)
+    return _read_idx(target, train, source=system)
 
 
 def _from_torchvision_download(data_dir: str, name: str, train: bool,
