@@ -24,7 +24,8 @@ from fedrest.config_rules import (ENV_PREFIX, ConfigError, env_name, field_type,
 
 DATASETS = ("mnist", "fashion-mnist")
 AGGREGATIONS = ("fedavg", "median", "trimmed_mean")
-STRATEGIES = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedprox")  # fedrest.aggregation.STRATEGIES
+# fedrest.aggregation.STRATEGIES
+STRATEGIES = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedprox", "scaffold")
 PARTITIONS = ("iid", "dirichlet")
 
 
@@ -44,7 +45,8 @@ class Config:
     data_dir: str = field(default="data", metadata=_meta("directory of the IDX dataset files"))
     models_dir: str = field(default="models", metadata=_meta("directory of saved global models"))
     logs_dir: str = field(default="logs", metadata=_meta("directory of log files"))
-    temp_dir: str = field(default="temp", metadata=_meta("directory of run state: join token, received updates"))
+    temp_dir: str = field(default="temp", metadata=_meta(
+        "directory of run state (coordinator: join token, received updates; worker: its scaffold control variate)"))
     # --- network ---
     host: str = field(default="0.0.0.0", metadata=_meta("address the coordinator listens on"))
     port: int = field(default=5000, metadata=_meta("TCP port of the coordinator", lo=0, hi=65535))
@@ -116,7 +118,8 @@ class Config:
     # --- strategy (README "Strategies"; FedAvg, McMahan et al. 2017, by default) ---
     strategy: str = field(default="fedavg", metadata=_meta(
         "what workers do and how the global model moves: fedavg, fedavgm (server momentum), fedadagrad, fedadam, "
-        "fedyogi (adaptive server optimizers), fedprox (proximal term)", choices=STRATEGIES))
+        "fedyogi (adaptive server optimizers), fedprox (proximal term), scaffold (control variates)",
+        choices=STRATEGIES))
     server_learning_rate: float | None = field(default=None, metadata=_meta(
         "server optimizers: learning rate eta of the step along the round's change (default: fedavgm 1.0, "
         "fedadagrad 0.1, fedadam and fedyogi 0.01)", lo=1e-9, hi=100.0))
@@ -211,7 +214,7 @@ ADMIN_FIELDS = ("coordinator_address", "ca_cert", "admin_token", "temp_dir")
 WORKER_FIELDS = (
     "coordinator_address", "ca_cert", "device", "token", "name", "data_dir", *TASK_FIELDS, "eval_fraction",
     "data_workers", "cache_bytes", "partition_id", "num_partitions", "partition", "alpha", "seed", "cpu_threads",
-    "logs_dir", "give_up_after", "quiet",
+    "logs_dir", "temp_dir", "give_up_after", "quiet",
 )
 # Settings that define a run: on resume the stored values win over new flags (a warning names the ignored ones).
 RUN_FIELDS = (

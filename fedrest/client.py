@@ -227,10 +227,19 @@ class CoordinatorClient:
         return self._json("POST", f"/rounds/{round_number}/evaluation", expected=(202,),
                           json={"num_samples": num_samples, "metrics": dict(metrics)})
 
-    def submit_update(self, round_number: int, metadata: Mapping[str, Any], data: bytes) -> dict:
-        """Upload one update as multipart/form-data; returns the 202 answer."""
+    def control_variate(self) -> tuple[int, bytes]:
+        """(model version, serialised global control variate of SCAFFOLD)."""
+        response = self._request("GET", "/control-variate", read_timeout=60.0)
+        return int(response.headers.get("X-Model-Version", "-1")), response.content
+
+    def submit_update(self, round_number: int, metadata: Mapping[str, Any], data: bytes,
+                      control: bytes | None = None) -> dict:
+        """Upload one update as multipart/form-data (with SCAFFOLD's control-variate change as the file part
+        ``control_variate``); returns the 202 answer."""
         files = {"metadata": (None, json.dumps(dict(metadata)), "application/json"),
                  "state_dict": ("state_dict.pt", data, "application/octet-stream")}
+        if control is not None:
+            files["control_variate"] = ("control_variate.pt", control, "application/octet-stream")
         return self._json("POST", f"/rounds/{round_number}/updates", files=files, expected=(202,),
                           read_timeout=UPLOAD_READ_TIMEOUT)
 

@@ -45,6 +45,9 @@ def validate(cfg) -> None:
         if not all(_is_number(v) for v in getattr(cfg, name).split(",")):
             raise ConfigError(f"{name} ({flag_name(name)} / {env_name(name)}): expected comma-separated numbers, "
                               f"got {getattr(cfg, name)!r}")
+    if cfg.strategy == "scaffold" and cfg.aggregation != "fedavg":
+        raise ConfigError(f"--strategy scaffold cannot use --aggregation {cfg.aggregation}: its control variates "
+                          "correct the mean of the updates, not a median or trimmed mean")
     if cfg.partition_id is not None and cfg.partition_id >= cfg.num_partitions:
         raise ConfigError(f"--partition-id must be < --num-partitions ({cfg.num_partitions}), "
                           f"got {cfg.partition_id}")

@@ -4,7 +4,8 @@ They follow PyTorch's MNIST example (pytorch/examples, mnist/main.py): ``model.t
 shuffled mini-batches with cross-entropy; ``model.eval()`` with ``torch.no_grad()`` for testing, the loss summed
 with ``reduction="sum"`` and divided by the number of examples, so that averages are exact whatever the batch size
 (and a sample-weighted mean over workers is the mean over all their examples). With FedProx's ``proximal_mu``
-the local objective gains the proximal term (:func:`proximal_term`).
+the local objective gains the proximal term (:func:`proximal_term`); with SCAFFOLD every gradient is corrected
+by the control variates (:func:`corrected_gradient`).
 A task that defines its own ``train`` or ``evaluate`` replaces these (:mod:`fedrest.tasks`).
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ class TrainResult:
     accuracy: float | None  # fraction of examples seen classified correctly during training
     seconds: float
     metrics: dict = field(default_factory=dict)  # what a task's own train returned
+    steps: int | None = None  # optimizer steps taken (SCAFFOLD's K; None: a task's own train did not say)
 
 
 def proximal_term(model: nn.Module, mu: float) -> Callable[[], None]:
@@ -61,9 +63,47 @@ def proximal_term(model: nn.Module, mu: float) -> Callable[[], None]:
     return add_gradient
 
 
+def corrected_gradient(model: nn.Module, correction: Mapping[str, torch.Tensor]) -> Callable[[], None]:
+    """SCAFFOLD's corrected local gradient (Karimireddy et al. 2020, Algorithm 1, line 10): g_i(y) - c_i + c.
+
+    ``correction`` maps parameter names (``model.named_parameters()``) to c - c_i
+    (:func:`fedrest.aggregation.scaffold.gradient_correction`). Returns a function to call after each backward
+    pass (``train_batch``'s ``before_step``): it adds the correction to every parameter's gradient, in place.
+
+    Raises
+    ------
+    KeyError
+        If a parameter has no correction.
+    """
+    pairs = [(p, correction[name].to(p.device, p.dtype)) for name, p in model.named_parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def add_correction() -> None:
+        for param, value in pairs:
+            if param.grad is not None:
+                param.grad.add_(value)
+
+    return add_correction
+
+
+def _chain(*hooks):
+    hooks = [h for h in hooks if h is not None]
+    if not hooks:
+        return None
+    if len(hooks) == 1:
+        return hooks[0]
+
+    def run() -> None:
+        for hook in hooks:
+            hook()
+
+    return run
+
+
 def fit(model: nn.Module, data: LocalData, *, epochs: int, batch_size: int, learning_rate: float,
         momentum: float = 0.0, seed: int = 0, device: torch.device | None = None,
-        progress: Callable[[int, float, int], None] | None = None, proximal_mu: float = 0.0) -> TrainResult:
+        progress: Callable[[int, float, int], None] | None = None, proximal_mu: float = 0.0,
+        gradient_correction: Mapping[str, torch.Tensor] | None = None) -> TrainResult:
     """Train ``model`` in place for ``epochs`` passes over ``data`` with SGD and cross-entropy.
 
     Parameters
@@ -75,6 +115,7 @@ def fit(model: nn.Module, data: LocalData, *, epochs: int, batch_size: int, lear
         to stop the training (the worker does when the round closed).
     proximal_mu : FedProx's mu (0: plain SGD): the proximal term anchored at the model as it is now
         (:func:`proximal_term`). The reported loss is the cross-entropy alone.
+    gradient_correction : SCAFFOLD's c - c_i by parameter name, added to every gradient (:func:`corrected_gradient`).
 
     Raises
     ------
@@ -87,9 +128,10 @@ def fit(model: nn.Module, data: LocalData, *, epochs: int, batch_size: int, lear
     device = device or next(model.parameters()).device
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
     generator = torch.Generator().manual_seed(seed)
-    before_step = proximal_term(model, proximal_mu) if proximal_mu > 0 else None
+    before_step = _chain(proximal_term(model, proximal_mu) if proximal_mu > 0 else None,
+                         None if gradient_correction is None else corrected_gradient(model, gradient_correction))
     model.train()
-    loss_sum, correct, seen = 0.0, 0, 0
+    loss_sum, correct, seen, steps = 0.0, 0, 0, 0
     start = time.perf_counter()
     for _ in range(epochs):
         for x, y in data.batches(batch_size, device, generator):
@@ -97,13 +139,14 @@ def fit(model: nn.Module, data: LocalData, *, epochs: int, batch_size: int, lear
             loss_sum += batch_loss
             correct += batch_correct
             seen += int(y.shape[0])
+            steps += 1
             if progress is not None:
                 progress(int(y.shape[0]), batch_loss / int(y.shape[0]), seen)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     return TrainResult(num_samples=n, num_examples_seen=seen, loss=loss_sum / max(seen, 1),
-                       accuracy=correct / max(seen, 1), seconds=seconds)
+                       accuracy=correct / max(seen, 1), seconds=seconds, steps=steps)
 
 
 @torch.no_grad()

@@ -4,18 +4,24 @@ upload, survive outages (what each answer means: :mod:`fedrest.worker_policy`). 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
+import re
 import secrets
 import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
 
 from config import Config
+from fedrest.aggregation import scaffold
 from fedrest.client import CoordinatorClient, CoordinatorError, make_session
+from fedrest.local_control import LocalControlVariate
 from fedrest.node_identity import default_name, shuffle_seed, system_info
-from fedrest.serialization import bytes_to_state_dict, state_dict_to_bytes
+from fedrest.serialization import UpdateRejected, bytes_to_state_dict, check_compatible, state_dict_to_bytes
 from fedrest.tasks import Task, TaskError, TrainSettings
 from fedrest.tasks.data import LocalData
 from fedrest.worker_policy import CALL_ERRORS, Action, Reaction, react
@@ -73,6 +79,7 @@ class Worker:
         self.training_round: int | None = None
         self._unreachable_since: float | None = None
         self._heartbeat_thread: threading.Thread | None = None
+        self.local_control = LocalControlVariate(Path(cfg.temp_dir) / "workers" / _folder_name(self.name))
 
     def _session(self, retries: int):
         return make_session(total_retries=retries, ca_cert=self.cfg.ca_cert)
@@ -253,7 +260,14 @@ class Worker:
         seed = shuffle_seed(settings.get("seed", 0), round_number, self.name)
         torch.manual_seed(seed)  # dropout draws: the same run gives the same model
         train_settings = TrainSettings.of_round(settings, round_number, seed, self.device)
+        controls = self._scaffold_controls(task) if train_settings.strategy == "scaffold" else None
+        if controls:
+            train_settings = dataclasses.replace(train_settings,
+                                                 control_correction=scaffold.gradient_correction(controls[1],
+                                                                                                 controls[0]))
         try:
+            if controls is False:
+                raise RoundClosed(round_number)
             result = self.task.train(self.model, self.data, train_settings, progress)
         except RoundClosed:
             self.model_version = -1
@@ -269,8 +283,14 @@ class Worker:
         if result.accuracy is not None and 0 <= result.accuracy <= 1:
             metadata["train_accuracy"] = result.accuracy
         data = state_dict_to_bytes(self.model.state_dict())
-        if not self._upload(round_number, metadata, data):
+        new_local, change = (None, None) if controls is None else self._next_controls(controls, result, train_settings)
+        if not self._upload(round_number, metadata, data, change):
             return
+        if new_local is not None:
+            try:
+                self.local_control.save(self.run_id, round_number, new_local)
+            except OSError as exc:
+                raise FatalError(f"cannot write the control variate to {self.local_control.path}: {exc}") from None
         self.rounds_done += 1
         shown = {"loss": result.loss, "accuracy": result.accuracy, **result.metrics}
         log.info("round %d: trained %d samples x %d epochs in %.1fs (%.0f samples/s), %s; update sent", round_number,
@@ -278,12 +298,44 @@ class Worker:
                  result.num_examples_seen / max(result.seconds, 1e-9),
                  ", ".join(f"{k} {v:.4f}" for k, v in shown.items() if v is not None) or "no training metrics")
 
-    def _upload(self, round_number: int, metadata: dict, data: bytes) -> bool:
-        """Send one update until it is answered; True if the coordinator holds it."""
+    def _parameters(self) -> "dict[str, torch.Tensor]":
+        """The model's parameters now, copied to the CPU (by name)."""
+        return {name: p.detach().to("cpu", copy=True) for name, p in self.model.named_parameters()}
+
+    def _next_controls(self, controls, result, settings: TrainSettings) -> tuple[dict, bytes]:
+        """SCAFFOLD after local training: (c_i+, the serialised change c_i+ - c_i to upload)."""
+        local, global_, start = controls
+        new_local, change = scaffold.next_local_control(local, global_, start, self._parameters(),
+                                                        max(1, result.steps or 1), settings.learning_rate,
+                                                        settings.momentum)
+        return new_local, state_dict_to_bytes(change)
+
+    def _scaffold_controls(self, task: dict):
+        """(c_i, c, x) for a SCAFFOLD round: this worker's control variate from its disk, the global one from
+        the coordinator, and the global model's parameters; False when the coordinator's model moved on (the
+        round closed: the next task is the new one)."""
+        if self.task.has_own_train:
+            raise FatalError(f"the task {self.task.name} has its own train(), which cannot apply scaffold's "
+                             "control variates; use the built-in training or another strategy")
+        version, data = self.client.control_variate()
+        if version != task["model_version"]:
+            log.info("round %s: the global model moved on to version %d", task["round"], version)
+            return False
+        start = self._parameters()
+        try:
+            global_control = bytes_to_state_dict(data)
+            check_compatible(global_control, start)
+        except UpdateRejected as exc:
+            raise FatalError(f"the coordinator's control variate does not fit this model: {exc}") from None
+        return self.local_control.load(self.run_id, start), global_control, start
+
+    def _upload(self, round_number: int, metadata: dict, data: bytes, control: bytes | None = None) -> bool:
+        """Send one update (and SCAFFOLD's control-variate change) until it is answered; True if the
+        coordinator holds it."""
         while True:
             started = time.monotonic()
             try:
-                self.client.submit_update(round_number, metadata, data)
+                self.client.submit_update(round_number, metadata, data, control)
                 self._unreachable_since = None
                 return True
             except CALL_ERRORS as exc:
@@ -313,3 +365,10 @@ class Worker:
 
         update.close = bar.close if bar is not None else (lambda: None)
         return update
+
+
+def _folder_name(name: str) -> str:
+    """``name`` as a folder name: itself when it is plain (letters, digits, ``.-_``), else a digest of it."""
+    if re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}", name):
+        return name
+    return "node-" + hashlib.sha256(name.encode()).hexdigest()[:16]

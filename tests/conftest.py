@@ -82,8 +82,9 @@ def register(client, name: str = "node-a", num_samples: int = 100, device: str =
 
 
 def upload_form(state_dict: Mapping[str, torch.Tensor] | None = None, metadata=None,
-                *, data: bytes | None = None, raw_metadata: str | None = None) -> dict:
-    """The fields of an update upload: ``metadata`` (JSON text) and the file part ``state_dict``.
+                *, data: bytes | None = None, raw_metadata: str | None = None, control: bytes | None = None) -> dict:
+    """The fields of an update upload: ``metadata`` (JSON text) and the file part ``state_dict`` (and
+    ``control_variate`` when ``control`` bytes are given: SCAFFOLD).
 
     ``data`` replaces the serialised ``state_dict``; ``raw_metadata`` replaces the JSON of ``metadata``.
     Leave both ``state_dict`` and ``data`` None to omit the file part; pass ``metadata=False`` to omit
@@ -98,6 +99,9 @@ def upload_form(state_dict: Mapping[str, torch.Tensor] | None = None, metadata=N
     if data is not None:
         form["state_dict"] = FileStorage(io.BytesIO(data), filename="state_dict.pt",
                                          content_type="application/octet-stream")
+    if control is not None:
+        form["control_variate"] = FileStorage(io.BytesIO(control), filename="control_variate.pt",
+                                              content_type="application/octet-stream")
     return form
 
 

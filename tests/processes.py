@@ -131,8 +131,14 @@ class FakeWorker:
         answer, _ = self.client.register(name, "cpu", num_samples, {}, TOKEN)
         self.node_id, self.client.token, self.num_samples = answer["node_id"], answer["node_token"], num_samples
 
-    def upload(self, round_number: int, value: float, count: int) -> dict:
+    def upload(self, round_number: int, value: float, count: int, control: float | None = None) -> dict:
+        """Upload the global model's keys filled with ``value`` (integers with ``count``); with ``control``
+        (SCAFFOLD), a control-variate change of the coordinator's c's keys filled with it."""
         _, data = self.client.model()
         update = filled_like(bytes_to_state_dict(data), value, count)
+        control_bytes = None
+        if control is not None:
+            _, c = self.client.control_variate()
+            control_bytes = state_dict_to_bytes(filled_like(bytes_to_state_dict(c), control, 0))
         return self.client.submit_update(round_number, {"num_samples": self.num_samples},
-                                         state_dict_to_bytes(update))
+                                         state_dict_to_bytes(update), control_bytes)

@@ -42,16 +42,19 @@ class ClientUpdate:
     key : the node id; the canonical order of aggregation, unique within a round.
     num_samples : n_k, the examples it was trained on (int >= 1): FedAvg's weight.
     load : returns the update's state_dict (reads the stored file); may raise OSError or UpdateRejected.
+    load_control : SCAFFOLD: returns the change of the worker's control variate (None: the update has none).
     """
 
     key: str
     num_samples: int
     load: Callable[[], StateDict]
+    load_control: Callable[[], StateDict] | None = None
 
     @classmethod
-    def of(cls, key: str, state_dict: StateDict, num_samples: int) -> "ClientUpdate":
-        """An update already in memory."""
-        return cls(key, num_samples, lambda: state_dict)
+    def of(cls, key: str, state_dict: StateDict, num_samples: int,
+           control: StateDict | None = None) -> "ClientUpdate":
+        """An update already in memory (with SCAFFOLD's ``control``-variate change, if any)."""
+        return cls(key, num_samples, lambda: state_dict, None if control is None else (lambda: control))
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Aggregate:
     order), ``skipped`` the (key, reason) of updates left out, ``clipped`` how many were clipped, ``capped`` the
     keys whose FedAvg weight :mod:`.weights` lowered. ``server_state`` is the strategy's state after this round
     (name -> tensor; {} for a strategy without one), to be adopted when the round commits.
+    ``control_skipped``: SCAFFOLD's (key, reason) of used updates whose control-variate change was unreadable.
     """
 
     state_dict: "dict[str, torch.Tensor] | None"
@@ -70,6 +74,7 @@ class Aggregate:
     clipped: int = 0
     capped: list = field(default_factory=list)
     server_state: dict = field(default_factory=dict)
+    control_skipped: list = field(default_factory=list)
 
 
 class Combiner:

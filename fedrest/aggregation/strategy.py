@@ -3,14 +3,16 @@
 A :class:`Strategy` is the coordinator's one entry point (:meth:`Strategy.aggregate`). It has up to three
 parts, chosen with ``--strategy`` and ``--aggregation`` (:func:`make_strategy`):
 
-1. **What workers do** (:meth:`Strategy.client_settings`, sent with every round's task): plain local SGD, or
-   FedProx's proximal term (``fedprox``).
+1. **What workers do** (:meth:`Strategy.client_settings`, sent with every round's task): plain local SGD,
+   FedProx's proximal term (``fedprox``), or SCAFFOLD's corrected gradients (``scaffold``, :mod:`.scaffold`:
+   each worker keeps its control variate and uploads its change beside its model).
 2. **A combining rule** (:mod:`.combine`, ``--aggregation``): the bounded sample-weighted mean (FedAvg), the
    coordinate-wise median or the trimmed mean, after the optional clipping.
 3. **A server optimizer** (:mod:`.server_optimizers`) for ``fedavgm``, ``fedadagrad``, ``fedadam``, ``fedyogi``:
    a step along the pseudo-gradient (combined - global) with state kept across rounds.
 
-Server state (:attr:`Strategy.state`): name -> tensor, committed with the round (:meth:`aggregate` returns the
+Server state (:attr:`Strategy.state`): name -> tensor (the optimizers' "velocity/<key>", "m/<key>",
+"v/<key>"; SCAFFOLD's global control variate "c/<key>"), committed with the round (:meth:`aggregate` returns the
 new state in :attr:`Aggregate.server_state` and changes nothing; the coordinator adopts it at the round's
 commit, so that a round aggregated again after a crash starts from the same state and gives the same bits).
 
@@ -23,12 +25,14 @@ from typing import Collection, Mapping, Sequence
 
 import torch
 
+from fedrest.aggregation.scaffold import next_global_control
 from fedrest.aggregation.combine import Aggregate, ClientUpdate, Combiner, make_combiner
 from fedrest.aggregation.server_optimizers import SERVER_OPTIMIZERS, ServerOptimizer
 from fedrest.serialization import UpdateRejected, check_compatible
 
 StateDict = Mapping[str, torch.Tensor]
-CLIENT_SIDE = ("fedprox",)  # strategies that change the workers' local objective
+CLIENT_SIDE = ("fedprox", "scaffold")  # strategies that change the workers' local training
+CONTROL = "c/"  # SCAFFOLD's global control variate in the server state: "c/<parameter key>"
 STRATEGIES = ("fedavg", *SERVER_OPTIMIZERS, *CLIENT_SIDE)
 
 
@@ -57,11 +61,31 @@ class Strategy:
     @property
     def has_state(self) -> bool:
         """True when the strategy keeps state across rounds (it is then stored with each round)."""
-        return self.optimizer is not None
+        return self.optimizer is not None or self.uses_control_variates
+
+    @property
+    def uses_control_variates(self) -> bool:
+        """True for SCAFFOLD: every update comes with the change of its worker's control variate."""
+        return self.name == "scaffold"
+
+    def is_parameter(self, key: str, tensor: torch.Tensor) -> bool:
+        """Whether ``key`` of the state_dict is a model parameter (optimizers and control variates cover those)."""
+        return tensor.is_floating_point() and (self.parameter_keys is None or key in self.parameter_keys)
+
+    def parameters_of(self, state_dict: StateDict) -> "dict[str, torch.Tensor]":
+        """The parameters of ``state_dict`` (its order), for example the shapes a control variate has."""
+        return {k: v for k, v in state_dict.items() if self.is_parameter(k, v)}
+
+    def control_variate(self, reference: StateDict) -> "dict[str, torch.Tensor]":
+        """SCAFFOLD's global control variate c after the last committed round, in the dtypes of the parameters
+        of ``reference`` (0 before the first round), as workers download it."""
+        return {k: self.state[CONTROL + k].to(v.dtype) if CONTROL + k in self.state else torch.zeros_like(v)
+                for k, v in self.parameters_of(reference).items()}
 
     def client_settings(self) -> dict:
         """What the workers need of the strategy with each round's task (JSON-ready): ``strategy`` and, for
-        fedprox, ``proximal_mu``."""
+        fedprox, ``proximal_mu`` (scaffold's workers also fetch the global control variate: the API's
+        ``/control-variate``)."""
         settings = {"strategy": self.name}
         if self.proximal_mu > 0:
             settings["proximal_mu"] = self.proximal_mu
@@ -74,9 +98,11 @@ class Strategy:
             out.update(self.optimizer.settings())
         return {**out, **{k: v for k, v in self.client_settings().items() if k != "strategy"}}
 
-    def aggregate(self, updates: Sequence[ClientUpdate], reference: StateDict) -> Aggregate:
+    def aggregate(self, updates: Sequence[ClientUpdate], reference: StateDict, num_clients: int = 1) -> Aggregate:
         """The next global model from ``updates`` (any order) and the current global model ``reference``;
         :attr:`state` is not changed (the new one is in the result's ``server_state``).
+
+        ``num_clients``: SCAFFOLD's N, the number of clients of the federation (:mod:`.scaffold`).
 
         Raises
         ------
@@ -84,10 +110,39 @@ class Strategy:
             If two updates share a key.
         """
         result = self.combiner.combine(updates, reference)
-        if result.state_dict is not None and self.optimizer is not None:
+        if result.state_dict is None:
+            return result
+        if self.optimizer is not None:
             result.state_dict, result.server_state = self.optimizer.step(reference, result.state_dict, self.state,
                                                                          self.parameter_keys)
+        if self.uses_control_variates:
+            result.server_state = self._next_control(updates, result, reference, num_clients)
         return result
+
+    def _next_control(self, updates: Sequence[ClientUpdate], result: Aggregate, reference: StateDict,
+                      num_clients: int) -> "dict[str, torch.Tensor]":
+        """SCAFFOLD's c after the round, from the control-variate changes of the updates that were used (a
+        change that cannot be read counts as 0 and is named in ``result.control_skipped``)."""
+        by_key = {u.key: u for u in updates}
+        parameters = self.parameters_of(reference)
+        control = {k: self.state.get(CONTROL + k, torch.zeros_like(v, dtype=torch.float64))
+                   for k, v in parameters.items()}
+
+        def changes():
+            for key in result.used:
+                if by_key[key].load_control is None:
+                    result.control_skipped.append((key, "no control-variate change came with it"))
+                    continue
+                try:
+                    change = by_key[key].load_control()
+                    check_compatible(change, parameters)
+                except (OSError, UpdateRejected) as exc:
+                    result.control_skipped.append((key, str(exc)))
+                    continue
+                yield change
+
+        new = next_global_control(control, changes(), max(1, num_clients))
+        return {CONTROL + k: v for k, v in new.items()}
 
 
 def make_strategy(config, parameter_keys: Collection[str] | None = None) -> Strategy:
@@ -107,6 +162,9 @@ def make_strategy(config, parameter_keys: Collection[str] | None = None) -> Stra
     if name in SERVER_OPTIMIZERS:
         optimizer = ServerOptimizer(name, config.server_learning_rate, momentum=config.server_momentum,
                                     beta1=config.beta1, beta2=config.beta2, tau=config.tau)
+    if name == "scaffold" and config.aggregation != "fedavg":
+        raise ValueError("scaffold averages the updates (its control variates correct the mean); it cannot "
+                         f"use --aggregation {config.aggregation}")
     return Strategy(name, combiner, optimizer, parameter_keys=parameter_keys,
                     proximal_mu=config.proximal_mu if name == "fedprox" else 0.0)
 

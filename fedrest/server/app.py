@@ -21,12 +21,13 @@ from fedrest.server.auth import rate_limit
 from fedrest.server.credentials import Credentials
 from fedrest.server.evaluation import Evaluator, make_evaluator
 from fedrest.server.federation import Federation
-from fedrest.server.http_errors import (JSON_BODY_LIMIT, METADATA_LIMIT, MULTIPART_SLACK, REGISTER_ENDPOINT,
-                                        REGISTRATION_BODY_LIMIT, UPLOAD_ENDPOINT, register_error_handlers)
+from fedrest.server.http_errors import (JSON_BODY_LIMIT, METADATA_LIMIT, REGISTER_ENDPOINT,
+                                        REGISTRATION_BODY_LIMIT, UPLOAD_ENDPOINT, register_error_handlers,
+                                        upload_body_limit)
 from fedrest.server.ratelimit import RateLimiter
 from fedrest.server.state_dir import prepare_start
 from fedrest.server.views import admin, monitoring, nodes, rounds
-from fedrest.tasks import load_task
+from fedrest.tasks import TaskError, load_task
 from fedrest.tasks.fingerprint import TaskIdentity
 from utils import set_cpu_threads
 
@@ -64,6 +65,9 @@ def create_app(cfg: Config, *, start_driver: bool = True, evaluator: Evaluator |
     cfg = prepare_start(cfg, explicit, resume_finished)
     set_cpu_threads(cfg.cpu_threads)
     task = load_task(cfg)
+    if cfg.strategy == "scaffold" and task.has_own_train:
+        raise TaskError(f"task {task.name} ({task.source}) has its own train(), which cannot apply scaffold's "
+                        "control variates; use the built-in training loop or another --strategy")
     if evaluator is None and not cfg.no_eval:
         evaluator = make_evaluator(task, cfg)  # loads the test data first: it names the classes of image folders
     torch.manual_seed(cfg.seed)
@@ -97,8 +101,7 @@ def _limiter(rate: float) -> RateLimiter | None:
 def _before_request() -> None:
     rate_limit(request.remote_addr or "unknown", "address_limiter", "address")
     if request.endpoint == UPLOAD_ENDPOINT:
-        limit = current_app.extensions["federation"].config.max_update_bytes
-        request.max_content_length = limit + MULTIPART_SLACK
+        request.max_content_length = upload_body_limit(current_app.extensions["federation"])
         request.max_form_memory_size = METADATA_LIMIT
     elif request.endpoint == REGISTER_ENDPOINT:  # carries the task's fingerprint (a model's state_dict schema)
         request.max_content_length = REGISTRATION_BODY_LIMIT

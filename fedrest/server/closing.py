@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 
@@ -22,7 +22,7 @@ from fedrest.serialization import state_dict_to_bytes
 from fedrest.server.checkpoints import GlobalModels, save_checkpoint
 from fedrest.server.evaluation import Evaluator, metrics_of
 from fedrest.server.rounds import RoundRecord
-from fedrest.server.spool import AcceptedUpdate
+from fedrest.server.spool import AcceptedUpdate, UpdateSpool
 from fedrest.tasks.fingerprint import TaskIdentity
 
 log = logging.getLogger("fl.federation")
@@ -67,18 +67,23 @@ def _mean(values) -> float | None:
 
 
 def close_round(number: int, updates: list[AcceptedUpdate], reference: Mapping[str, torch.Tensor],
-                strategy: Strategy, load: Callable[[AcceptedUpdate], Mapping[str, torch.Tensor]],
-                evaluator: Evaluator | None, config: Config) -> ClosedRound | None:
-    """Aggregate round ``number``'s stored ``updates`` onto ``reference`` and evaluate the result.
+                strategy: Strategy, spool: UpdateSpool, evaluator: Evaluator | None, config: Config,
+                num_clients: int = 1) -> ClosedRound | None:
+    """Aggregate round ``number``'s stored ``updates`` (files in ``spool``) onto ``reference`` and evaluate the
+    result; ``num_clients`` is SCAFFOLD's N (the federation's nodes).
 
     An update whose file cannot be read is left out (logged). Returns None when none could be read.
     """
     t0 = time.perf_counter()
     by_node = {u.node_id: u for u in updates}
-    result = strategy.aggregate([ClientUpdate(u.node_id, u.num_samples, lambda u=u: load(u)) for u in updates],
-                                reference)
+    clients = [ClientUpdate(u.node_id, u.num_samples, lambda u=u: spool.load(u),
+                            (lambda u=u: spool.load_control(u)) if u.control_path else None) for u in updates]
+    result = strategy.aggregate(clients, reference, num_clients)
     for node_id, reason in result.skipped:  # the stored file was lost or damaged on disk
         log.error("round %d: cannot read the stored update of %s (%s); leaving it out", number, node_id, reason)
+    for node_id, reason in result.control_skipped:
+        log.error("round %d: cannot read the control-variate change of %s (%s); counted as 0", number, node_id,
+                  reason)
     if result.state_dict is None:
         return None
     if result.clipped:

@@ -31,6 +31,7 @@ class RoundDriver:
     def __init__(self, federation) -> None:
         self.fed = federation
         self._aggregating = False
+        self._num_clients = 1  # SCAFFOLD's N of the round being aggregated
         self._last_wait_log = -math.inf
         self._thread: threading.Thread | None = None
 
@@ -48,6 +49,7 @@ class RoundDriver:
             self._aggregating = True
             number, updates, reference = st.round, list(st.updates.values()), self.fed.global_state
             num_participants = len(st.participants)
+            self._num_clients = self.fed.registry.count_clients()
             self.fed.changed.notify_all()
         try:
             self._aggregate(number, num_participants, updates, reference)
@@ -136,8 +138,8 @@ class RoundDriver:
 
     def _aggregate(self, number: int, num_participants: int, updates: list[AcceptedUpdate], reference) -> None:
         fed = self.fed
-        closed = closing.close_round(number, updates, reference, fed.strategy, fed.spool.load, fed.evaluator,
-                                     fed.config)
+        closed = closing.close_round(number, updates, reference, fed.strategy, fed.spool, fed.evaluator,
+                                     fed.config, self._num_clients)
         if closed is None:
             with self.fed.changed:
                 log.error("round %d: no stored update could be read; starting the round again", number)

@@ -25,7 +25,6 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Collection, Mapping
 
@@ -35,9 +34,10 @@ from config import Config
 from fedrest.aggregation import make_strategy
 from fedrest.files import remove_stale_temporaries
 from fedrest.serialization import UpdateRejected, state_dict_to_bytes
+from fedrest.server import intake
 from fedrest.server.checkpoints import GlobalModels
 from fedrest.server.credentials import hash_token, new_token
-from fedrest.server.errors import Conflict, TaskMismatch
+from fedrest.server.errors import TaskMismatch
 from fedrest.server.evaluation import Evaluator
 from fedrest.server.driver import RoundDriver
 from fedrest.server.registry import Node, NodeRegistry
@@ -93,6 +93,7 @@ class Federation:
         self.updates_refused_total: dict[str, int] = {}
         self.requests_refused_total: dict[str, int] = {}
         self.traffic = {"bytes_received": 0, "bytes_sent": 0}  # update uploads, global models served
+        self._control_cache: tuple[int, bytes] = (-1, b"")  # (model version, SCAFFOLD's c as served)
         state_dir = Path(config.temp_dir)
         self.spool = UpdateSpool(state_dir / UPDATES)
         self.global_models = GlobalModels(state_dir / GLOBAL)
@@ -150,6 +151,18 @@ class Federation:
             self.traffic["bytes_sent"] += len(self.global_bytes)
             return self.state.model_version, self.global_bytes
 
+    def control_variate_bytes(self) -> tuple[int, bytes]:
+        """(model version, serialised SCAFFOLD global control variate of that version); counted as sent. Only
+        for a strategy that :attr:`~fedrest.aggregation.Strategy.uses_control_variates`."""
+        with self._lock:
+            version, cached = self._control_cache
+            if version != self.state.model_version:
+                version = self.state.model_version
+                cached = state_dict_to_bytes(self.strategy.control_variate(self.global_state))
+                self._control_cache = version, cached
+            self.traffic["bytes_sent"] += len(cached)
+            return version, cached
+
     def count_received(self, num_bytes: int) -> None:
         """Count the body of an update upload (accepted or not)."""
         with self._lock:
@@ -205,10 +218,11 @@ class Federation:
             node = self.registry.by_token(hash_token(token))
             if node is not None:
                 node.left = False
-                self._touch(node)
+                self.touch(node)
             return node
 
-    def _touch(self, node: Node) -> None:
+    def touch(self, node: Node) -> None:
+        """Mark ``node`` seen now (call under the lock)."""
         node.last_seen_mono, node.last_seen_wall = self.clock(), time.time()
 
     def get_node(self, node_id: str) -> Node:
@@ -240,6 +254,8 @@ class Federation:
             self.store.ban_node(node.node_id, node.record(), self.state.values())
             if dropped:
                 Path(dropped.path).unlink(missing_ok=True)
+                if dropped.control_path:
+                    Path(dropped.control_path).unlink(missing_ok=True)
             self.changed.notify_all()
         log.warning("node %s (%s) banned by the operator%s%s", node.name, node.node_id,
                     f": {reason}" if reason else "", "; its update for this round was dropped" if dropped else "")
@@ -286,84 +302,22 @@ class Federation:
             finally:
                 node.polling -= 1
                 if not node.left:
-                    self._touch(node)
+                    self.touch(node)
 
-    # ------------------------------------------------------------------ updates
+    # ------------------------------------------------------------------ updates (fedrest.server.intake)
 
-    def submit_update(self, node: Node, round_number: int, metadata: Mapping, data: bytes) -> AcceptedUpdate:
-        """Check and durably store one update. Nothing is changed unless it is accepted.
-
-        The bytes are written and fsynced, then the update's row commits; only then does this return (and
-        the API answer 202), so an acknowledged update survives a crash of the coordinator.
-
-        Parameters
-        ----------
-        metadata : validated metadata: ``num_samples`` (int >= 1) and optional ``train_loss``,
-            ``train_accuracy``, ``train_seconds`` (floats).
-        data : the serialised state_dict.
-
-        Raises
-        ------
-        Conflict
-            Stale round, duplicate submission, or a node that is not a participant.
-        UpdateRejected
-            As :meth:`UpdateSpool.check` (undecodable, mismatched, non-finite, change above MAX_UPDATE_NORM).
-        """
-        with self._lock:
-            self.state.check_can_submit(node.node_id, round_number)
-            reference = self.global_state
-        norm = self.spool.check(data, reference, self.config.max_update_norm)
-        temporary = self.spool.write(round_number, node.node_id, data)
-        with self.changed:
-            try:
-                self.state.check_can_submit(node.node_id, round_number)
-            except Conflict:
-                temporary.unlink()
-                raise
-            final = self.spool.commit(temporary, round_number, node.node_id)
-            accepted = AcceptedUpdate(node.node_id, int(metadata["num_samples"]), str(final),
-                                      metadata.get("train_loss"), metadata.get("train_accuracy"),
-                                      metadata.get("train_seconds"), time.time())
-            record = node.record()
-            record.update(updates_submitted=node.updates_submitted + 1, last_train_loss=accepted.train_loss,
-                          last_train_accuracy=accepted.train_accuracy)
-            self.store.add_update(round_number, node.node_id, asdict(accepted), record)
-            self.state.updates[node.node_id] = accepted
-            self.state.refused.pop(node.node_id, None)
-            node.updates_submitted += 1
-            node.last_train_loss, node.last_train_accuracy = accepted.train_loss, accepted.train_accuracy
-            self._touch(node)
-            self.changed.notify_all()
-            log.info("round %d: update %d/%d from %s (%d samples, change norm %s)", round_number,
-                     len(self.state.updates), len(self.state.participants), node.name, accepted.num_samples,
-                     "not checked" if norm is None else f"{norm:.3g}")
-        return accepted
+    def submit_update(self, node: Node, round_number: int, metadata: Mapping, data: bytes,
+                      control: bytes | None = None) -> AcceptedUpdate:
+        """Check and durably store one update (:func:`.intake.submit_update`)."""
+        return intake.submit_update(self, node, round_number, metadata, data, control)
 
     def submit_evaluation(self, node: Node, round_number: int, num_samples: int, metrics: dict) -> None:
-        """Store ``node``'s federated evaluation of global model ``round_number`` (``num_samples`` held-out
-        examples, at most the number it registered). Raises :class:`Conflict` unless it was asked for it
-        (:meth:`RoundState.add_evaluation`)."""
-        with self.changed:
-            self.state.add_evaluation(node.node_id, round_number, min(num_samples, node.eval_samples), metrics)
-            self.store.put({"evaluations": self.state.evaluations})
-            self._touch(node)
-            self.changed.notify_all()
+        """Store a federated evaluation (:func:`.intake.submit_evaluation`)."""
+        intake.submit_evaluation(self, node, round_number, num_samples, metrics)
 
     def record_refusal(self, node: Node, round_number: int, refusal: UpdateRejected) -> None:
-        """Count a refused update (:class:`UpdateRejected`, by its ``error``), and log it.
-
-        When the node is a participant of the open round that still owes an answer, the refusal is its answer:
-        the round stops waiting for it and it is not asked to train again in this attempt (the same work would
-        be refused again). Refusals for other rounds only count.
-        """
-        with self.changed:
-            self.updates_refused_total[refusal.error] = self.updates_refused_total.get(refusal.error, 0) + 1
-            counts = round_number == self.state.round and self.state.owes_answer(node.node_id)
-            if counts:
-                self.state.refused[node.node_id] = str(refusal)
-                self.changed.notify_all()
-        log.warning("round %d: refused the update of %s (%s: %s)%s", round_number, node.name, refusal.error,
-                    refusal, "" if counts else "; not a pending participant")
+        """Count and log a refused update (:func:`.intake.record_refusal`)."""
+        intake.record_refusal(self, node, round_number, refusal)
 
     # ------------------------------------------------------------------ rounds (fedrest.server.driver)
 

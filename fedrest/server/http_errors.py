@@ -76,12 +76,20 @@ def _http_error(exc: HTTPException) -> Response:
                       headers={"Allow": ", ".join(valid)} if valid else None)
 
 
+def upload_body_limit(federation) -> int:
+    """The largest update upload body in bytes: MAX_UPDATE_BYTES per file part (two with SCAFFOLD: the update
+    and its control-variate change) plus MULTIPART_SLACK."""
+    parts = 2 if federation.strategy.uses_control_variates else 1
+    return parts * federation.config.max_update_bytes + MULTIPART_SLACK
+
+
 def _body_too_large() -> Response:
     """413 raised by werkzeug while reading a body (over the request's max_content_length or a form limit)."""
     if request.endpoint != UPLOAD_ENDPOINT:
         return json_error(413, "payload_too_large", f"request bodies here are limited to {JSON_BODY_LIMIT} bytes")
-    limit = current_app.extensions["federation"].config.max_update_bytes
-    if request.content_length is not None and request.content_length <= limit + MULTIPART_SLACK:
+    federation = current_app.extensions["federation"]
+    limit = federation.config.max_update_bytes
+    if request.content_length is not None and request.content_length <= upload_body_limit(federation):
         return json_error(413, "payload_too_large",
                           f"form field 'metadata' (or another part that is not a file) is larger than "
                           f"{METADATA_LIMIT} bytes, or the multipart boundary does not match the "

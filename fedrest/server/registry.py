@@ -164,6 +164,10 @@ class NodeRegistry:
         node.banned = node.left = True
         self._by_token.pop(node.token_hash, None)
 
+    def count_clients(self) -> int:
+        """The federation's clients: registered nodes that are not banned (online or not; SCAFFOLD's N)."""
+        return sum(1 for n in self.nodes.values() if not n.banned)
+
     def is_online(self, node: Node, now: float) -> bool:
         if node.left:
             return False

@@ -1,7 +1,8 @@
 """The update spool: the checks an upload passes, and where the accepted updates of the open round wait, as
 files, until they are aggregated.
 
-Layout: ``TEMP_DIR/updates/round_<r>/<node_id>.pt`` holds the bytes exactly as uploaded. An upload is written
+Layout: ``TEMP_DIR/updates/round_<r>/<node_id>.pt`` holds the bytes exactly as uploaded (and, for SCAFFOLD,
+``<node_id>.control.pt`` the change of the node's control variate, committed before the update). An upload is written
 and fsynced under a temporary name outside the federation's lock (:meth:`UpdateSpool.write`), then renamed
 into place under the lock (:meth:`UpdateSpool.commit`) just before the row that refers to it commits; so a
 file without a row can exist after a crash (removed at the next start), never a row without its file.
@@ -20,7 +21,7 @@ import torch
 
 from fedrest.aggregation import UpdateNormTooLarge, delta_norm
 from fedrest.files import replace_durably, write_temporary
-from fedrest.serialization import bytes_to_state_dict, check_compatible
+from fedrest.serialization import UpdateRejected, bytes_to_state_dict, check_compatible
 
 log = logging.getLogger("fl.federation")
 
@@ -36,6 +37,7 @@ class AcceptedUpdate:
     train_accuracy: float | None
     train_seconds: float | None
     received_at: float  # wall clock, seconds since the epoch
+    control_path: str | None = None  # SCAFFOLD: the file of the change of the node's control variate
 
 
 class UpdateSpool:
@@ -66,6 +68,21 @@ class UpdateSpool:
         return norm
 
     @staticmethod
+    def check_control(data: bytes, parameters: Mapping[str, torch.Tensor]) -> None:
+        """Check SCAFFOLD's change of a control variate: exactly the keys, shapes and dtypes of the model's
+        ``parameters``, all finite.
+
+        Raises
+        ------
+        UpdateRejected
+            For undecodable bytes or a mismatch (the message says "control variate").
+        """
+        try:
+            check_compatible(bytes_to_state_dict(data), parameters)
+        except UpdateRejected as exc:
+            raise UpdateRejected(f"control variate: {exc}") from None
+
+    @staticmethod
     def present(round_number: int, updates: list) -> list:
         """The stored ``updates`` (AcceptedUpdates of a resumed round) whose files exist; the others are logged."""
         for update in updates:
@@ -74,16 +91,17 @@ class UpdateSpool:
                           update.node_id)
         return [u for u in updates if Path(u.path).exists()]
 
-    def path(self, round_number: int, node_id: str) -> Path:
-        return self.directory / f"round_{round_number}" / f"{node_id}.pt"
+    def path(self, round_number: int, node_id: str, control: bool = False) -> Path:
+        """The file of a node's update (``control``: of its control-variate change) in a round."""
+        return self.directory / f"round_{round_number}" / f"{node_id}{'.control' if control else ''}.pt"
 
-    def write(self, round_number: int, node_id: str, data: bytes) -> Path:
+    def write(self, round_number: int, node_id: str, data: bytes, control: bool = False) -> Path:
         """Write and fsync ``data`` under a temporary name in the round's folder; returns that name."""
-        return write_temporary(self.path(round_number, node_id), data)
+        return write_temporary(self.path(round_number, node_id, control), data)
 
-    def commit(self, temporary: Path, round_number: int, node_id: str) -> Path:
+    def commit(self, temporary: Path, round_number: int, node_id: str, control: bool = False) -> Path:
         """Rename a written update into place (the rename is fsynced too); returns its path."""
-        final = self.path(round_number, node_id)
+        final = self.path(round_number, node_id, control)
         replace_durably(temporary, final)
         return final
 
@@ -91,6 +109,15 @@ class UpdateSpool:
     def load(update: AcceptedUpdate):
         """The state_dict of a stored update. Raises OSError or UpdateRejected for a lost or damaged file."""
         with open(update.path, "rb") as f:
+            return bytes_to_state_dict(f.read())
+
+    @staticmethod
+    def load_control(update: AcceptedUpdate):
+        """The control-variate change stored with ``update`` (SCAFFOLD). Raises OSError or UpdateRejected for
+        a lost or damaged file, or when the update has none."""
+        if update.control_path is None:
+            raise UpdateRejected("no control-variate change was stored with this update")
+        with open(update.control_path, "rb") as f:
             return bytes_to_state_dict(f.read())
 
     def discard_round(self, round_number: int) -> None:

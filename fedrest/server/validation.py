@@ -185,8 +185,10 @@ def parse_update_metadata(raw: str | None, node: Node) -> dict:
     return result
 
 
-def update_upload(node: Node, limit: int) -> tuple[dict, bytes]:
-    """The (metadata, state_dict bytes) of an update upload (multipart/form-data) of at most ``limit`` bytes.
+def update_upload(node: Node, limit: int, with_control: bool = False) -> tuple[dict, bytes, bytes | None]:
+    """The (metadata, state_dict bytes, control-variate bytes or None) of an update upload (multipart/form-data)
+    whose file parts are each at most ``limit`` bytes. ``with_control`` (SCAFFOLD): read the file part
+    ``control_variate`` too (its absence is refused later, by the federation, as missing_control_variate).
 
     Raises
     ------
@@ -197,7 +199,8 @@ def update_upload(node: Node, limit: int) -> tuple[dict, bytes]:
     ApiError
         415 for a body that is not multipart/form-data.
     """
-    if request.content_length is not None and request.content_length > limit + MULTIPART_SLACK:
+    parts = 2 if with_control else 1
+    if request.content_length is not None and request.content_length > parts * limit + MULTIPART_SLACK:
         raise UpdateTooLarge(limit)
     if not request.mimetype == "multipart/form-data":
         raise ApiError(415, "unsupported_media_type", "send multipart/form-data with fields "
@@ -206,7 +209,13 @@ def update_upload(node: Node, limit: int) -> tuple[dict, bytes]:
     upload = request.files.get("state_dict")
     if upload is None:
         raise BadUpdateMetadata("missing file part 'state_dict'")
+    data = _read_part(upload, limit)
+    control = request.files.get("control_variate") if with_control else None
+    return metadata, data, None if control is None else _read_part(control, limit)
+
+
+def _read_part(upload, limit: int) -> bytes:
     data = upload.stream.read(limit + 1)
     if len(data) > limit:
         raise UpdateTooLarge(limit)
-    return metadata, data
+    return data

@@ -40,7 +40,9 @@ class TrainSettings:
 
     ``strategy`` is the run's strategy; with ``fedprox``, ``proximal_mu`` > 0 is the coefficient of the proximal
     term that the local objective adds (the built-in loop does; a task's own ``train`` must add it itself, for
-    example with :func:`fedrest.training.proximal_term`).
+    example with :func:`fedrest.training.proximal_term`). With ``scaffold``, ``control_correction`` (c - c_i by
+    parameter name, tensors) is added to every gradient by the built-in loop; a task with its own ``train``
+    cannot run scaffold (the coordinator refuses to start).
     """
 
     round: int
@@ -53,6 +55,7 @@ class TrainSettings:
     test_batch_size: int = 1000
     strategy: str = "fedavg"
     proximal_mu: float = 0.0
+    control_correction: Any = None  # scaffold: c - c_i by parameter name (the built-in loop adds it to gradients)
 
     @classmethod
     def of_round(cls, settings: dict, round_number: int, seed: int, device: torch.device) -> "TrainSettings":
@@ -146,7 +149,8 @@ class Task:
         if self._train is None:
             return training.fit(model, data, epochs=settings.local_epochs, batch_size=settings.batch_size,
                                 learning_rate=settings.learning_rate, momentum=settings.momentum, seed=settings.seed,
-                                device=settings.device, progress=progress, proximal_mu=settings.proximal_mu)
+                                device=settings.device, progress=progress, proximal_mu=settings.proximal_mu,
+                                gradient_correction=settings.control_correction)
         started = time.perf_counter()
         model.train()
         metrics = self._call("train(model, data, settings)", self._train, model, data.raw, settings)

@@ -1,4 +1,5 @@
-"""Workers' calls about themselves: register, heartbeat, leave, the next task, the global model."""
+"""Workers' calls about themselves: register, heartbeat, leave, the next task, the global model (and SCAFFOLD's
+global control variate)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from flask import Blueprint, Response, jsonify
 from fedrest.server import validation
 from fedrest.server.auth import federation, require_node, require_own_node, require_token
 from fedrest.server.errors import TaskMismatch
+from fedrest.server.http_errors import ApiError
 from fedrest.server.views import API
 
 log = logging.getLogger("fl.coordinator")
@@ -62,3 +64,17 @@ def model():
     return Response(data, mimetype="application/octet-stream",
                     headers={"X-Model-Version": str(version), "X-Model-Name": fed.task.model_name,
                              "Cache-Control": "no-store"})
+
+
+@bp.get("/control-variate")
+def control_variate():
+    """SCAFFOLD's global control variate c of the current model version (a state_dict of the model's
+    parameters); 404 for other strategies."""
+    require_node()
+    fed = federation()
+    if not fed.strategy.uses_control_variates:
+        raise ApiError(404, "no_control_variate", f"the strategy of this run, {fed.strategy.name}, has no control "
+                                                  "variate (only scaffold has)")
+    version, data = fed.control_variate_bytes()
+    return Response(data, mimetype="application/octet-stream",
+                    headers={"X-Model-Version": str(version), "Cache-Control": "no-store"})

@@ -1,4 +1,5 @@
-"""Update uploads, ``POST /api/v1/rounds/<round>/updates`` (multipart: metadata JSON + state_dict file), and
+"""Update uploads, ``POST /api/v1/rounds/<round>/updates`` (multipart: metadata JSON + state_dict file, and for
+SCAFFOLD a control_variate file), and
 federated evaluations of a global model, ``POST /api/v1/rounds/<round>/evaluation`` (JSON)."""
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ def submit_update(round_number: int):
     node = require_node()
     fed.count_received(request.content_length or 0)
     try:
-        metadata, data = validation.update_upload(node, fed.config.max_update_bytes)
-        accepted = fed.submit_update(node, round_number, metadata, data)
+        metadata, data, control = validation.update_upload(node, fed.config.max_update_bytes,
+                                                           fed.strategy.uses_control_variates)
+        accepted = fed.submit_update(node, round_number, metadata, data, control)
     except UpdateRejected as refusal:
         fed.record_refusal(node, round_number, refusal)
         raise
