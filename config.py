@@ -136,6 +136,15 @@ class Config:
     max_share: float = field(default=0.5, metadata=_meta(
         "largest share of a round's FedAvg weight one node may take (1: no bound; a node's samples are also "
         "bounded by the number it registered with)", lo=0.01, hi=1.0))
+    # --- central differential privacy (DP-FedAvg, McMahan et al. 2018; README "Differential privacy") ---
+    dp_noise_multiplier: float = field(default=0.0, metadata=_meta(
+        "DP-FedAvg: noise multiplier z, Gaussian noise of std z * CLIP_NORM on the sum of the clipped changes "
+        "(0: off; on: clients sampled with probability CLIENT_FRACTION)", lo=0.0, hi=1000.0))
+    dp_delta: float = field(default=1e-5, metadata=_meta(
+        "DP-FedAvg: the delta at which the epsilon spent is reported", lo=1e-15, hi=0.1))
+    dp_epsilon_budget: float = field(default=0.0, metadata=_meta(
+        "DP-FedAvg: the run stops before a round would spend more than this epsilon (0: no budget)",
+        lo=0.0, hi=1e6))
     # --- robust aggregation ---
     aggregation: str = field(default="fedavg", metadata=_meta(
         "how a round's updates are combined: fedavg (sample-weighted mean), median (coordinate-wise) or "
@@ -206,6 +215,7 @@ COORDINATOR_FIELDS = (
     "min_nodes_to_start", "client_fraction", "min_updates", "node_timeout", "heartbeat_interval", "round_timeout",
     "seed", "cpu_threads", "save_model", "max_update_bytes", "max_nodes", "rate_limit", "address_rate_limit",
     "strategy", "server_learning_rate", "server_momentum", "beta1", "beta2", "tau", "proximal_mu", "max_share",
+    "dp_noise_multiplier", "dp_delta", "dp_epsilon_budget",
     "aggregation", "trim_fraction", "clip_norm", "max_update_norm", "token", "monitor_token", "admin_token",
     "no_auth", "no_eval", "debug", "fresh", "keep_serving",
 )
@@ -221,7 +231,7 @@ RUN_FIELDS = (
     *TASK_FIELDS, "classes", "batch_size", "test_batch_size", "learning_rate", "momentum", "local_epochs",
     "communication_rounds", "min_nodes_to_start", "client_fraction", "min_updates", "seed", "no_eval",
     "strategy", "server_learning_rate", "server_momentum", "beta1", "beta2", "tau", "proximal_mu", "max_share",
-    "aggregation", "trim_fraction", "clip_norm",
+    "aggregation", "trim_fraction", "clip_norm", "dp_noise_multiplier", "dp_delta", "dp_epsilon_budget",
 )
 # Short spellings users expect from the README and the issue text.
 ALIASES = {"communication_rounds": ["--rounds"], "min_nodes_to_start": ["--min-nodes"], "learning_rate": ["--lr"],

@@ -19,7 +19,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from fedrest.monitoring import add_monitor_arguments, is_loss, metric_names, parse_monitor_args, round_metrics
+from fedrest.monitoring import (add_monitor_arguments, is_loss, metric_names, parse_monitor_args, privacy_text,
+                                round_metrics)
 
 DEFAULT_PNG = Path("logs") / "monitor.png"
 SAVE_FORMATS = (".png", ".svg", ".pdf")
@@ -55,6 +56,8 @@ def draw(fig, status: dict | None, timeline: NodeTimeline, error: str | None = N
     if status is not None:
         title = (f"run {status['run_id']} — {status['state']} — round {status['round']}/{status['total_rounds']}"
                  f" — {sum(1 for n in status['nodes'] if n['status'] != 'offline')} nodes up")
+        if privacy_text(status):
+            title += f" — {privacy_text(status)}"
     if error is not None:
         since = datetime.fromtimestamp(unreachable_since).strftime("%H:%M:%S") if unreachable_since else "?"
         title += f"\nsince {since}: {error[:120]}" if refused else f"\ncoordinator unreachable since {since}"

@@ -24,7 +24,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from fedrest.monitoring import add_monitor_arguments, metric_names, parse_monitor_args, round_metrics
+from fedrest.monitoring import (add_monitor_arguments, metric_names, parse_monitor_args, privacy_text,
+                                round_metrics)
 
 SPARK = "▁▂▃▄▅▆▇█"
 STATUS_STYLE = {"online": "green", "training": "cyan", "offline": "red"}
@@ -115,9 +116,10 @@ def render(status: dict | None, error: str | None = None, unreachable_since: flo
 
     history = status["history"]
     done, total = len(history), status["total_rounds"]
+    privacy = privacy_text(status)
     parts.append(Text(f"run {status['run_id']} · {status['state']} · round {status['round']}/{total} · "
-                      f"{status['model']}/{status.get('task', status['dataset'])}", style="bold", no_wrap=True,
-                      overflow="ellipsis"))
+                      f"{status['model']}/{status.get('task', status['dataset'])}"
+                      + (f" · {privacy}" if privacy else ""), style="bold", no_wrap=True, overflow="ellipsis"))
     bar = Table.grid(padding=(0, 1))
     bar.add_row(ProgressBar(total=total, completed=done, width=30), Text(f"{done}/{total} rounds done"))
     parts.append(bar)

@@ -48,9 +48,25 @@ def validate(cfg) -> None:
     if cfg.strategy == "scaffold" and cfg.aggregation != "fedavg":
         raise ConfigError(f"--strategy scaffold cannot use --aggregation {cfg.aggregation}: its control variates "
                           "correct the mean of the updates, not a median or trimmed mean")
+    if cfg.dp_noise_multiplier > 0:
+        _validate_privacy(cfg)
     if cfg.partition_id is not None and cfg.partition_id >= cfg.num_partitions:
         raise ConfigError(f"--partition-id must be < --num-partitions ({cfg.num_partitions}), "
                           f"got {cfg.partition_id}")
+
+
+def _validate_privacy(cfg) -> None:
+    """DP-FedAvg's rules: a clip norm (the sensitivity), the mean (no robust rule, whose sensitivity differs),
+    no SCAFFOLD (its control-variate changes would be released without noise)."""
+    if cfg.clip_norm <= 0:
+        raise ConfigError("--dp-noise-multiplier needs --clip-norm > 0: the clip norm S bounds one client's change "
+                          "(the noise's standard deviation is z * S)")
+    if cfg.aggregation != "fedavg":
+        raise ConfigError(f"--dp-noise-multiplier cannot use --aggregation {cfg.aggregation}: the privacy analysis "
+                          "is of the noisy mean of clipped changes")
+    if cfg.strategy == "scaffold":
+        raise ConfigError("--dp-noise-multiplier cannot use --strategy scaffold: its control-variate changes are "
+                          "not clipped and noised")
 
 
 def _is_number(text: str) -> bool:

@@ -90,6 +90,17 @@ def round_metrics(record: dict) -> dict[str, float]:
     return metrics
 
 
+def privacy_text(status: dict) -> str | None:
+    """The privacy spent, for the monitors' headers: "ε 1.23 at δ 1e-05 (budget 8, 30 rounds)"; None without
+    differential privacy."""
+    privacy = status.get("privacy")
+    if not privacy:
+        return None
+    budget = (f" (budget {privacy['epsilon_budget']:g}, {privacy['rounds_allowed']} rounds)"
+              if privacy.get("epsilon_budget") else "")
+    return f"ε {privacy['epsilon']:.2f} at δ {privacy['delta']:g}{budget}"
+
+
 def metric_names(history: list[dict]) -> list[str]:
     """Every metric name of ``history`` (:func:`round_metrics`), accuracy and loss first, the others in the
     order they first appear."""

@@ -121,6 +121,12 @@ function render(status) {
   const headline = "accuracy" in last ? "accuracy" : (Object.keys(last)[0] || "accuracy");
   text("last-metric-name", `last ${headline}`);
   text("last-accuracy", headline in last ? fmt(last[headline], 4) : "-");
+  const privacy = status.privacy;  // DP-FedAvg: epsilon spent at delta (null: no differential privacy)
+  document.getElementById("privacy-box").hidden = !privacy;
+  if (privacy) {
+    text("privacy", `ε ${fmt(privacy.epsilon, 2)} at δ ${privacy.delta}`
+         + (privacy.epsilon_budget ? ` (budget ${privacy.epsilon_budget}, ${privacy.rounds_allowed} rounds)` : ""));
+  }
   document.getElementById("rounds-bar").style.width = `${(100 * history.length) / status.total_rounds}%`;
   const current = status.current_round;
   const answers = status.state === "evaluating" ? "evaluations of the new model" : "updates";

@@ -7,7 +7,8 @@ parts, chosen with ``--strategy`` and ``--aggregation`` (:func:`make_strategy`):
    FedProx's proximal term (``fedprox``), or SCAFFOLD's corrected gradients (``scaffold``, :mod:`.scaffold`:
    each worker keeps its control variate and uploads its change beside its model).
 2. **A combining rule** (:mod:`.combine`, ``--aggregation``): the bounded sample-weighted mean (FedAvg), the
-   coordinate-wise median or the trimmed mean, after the optional clipping.
+   coordinate-wise median or the trimmed mean, after the optional clipping; or, with differential privacy
+   (``--dp-noise-multiplier``), DP-FedAvg's noisy mean of clipped changes (:mod:`.private_mean`).
 3. **A server optimizer** (:mod:`.server_optimizers`) for ``fedavgm``, ``fedadagrad``, ``fedadam``, ``fedyogi``:
    a step along the pseudo-gradient (combined - global) with state kept across rounds.
 
@@ -27,6 +28,7 @@ import torch
 
 from fedrest.aggregation.scaffold import next_global_control
 from fedrest.aggregation.combine import Aggregate, ClientUpdate, Combiner, make_combiner
+from fedrest.aggregation.private_mean import PrivateMean
 from fedrest.aggregation.server_optimizers import SERVER_OPTIMIZERS, ServerOptimizer
 from fedrest.serialization import UpdateRejected, check_compatible
 
@@ -47,13 +49,15 @@ class Strategy:
     parameter_keys : the state_dict keys that are model parameters (the optimizer steps only those; None: every
         floating tensor).
     proximal_mu : FedProx's mu >= 0 sent to the workers (0 for other strategies).
+    private : DP-FedAvg's mechanism, which then replaces ``combiner`` (None: no differential privacy).
     """
 
     def __init__(self, name: str, combiner: Combiner, optimizer: ServerOptimizer | None = None, *,
-                 parameter_keys: Collection[str] | None = None, proximal_mu: float = 0.0) -> None:
+                 parameter_keys: Collection[str] | None = None, proximal_mu: float = 0.0,
+                 private: PrivateMean | None = None) -> None:
         if proximal_mu < 0:
             raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
-        self.name, self.combiner, self.optimizer = name, combiner, optimizer
+        self.name, self.combiner, self.optimizer, self.private = name, combiner, optimizer, private
         self.parameter_keys = None if parameter_keys is None else frozenset(parameter_keys)
         self.proximal_mu = float(proximal_mu)
         self.state: dict[str, torch.Tensor] = {}  # the server state after the last committed round
@@ -93,23 +97,29 @@ class Strategy:
 
     def describe(self) -> dict:
         """The strategy's settings for the status (JSON-ready)."""
-        out = {"strategy": self.name, "aggregation": self.combiner.name}
+        out = {"strategy": self.name,
+               "aggregation": self.private.name if self.private is not None else self.combiner.name}
         if self.optimizer is not None:
             out.update(self.optimizer.settings())
         return {**out, **{k: v for k, v in self.client_settings().items() if k != "strategy"}}
 
-    def aggregate(self, updates: Sequence[ClientUpdate], reference: StateDict, num_clients: int = 1) -> Aggregate:
+    def aggregate(self, updates: Sequence[ClientUpdate], reference: StateDict, num_clients: int = 1,
+                  noise_seed: int = 0) -> Aggregate:
         """The next global model from ``updates`` (any order) and the current global model ``reference``;
         :attr:`state` is not changed (the new one is in the result's ``server_state``).
 
-        ``num_clients``: SCAFFOLD's N, the number of clients of the federation (:mod:`.scaffold`).
+        ``num_clients``: N, the number of clients of the federation (SCAFFOLD's, and DP-FedAvg's denominator
+        q * N). ``noise_seed``: DP-FedAvg's secret seed of the round's noise.
 
         Raises
         ------
         ValueError
             If two updates share a key.
         """
-        result = self.combiner.combine(updates, reference)
+        if self.private is not None:
+            result = self.private.combine(updates, reference, num_clients, noise_seed)
+        else:
+            result = self.combiner.combine(updates, reference)
         if result.state_dict is None:
             return result
         if self.optimizer is not None:
@@ -165,8 +175,11 @@ def make_strategy(config, parameter_keys: Collection[str] | None = None) -> Stra
     if name == "scaffold" and config.aggregation != "fedavg":
         raise ValueError("scaffold averages the updates (its control variates correct the mean); it cannot "
                          f"use --aggregation {config.aggregation}")
+    private = None
+    if getattr(config, "dp_noise_multiplier", 0.0) > 0:
+        private = PrivateMean(config.clip_norm, config.dp_noise_multiplier, config.client_fraction)
     return Strategy(name, combiner, optimizer, parameter_keys=parameter_keys,
-                    proximal_mu=config.proximal_mu if name == "fedprox" else 0.0)
+                    proximal_mu=config.proximal_mu if name == "fedprox" else 0.0, private=private)
 
 
 def aggregate(updates: Sequence[tuple[str, StateDict, int]], reference: StateDict, rule: str = "fedavg", *,

@@ -21,6 +21,7 @@ Both are written with the one atomic writer (:mod:`fedrest.files`).
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from typing import Mapping
 
@@ -50,6 +51,15 @@ class GlobalModels:
     def read(self, version: int) -> bytes:
         """The bytes of ``version``. Raises OSError when the file is missing or unreadable."""
         return self.path(version).read_bytes()
+
+    def privacy_key(self) -> bytes:
+        """The run's secret DP key (32 random bytes in ``dp_key``, mode 0600, made on first use): it seeds
+        DP-FedAvg's client sampling and noise, so that a resumed round draws the same and nobody else can.
+        Raises OSError when it cannot be read or written."""
+        path = self.directory / "dp_key"
+        if not path.exists():
+            atomic_write_bytes(path, secrets.token_bytes(32))
+        return path.read_bytes()
 
     def state_path(self, version: int) -> Path:
         return self.directory / f"server_state_v{version}.pt"

@@ -68,9 +68,10 @@ def _mean(values) -> float | None:
 
 def close_round(number: int, updates: list[AcceptedUpdate], reference: Mapping[str, torch.Tensor],
                 strategy: Strategy, spool: UpdateSpool, evaluator: Evaluator | None, config: Config,
-                num_clients: int = 1) -> ClosedRound | None:
+                num_clients: int = 1, noise_seed: int = 0) -> ClosedRound | None:
     """Aggregate round ``number``'s stored ``updates`` (files in ``spool``) onto ``reference`` and evaluate the
-    result; ``num_clients`` is SCAFFOLD's N (the federation's nodes).
+    result; ``num_clients`` is N (the federation's nodes: SCAFFOLD's, DP-FedAvg's), ``noise_seed`` seeds
+    DP-FedAvg's noise.
 
     An update whose file cannot be read is left out (logged). Returns None when none could be read.
     """
@@ -78,7 +79,7 @@ def close_round(number: int, updates: list[AcceptedUpdate], reference: Mapping[s
     by_node = {u.node_id: u for u in updates}
     clients = [ClientUpdate(u.node_id, u.num_samples, lambda u=u: spool.load(u),
                             (lambda u=u: spool.load_control(u)) if u.control_path else None) for u in updates]
-    result = strategy.aggregate(clients, reference, num_clients)
+    result = strategy.aggregate(clients, reference, num_clients, noise_seed)
     for node_id, reason in result.skipped:  # the stored file was lost or damaged on disk
         log.error("round %d: cannot read the stored update of %s (%s); leaving it out", number, node_id, reason)
     for node_id, reason in result.control_skipped:

@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict
 
+from fedrest.aggregation.private_mean import round_noise_seed
 from fedrest.server import closing
 from fedrest.server.rounds import (Action, Decision, Phase, RoundRecord, Settings, after_round, decide, federated_mean,
                                    sample_participants)
@@ -61,7 +62,8 @@ class RoundDriver:
         st, c = self.fed.state, self.fed.config
         online = self.fed.registry.online(now)
         decision = decide(st.facts(now, online, c.round_timeout),
-                          Settings(c.min_nodes_to_start, c.min_updates, c.round_timeout))
+                          Settings(c.min_nodes_to_start, c.min_updates, c.round_timeout,
+                                   release_empty=self.fed.privacy is not None))
         if decision.action == Action.NOTHING:
             self._log_waiting(now, online)
             return False
@@ -120,7 +122,7 @@ class RoundDriver:
         """Open round ``number`` (attempt ``attempt``) with sampled online nodes; the caller stores it. Returns
         the "started" log line (logged here unless ``announce`` is False: then after the caller's commit)."""
         online = self.fed.registry.online_ids(now)
-        self.fed.state.open(number, attempt, online, self.fed.config, now, time.time())
+        self.fed.state.open(number, attempt, online, self.fed.config, now, time.time(), self.fed.privacy_key)
         if attempt > 1:  # the files of the attempt that failed (their rows go with the start_round commit)
             self.fed.spool.discard_round(number)
         self._last_wait_log = now  # the next "waiting for" line comes WAITING_LOG_EVERY seconds from now
@@ -138,8 +140,9 @@ class RoundDriver:
 
     def _aggregate(self, number: int, num_participants: int, updates: list[AcceptedUpdate], reference) -> None:
         fed = self.fed
+        noise_seed = round_noise_seed(fed.privacy_key, number) if fed.privacy_key is not None else 0
         closed = closing.close_round(number, updates, reference, fed.strategy, fed.spool, fed.evaluator,
-                                     fed.config, self._num_clients)
+                                     fed.config, self._num_clients, noise_seed)
         if closed is None:
             with self.fed.changed:
                 log.error("round %d: no stored update could be read; starting the round again", number)
@@ -161,6 +164,8 @@ class RoundDriver:
         self.fed.global_state, self.fed.global_bytes = closed.state_dict, closed.state_bytes
         self.fed.strategy.state = closed.server_state
         st.model_version = number
+        if self.fed.privacy is not None:
+            record.epsilon = self.fed.privacy.epsilon(number)
         record.finished_at = time.time()
         record.duration_s = record.finished_at - st.started_wall
         st.history.append(record)
@@ -196,8 +201,12 @@ class RoundDriver:
         """After round ``number`` (and its evaluation): finish, open the next round or wait for nodes; returns the
         "started" line to log after the caller's commit."""
         c = self.fed.config
-        action = after_round(number, c.communication_rounds, len(self.fed.registry.online(now)),
+        action = after_round(number, self.fed.rounds_to_run, len(self.fed.registry.online(now)),
                              c.min_nodes_to_start)
+        if action == Action.FINISH and number < c.communication_rounds:
+            log.warning("round %d: the privacy budget DP_EPSILON_BUDGET=%g is reached (epsilon %.4g; one more round "
+                        "would make it %.4g); the run is finished", number, c.dp_epsilon_budget,
+                        self.fed.privacy.epsilon(number), self.fed.privacy.epsilon(number + 1))
         if action == Action.FINISH:
             self.fed.state.phase, self.fed.state.participants = Phase.FINISHED, []
         elif action == Action.OPEN:

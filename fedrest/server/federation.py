@@ -44,7 +44,8 @@ from fedrest.server.registry import Node, NodeRegistry
 from fedrest.server.round_state import RoundState
 from fedrest.server.rounds import Phase
 from fedrest.server.spool import AcceptedUpdate, UpdateSpool
-from fedrest.server.state_dir import DB_NAME, GLOBAL, UPDATES
+from fedrest.privacy import PrivacySettings
+from fedrest.server.state_dir import DB_NAME, GLOBAL, UPDATES, StartRefused
 from fedrest.server.status import Snapshot, take_snapshot
 from fedrest.server.resume import read_stored_run
 from fedrest.server.store import RunStore
@@ -53,6 +54,24 @@ from fedrest.tasks.fingerprint import TaskIdentity, differences
 log = logging.getLogger("fl.federation")
 
 __all__ = ["Federation", "Node", "Phase"]
+
+
+def _privacy_of(config: Config) -> PrivacySettings | None:
+    """The run's DP settings; raises StartRefused when the epsilon budget allows no round at all."""
+    privacy = PrivacySettings.of(config)
+    if privacy is None:
+        return None
+    if privacy.rounds_allowed == 0:
+        raise StartRefused(f"DP_EPSILON_BUDGET={config.dp_epsilon_budget:g} allows no round: one round spends "
+                           f"epsilon {privacy.epsilon(1):.3g} at delta {config.dp_delta:g} (noise multiplier "
+                           f"{config.dp_noise_multiplier:g}, client fraction {config.client_fraction:g}); raise the "
+                           "budget or the noise multiplier, or lower the client fraction")
+    if privacy.rounds_allowed < config.communication_rounds:
+        log.warning("DP_EPSILON_BUDGET=%g allows %d of the %d rounds (epsilon %.3g after them, %.3g after one "
+                    "more); the run stops there", config.dp_epsilon_budget, privacy.rounds_allowed,
+                    config.communication_rounds, privacy.epsilon(privacy.rounds_allowed),
+                    privacy.epsilon(privacy.rounds_allowed + 1))
+    return privacy
 
 
 class Federation:
@@ -89,6 +108,7 @@ class Federation:
         self.changed = threading.Condition(self._lock)  # the one lock, notified on every change
         self.registry = NodeRegistry(config.node_timeout, config.max_nodes)
         self.strategy = make_strategy(config, parameter_keys)
+        self.privacy = _privacy_of(config)
         self.state = RoundState()
         self.updates_refused_total: dict[str, int] = {}
         self.requests_refused_total: dict[str, int] = {}
@@ -101,12 +121,18 @@ class Federation:
         self.driver = RoundDriver(self)
         remove_stale_temporaries([state_dir, self.spool.directory, self.global_models.directory,
                                   Path(config.models_dir)])
+        self.privacy_key = self.global_models.privacy_key() if self.privacy is not None else None
         self.store = RunStore(state_dir / DB_NAME)
         reference = OrderedDict((k, v.detach().cpu().clone()) for k, v in initial_state_dict.items())
         if self.store.is_empty():
             self._new_run(reference)
         else:
             self._resume(reference)
+
+    @property
+    def rounds_to_run(self) -> int:
+        """COMMUNICATION_ROUNDS, or fewer when the DP epsilon budget allows fewer."""
+        return self.privacy.rounds_allowed if self.privacy is not None else self.config.communication_rounds
 
     # Read-only views of the round state that the HTTP layer and monitors use.
     phase = property(lambda self: self.state.phase)

@@ -12,6 +12,8 @@ Metrics (text exposition format, ``prometheus_client``):
 - ``fl_round_duration_seconds`` and ``fl_aggregation_duration_seconds`` (histograms over completed rounds)
 - ``fl_test_accuracy`` and ``fl_test_loss`` of the last evaluated global model (gauges), and every metric the task
   reports as ``fl_test_metric{name="f1"}``; the workers' federated evaluation as ``fl_federated_metric{name=...}``
+- with DP-FedAvg: ``fl_privacy_epsilon`` (epsilon spent so far, at ``fl_privacy_delta``) and
+  ``fl_privacy_epsilon_budget`` when there is a budget (gauges)
 """
 
 from __future__ import annotations
@@ -71,6 +73,14 @@ class FederationCollector(Collector):
             yield GaugeMetricFamily("fl_test_loss", "Test loss of the last evaluated global model", value=losses[-1])
         yield _last_by_name("fl_test_metric", "Every metric of the task on the coordinator's test data, last "
                             "evaluated round", [r.test_metrics for r in history])
+        if snap.privacy is not None:
+            yield GaugeMetricFamily("fl_privacy_epsilon", "DP-FedAvg: epsilon spent so far (at fl_privacy_delta)",
+                                    value=snap.privacy["epsilon"])
+            yield GaugeMetricFamily("fl_privacy_delta", "DP-FedAvg: the delta of the reported epsilon",
+                                    value=snap.privacy["delta"])
+            if snap.privacy["epsilon_budget"]:
+                yield GaugeMetricFamily("fl_privacy_epsilon_budget", "DP-FedAvg: the run stops before exceeding this",
+                                        value=snap.privacy["epsilon_budget"])
         yield _last_by_name("fl_federated_metric", "Sample-weighted mean of the workers' evaluations of the global "
                             "model on their held-out data, last round", [r.federated_metrics for r in history])
 

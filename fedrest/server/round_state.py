@@ -12,7 +12,7 @@ from typing import Collection
 
 from config import Config
 from fedrest.server.errors import Conflict
-from fedrest.server.rounds import Phase, RoundFacts, RoundRecord, sample_participants
+from fedrest.server.rounds import Phase, RoundFacts, RoundRecord, poisson_participants, sample_participants
 from fedrest.server.spool import AcceptedUpdate
 from fedrest.tasks.fingerprint import TaskIdentity
 
@@ -104,11 +104,15 @@ class RoundState:
                           not_before=self.not_before, refused_streak=self.refused_streak)
 
     def open(self, number: int, attempt: int, online: list[str], config: Config, now_mono: float,
-             now_wall: float) -> None:
-        """Open round ``number`` (attempt ``attempt``) with nodes sampled from ``online``."""
+             now_wall: float, sampling_key: bytes | None = None) -> None:
+        """Open round ``number`` (attempt ``attempt``) with nodes sampled from ``online`` (with a secret
+        ``sampling_key``: DP-FedAvg's Poisson sampling, which may draw none)."""
         self.round, self.attempt, self.phase = number, attempt, Phase.TRAINING
-        self.participants = sample_participants(online, config.client_fraction, config.min_nodes_to_start,
-                                                config.seed, number, attempt)
+        if sampling_key is not None:
+            self.participants = poisson_participants(online, config.client_fraction, sampling_key, number, attempt)
+        else:
+            self.participants = sample_participants(online, config.client_fraction, config.min_nodes_to_start,
+                                                    config.seed, number, attempt)
         self.updates = OrderedDict()
         self.refused = {}
         self.started_mono = now_mono

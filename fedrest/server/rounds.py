@@ -20,6 +20,8 @@ calls these, and applies and stores the outcome.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 import random
 from dataclasses import dataclass, field
@@ -75,6 +77,7 @@ class Settings:
     min_nodes_to_start: int
     min_updates: int
     round_timeout: float  # seconds; also the longest back-off
+    release_empty: bool = False  # DP-FedAvg: a round whose Poisson sample is empty is aggregated (noise alone)
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,8 @@ def decide(facts: RoundFacts, settings: Settings) -> Decision:
     missing = [i for i in facts.participants if i not in facts.updates]
     live_missing = [i for i in missing if i not in facts.refused and i in facts.online]
     timed_out = facts.now >= facts.deadline
+    if not facts.participants and settings.release_empty:
+        return Decision(Action.AGGREGATE, "the Poisson sample is empty: the noise alone is released")
     if live_missing and not timed_out:
         return Decision(Action.NOTHING)
     if len(facts.updates) >= settings.min_updates:
@@ -170,6 +175,23 @@ def sample_participants(online: list[str], fraction: float, minimum: int, seed: 
     return [i for i in online if i in chosen]
 
 
+def poisson_participants(online: list[str], probability: float, key: bytes, round_number: int,
+                         attempt: int) -> list[str]:
+    """Poisson sampling of DP-FedAvg (McMahan et al. 2018, Algorithm 1): each of ``online`` takes part
+    independently with ``probability`` q, drawn from a generator seeded with the secret ``key`` and (round,
+    attempt) so that nobody without the key can tell who was drawn. May be empty. Returns ids in ``online``'s
+    order."""
+    digest = hmac.new(key, f"dp-sample/{round_number}/{attempt}".encode(), hashlib.sha256).digest()
+    draw = random.Random(int.from_bytes(digest, "big"))
+    return [i for i, u in zip(online, _uniforms(draw, online)) if u < probability]
+
+
+def _uniforms(draw: random.Random, online: list[str]) -> list[float]:
+    """One uniform draw per node, assigned in the nodes' sorted order (independent of ``online``'s order)."""
+    by_node = {i: draw.random() for i in sorted(online)}
+    return [by_node[i] for i in online]
+
+
 @dataclass
 class RoundRecord:
     """One completed round, as shown to monitors (wall-clock times, seconds since the epoch)."""
@@ -192,3 +214,4 @@ class RoundRecord:
     federated_metrics: dict = field(default_factory=dict)  # sample-weighted mean of the workers' evaluations
     federated_num_samples: int = 0  # held-out examples those evaluations covered
     federated_num_nodes: int = 0  # workers whose evaluation arrived
+    epsilon: float | None = None  # DP-FedAvg: the epsilon spent after this round (at DP_DELTA); None: no DP

@@ -70,6 +70,7 @@ class Snapshot:
     history: list  # of RoundRecord, by round
     bytes_received: int  # update uploads
     bytes_sent: int  # global models served
+    privacy: dict | None = None  # DP-FedAvg's settings and epsilon spent (PrivacySettings.describe); None: off
 
 
 def status_json(snapshot: Snapshot) -> dict:
@@ -86,6 +87,7 @@ def status_json(snapshot: Snapshot) -> dict:
         "requests_refused_total": dict(s.requests_refused_total),
         "nodes": [asdict(n) for n in s.nodes],
         "history": [asdict(r) for r in s.history],
+        "privacy": None if s.privacy is None else dict(s.privacy),
     }
 
 
@@ -106,7 +108,8 @@ def take_snapshot(federation, now: float) -> Snapshot:
                     federation.strategy.describe(), c.min_nodes_to_start,
                     c.client_fraction, c.min_updates, current,
                     dict(federation.updates_refused_total), dict(federation.requests_refused_total), nodes,
-                    list(st.history), federation.traffic["bytes_received"], federation.traffic["bytes_sent"])
+                    list(st.history), federation.traffic["bytes_received"], federation.traffic["bytes_sent"],
+                    None if federation.privacy is None else federation.privacy.describe(st.model_version))
 
 
 __all__ = ["NodeView", "OpenRound", "RoundRecord", "Snapshot", "status_json", "take_snapshot"]

@@ -1,0 +1,164 @@
+"""Central differential privacy (DP-FedAvg): clipping and the noise's scale (statistically, with fixed seeds),
+Poisson sampling, the epsilon reported everywhere against dp-accounting's own value, the budget stop and the
+refused combinations."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections import OrderedDict
+
+import pytest
+import torch
+from dp_accounting import dp_event
+from dp_accounting.rdp import rdp_privacy_accountant
+from rich.console import Console
+
+import text_monitor
+from config import Config, ConfigError
+from fedrest.aggregation import ClientUpdate
+from fedrest.aggregation.private_mean import PrivateMean, round_noise_seed
+from fedrest.privacy import epsilon_spent, rounds_within_budget
+from fedrest.server.rounds import Phase, RoundFacts, Settings, decide, poisson_participants
+from fedrest.server.state_dir import StartRefused
+from test_metrics import scrape
+from conftest import MONITOR, filled_state_dict, post_update, register
+
+WIDTH = 200_000  # coordinates: enough for the noise's statistics to be tight
+
+
+def accountant_epsilon(q: float, z: float, rounds: int, delta: float) -> float:
+    """dp-accounting's own answer, straight from its API."""
+    accountant = rdp_privacy_accountant.RdpAccountant()
+    accountant.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(z)), rounds)
+    return accountant.get_epsilon(delta)
+
+
+def reference():
+    return OrderedDict(w=torch.zeros(WIDTH), n=torch.tensor(5))
+
+
+def update(value: float) -> OrderedDict:
+    return OrderedDict(w=torch.full((WIDTH,), value), n=torch.tensor(9))
+
+
+# ----------------------------------------------------------------------------- the mechanism
+
+
+def test_each_change_is_clipped_to_s_and_weighted_alike_whatever_its_samples():
+    mechanism = PrivateMean(clip_norm=2.0, noise_multiplier=0.0, sampling_rate=0.5)
+    # norms: 0.001 * sqrt(WIDTH) = 0.447 (kept), 1.0 * sqrt(WIDTH) = 447 (clipped to 2)
+    small, big = update(0.001), update(1.0)
+    result = mechanism.combine([ClientUpdate.of("a", small, 1), ClientUpdate.of("b", big, 10**9)], reference(),
+                               num_clients=4, noise_seed=1)
+    w = result.state_dict["w"].double()
+    expected = (0.001 + 2.0 / math.sqrt(WIDTH)) / (0.5 * 4)  # (sum of the clipped changes) / (q * N)
+    assert torch.allclose(w, torch.full_like(w, expected), rtol=1e-6)
+    assert result.clipped == 1 and result.used == ["a", "b"]
+    assert result.state_dict["n"].item() == 5  # integer buffers keep the global model's value
+
+
+def test_the_noise_is_gaussian_with_std_z_times_s_over_the_denominator():
+    z, s, q, n = 1.5, 0.8, 0.25, 20
+    mechanism = PrivateMean(clip_norm=s, noise_multiplier=z, sampling_rate=q)
+    result = mechanism.combine([], reference(), num_clients=n, noise_seed=12345)  # an empty sample: noise alone
+    noise = result.state_dict["w"].double() * (q * n)  # back to the scale of the sum
+    assert abs(float(noise.mean())) < 4 * z * s / math.sqrt(WIDTH)  # mean 0 (4 standard errors)
+    assert float(noise.std()) == pytest.approx(z * s, rel=0.01)  # std z * S (its standard error is 0.16%)
+    within_one = float((noise.abs() < z * s).double().mean())
+    assert within_one == pytest.approx(0.6827, abs=0.005)  # the normal's 68.27% within one std
+    again = mechanism.combine([], reference(), num_clients=n, noise_seed=12345).state_dict["w"]
+    other = mechanism.combine([], reference(), num_clients=n, noise_seed=54321).state_dict["w"]
+    assert torch.equal(again, result.state_dict["w"]) and not torch.equal(other, again)
+
+
+def test_noise_seeds_and_samples_come_from_the_secret_key():
+    assert round_noise_seed(b"k" * 32, 3) == round_noise_seed(b"k" * 32, 3)
+    assert round_noise_seed(b"k" * 32, 3) != round_noise_seed(b"j" * 32, 3) != round_noise_seed(b"k" * 32, 4)
+    online = [f"node{i:03d}" for i in range(200)]
+    drawn = [poisson_participants(online, 0.25, b"k" * 32, r, 1) for r in range(1, 41)]
+    assert drawn[0] == poisson_participants(list(reversed(online)), 0.25, b"k" * 32, 1, 1)[::-1]
+    assert drawn[0] != poisson_participants(online, 0.25, b"j" * 32, 1, 1)
+    sizes = [len(d) for d in drawn]
+    assert sum(sizes) / len(sizes) == pytest.approx(50, abs=3)  # q * N on average (std of the mean 0.97)
+    assert len(set(sizes)) > 5  # Poisson sampling: the size varies
+
+
+def test_an_empty_poisson_sample_is_aggregated_at_once_with_dp_and_started_again_without():
+    facts = RoundFacts(phase=Phase.TRAINING, now=0.0, participants=(), online=frozenset({"a", "b"}))
+    assert decide(facts, Settings(1, 1, 60.0, release_empty=True)).action.name == "AGGREGATE"
+    assert decide(facts, Settings(1, 1, 60.0)).action.name == "REOPEN"
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+def test_epsilon_is_the_accountants_own_value():
+    for q, z, rounds in ((0.25, 1.0, 40), (0.02, 0.8, 300), (1.0, 4.0, 10)):
+        assert epsilon_spent(q, z, rounds, 1e-5) == accountant_epsilon(q, z, rounds, 1e-5)
+    assert epsilon_spent(0.25, 1.0, 0, 1e-5) == 0.0
+    allowed = rounds_within_budget(0.25, 1.0, 1e-5, 5.0, 1000)
+    assert epsilon_spent(0.25, 1.0, allowed, 1e-5) <= 5.0 < epsilon_spent(0.25, 1.0, allowed + 1, 1e-5)
+
+
+def dp_app(make_app, **config):
+    settings = dict(min_nodes_to_start=4, client_fraction=0.5, clip_norm=1.0, dp_noise_multiplier=1.0,
+                    dp_delta=1e-5, communication_rounds=5)
+    settings.update(config)
+    app = make_app(**settings)
+    client, fed = app.test_client(), app.extensions["federation"]
+    nodes = {n: register(client, n, num_samples=50) for n in ("a", "b", "c", "d")}
+    return client, fed, nodes
+
+
+def run_round(client, fed, nodes) -> None:
+    fed.tick()
+    number = fed.round
+    for name in fed.state.participants:
+        node = next(n for n in nodes.values() if n["node_id"] == name)
+        assert post_update(client, node, number, filled_state_dict(0.01 * number, 1), {"num_samples": 50}
+                           ).status_code == 202
+    fed.tick()
+    assert fed.model_version == number
+
+
+def test_the_epsilon_spent_is_reported_in_the_status_history_metrics_and_monitor(make_app):
+    client, fed, nodes = dp_app(make_app)
+    status = client.get("/api/v1/status", headers=MONITOR).get_json()
+    assert status["privacy"]["epsilon"] == 0.0 and status["strategy"]["aggregation"] == "dp_fedavg"
+    for _ in range(2):
+        run_round(client, fed, nodes)
+    want = accountant_epsilon(0.5, 1.0, 2, 1e-5)
+    status = client.get("/api/v1/status", headers=MONITOR).get_json()
+    assert status["privacy"] == {"noise_multiplier": 1.0, "clip_norm": 1.0, "sampling_rate": 0.5, "delta": 1e-5,
+                                 "epsilon": want, "epsilon_budget": None, "rounds_allowed": 5}
+    assert [r["epsilon"] for r in status["history"]] == [accountant_epsilon(0.5, 1.0, 1, 1e-5), want]
+    assert scrape(client)[("fl_privacy_epsilon", ())] == pytest.approx(want)
+    buffer = io.StringIO()
+    Console(file=buffer, width=160, height=30, no_color=True).print(text_monitor.render(status, height=30))
+    assert f"ε {want:.2f} at δ 1e-05" in buffer.getvalue()
+
+
+def test_the_run_stops_when_the_next_round_would_exceed_the_budget(make_app):
+    budget = (accountant_epsilon(0.5, 1.0, 2, 1e-5) + accountant_epsilon(0.5, 1.0, 3, 1e-5)) / 2  # allows 2
+    client, fed, nodes = dp_app(make_app, dp_epsilon_budget=budget)
+    assert fed.rounds_to_run == 2
+    for _ in range(2):
+        run_round(client, fed, nodes)
+    assert fed.phase == Phase.FINISHED and fed.model_version == 2
+    status = client.get("/api/v1/status", headers=MONITOR).get_json()
+    assert status["privacy"]["epsilon"] <= budget and status["privacy"]["rounds_allowed"] == 2
+
+
+def test_a_budget_that_allows_no_round_refuses_to_start(make_app):
+    with pytest.raises(StartRefused, match="allows no round: one round spends epsilon"):
+        make_app(client_fraction=0.5, clip_norm=1.0, dp_noise_multiplier=1.0, dp_epsilon_budget=0.01)
+
+
+def test_dp_needs_a_clip_norm_and_refuses_robust_rules_and_scaffold():
+    with pytest.raises(ConfigError, match="needs --clip-norm > 0"):
+        Config(dp_noise_multiplier=1.0)
+    with pytest.raises(ConfigError, match="cannot use --aggregation median"):
+        Config(dp_noise_multiplier=1.0, clip_norm=1.0, aggregation="median")
+    with pytest.raises(ConfigError, match="cannot use --strategy scaffold"):
+        Config(dp_noise_multiplier=1.0, clip_norm=1.0, strategy="scaffold")
