@@ -41,7 +41,7 @@ LAUNCH_FIELDS = (
     "cpu_threads", "task", "model", "image_size", "image_channels", "normalize_mean", "normalize_std",
     "data_workers", "eval_fraction", "no_eval", "client_fraction", "strategy", "server_learning_rate",
     "server_momentum", "beta1", "beta2", "tau", "proximal_mu", "aggregation", "trim_fraction", "clip_norm",
-    "max_share",
+    "max_share", "dp_noise_multiplier", "dp_delta", "dp_epsilon_budget",
 )
 
 
@@ -237,6 +237,9 @@ def main(argv=None) -> int:
     print(f"  final test accuracy: {acc}")
     for name, value in (final.get("federated_metrics") or {}).items():
         print(f"  final federated {name}: {value:.4f} ({final['federated_num_nodes']} workers' held-out data)")
+    if final.get("epsilon") is not None:
+        print(f"  privacy spent:       epsilon {final['epsilon']:.3f} at delta {cfg.dp_delta:g} "
+              "(DP-FedAvg, of one client)")
     print("  accuracy per round:  " + ", ".join(
         "n/a" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}" for r in history))
     print(f"  wall time:           {wall:.1f}s")

@@ -19,6 +19,7 @@ from torch import nn
 from config import Config
 from fedrest.aggregation import ClientUpdate, ServerOptimizer, aggregate, capped_weights, make_strategy
 from fedrest.server.store import StoreError
+from fedrest.tasks import TaskError
 from fedrest.tasks.data import TensorData
 from fedrest.training import fit
 from conftest import filled_state_dict, post_update, register
@@ -255,3 +256,63 @@ def test_a_damaged_server_state_file_stops_the_resume_with_one_clear_line(tmp_pa
     db = sqlite3.connect(Path(tmp_path / "temp" / "coordinator.sqlite3"))
     assert dict(db.execute("SELECT key, value FROM run").fetchall())["model_version"] == "1"
     db.close()
+
+
+# ----------------------------------------------------------------------------- a task's own strategy
+
+OWN_STRATEGY_TASK = '''
+import torch
+from torch import nn
+from fedrest.aggregation import Strategy, make_strategy
+
+
+def build_model():
+    torch.manual_seed(0)
+    return nn.Linear(3, 2)
+
+
+class HalfStep(Strategy):
+    """Moves the global model half of the way to FedAvg's result (and counts the rounds in its state)."""
+
+    def aggregate(self, updates, reference, num_clients=1, noise_seed=0):
+        result = super().aggregate(updates, reference, num_clients, noise_seed)
+        result.state_dict = {k: (reference[k] + v) / 2 for k, v in result.state_dict.items()}
+        result.server_state = {"rounds": self.state.get("rounds", torch.tensor(0)) + 1}
+        return result
+
+    @property
+    def has_state(self):
+        return True
+
+
+def strategy(config, parameter_keys):
+    base = make_strategy(config, parameter_keys)
+    return HalfStep("half_step", base.combiner, parameter_keys=parameter_keys)
+'''
+
+
+def test_a_task_file_may_bring_its_own_strategy(tmp_path, make_app):
+    task_file = tmp_path / "half_step_task.py"
+    task_file.write_text(OWN_STRATEGY_TASK)
+    app = make_app(task=str(task_file), max_share=1.0)
+    client, fed = app.test_client(), app.extensions["federation"]
+    node = register(client, "a", num_samples=10)
+    start = {k: v.clone() for k, v in fed.global_state.items()}
+    fed.tick()
+    target = OrderedDict((k, torch.full_like(v, 1.0)) for k, v in start.items())
+    assert post_update(client, node, 1, target, {"num_samples": 10}).status_code == 202
+    fed.tick()
+    assert fed.model_version == 1
+    for key, value in fed.global_state.items():
+        assert torch.allclose(value, (start[key] + 1.0) / 2)
+    assert fed.strategy.state == {"rounds": torch.tensor(1)}
+    assert fed.snapshot().strategy["strategy"] == "half_step"
+    assert (Path(fed.config.temp_dir) / "global" / "server_state_v1.pt").exists()
+
+
+def test_a_task_strategy_without_the_interface_is_one_clear_error(tmp_path, make_app):
+    task_file = tmp_path / "bad_strategy_task.py"
+    task_file.write_text("from torch import nn\n\ndef build_model():\n    return nn.Linear(3, 2)\n\n"
+                         "def strategy(config, parameter_keys):\n    return object()\n")
+    with pytest.raises(TaskError, match="returned an object without aggregate, state.*subclass"):
+        make_app(task=str(task_file))

@@ -73,8 +73,9 @@ def create_app(cfg: Config, *, start_driver: bool = True, evaluator: Evaluator |
     torch.manual_seed(cfg.seed)
     model = task.build_model()
     identity = TaskIdentity(task.name, task.model_name, task.fingerprint(model))
-    federation = Federation(cfg, model.state_dict(), evaluator, clock, identity,
-                            [name for name, _ in model.named_parameters()])
+    parameter_keys = [name for name, _ in model.named_parameters()]
+    federation = Federation(cfg, model.state_dict(), evaluator, clock, identity, parameter_keys,
+                            task.make_strategy(cfg, parameter_keys))
 
     app = Flask(__name__, static_folder=str(monitoring.STATIC_DIR), static_url_path="/static")
     app.config["FL_NO_AUTH"] = cfg.no_auth

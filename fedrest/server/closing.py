@@ -87,7 +87,12 @@ def close_round(number: int, updates: list[AcceptedUpdate], reference: Mapping[s
                   reason)
     if result.state_dict is None:
         return None
-    if result.clipped:
+    if strategy.private is not None:
+        private = strategy.private
+        log.info("round %d: DP-FedAvg of %d clipped changes; the noise adds std %.3g to every coordinate of the "
+                 "new model (z*S/(q*N) with N=%d nodes: more nodes, less noise)", number, len(result.used),
+                 private.noise_std / (private.sampling_rate * max(1, num_clients)), num_clients)
+    elif result.clipped:
         log.info("round %d: clipped %d of %d updates to CLIP_NORM=%g", number, result.clipped,
                  len(result.used), config.clip_norm)
     if result.capped:

@@ -31,7 +31,7 @@ from typing import Callable, Collection, Mapping
 import torch
 
 from config import Config
-from fedrest.aggregation import make_strategy
+from fedrest.aggregation import Strategy, make_strategy
 from fedrest.files import remove_stale_temporaries
 from fedrest.serialization import UpdateRejected, state_dict_to_bytes
 from fedrest.server import intake
@@ -86,6 +86,8 @@ class Federation:
     task : the task's identity (default: the built-in task of ``config``, fingerprinted from the initial model).
     parameter_keys : the state_dict keys that are the model's parameters (a server optimizer steps only those;
         default: every floating tensor).
+    strategy : the run's strategy (default: :func:`~fedrest.aggregation.make_strategy` of ``config``; a task's
+        own, :meth:`Task.make_strategy`).
 
     Attributes (read them under the lock, or in tests): ``state`` (:class:`RoundState`), ``registry``,
     ``spool``, ``store``, ``global_state`` / ``global_bytes`` (the global model), ``updates_refused_total``
@@ -99,7 +101,8 @@ class Federation:
 
     def __init__(self, config: Config, initial_state_dict: Mapping[str, torch.Tensor],
                  evaluator: Evaluator | None = None, clock: Callable[[], float] = time.monotonic,
-                 task: TaskIdentity | None = None, parameter_keys: Collection[str] | None = None) -> None:
+                 task: TaskIdentity | None = None, parameter_keys: Collection[str] | None = None,
+                 strategy: Strategy | None = None) -> None:
         self.config = config
         self.task = task or TaskIdentity.builtin(config, initial_state_dict)
         self.evaluator = evaluator
@@ -107,7 +110,7 @@ class Federation:
         self._lock = threading.Lock()
         self.changed = threading.Condition(self._lock)  # the one lock, notified on every change
         self.registry = NodeRegistry(config.node_timeout, config.max_nodes)
-        self.strategy = make_strategy(config, parameter_keys)
+        self.strategy = strategy if strategy is not None else make_strategy(config, parameter_keys)
         self.privacy = _privacy_of(config)
         self.state = RoundState()
         self.updates_refused_total: dict[str, int] = {}

@@ -96,6 +96,7 @@ class Task:
         self.details = dict(details or {})
         self.transform = transform
         self.classes: list[str] | None = None  # known once data is loaded (or set by the task)
+        self.strategy_factory: Callable | None = None  # the task's strategy(config, parameter_keys), if any
 
     @property
     def has_own_train(self) -> bool:
@@ -108,6 +109,26 @@ class Task:
             raise
         except Exception as exc:  # noqa: BLE001 - the user's code: any failure becomes one clear line
             raise TaskError(f"task {self.name}: {what} failed: {where_in(exc, self.source)}") from exc
+
+    def make_strategy(self, config, parameter_keys):
+        """The task's own strategy object (its ``strategy(config, parameter_keys)``), or None when it defines
+        none (the coordinator then builds one from ``--strategy``).
+
+        Raises
+        ------
+        TaskError
+            When ``strategy()`` fails or returns an object without ``aggregate``, ``state`` and the rest of
+            :class:`fedrest.aggregation.Strategy`'s interface.
+        """
+        if self.strategy_factory is None:
+            return None
+        strategy = self._call("strategy(config, parameter_keys)", self.strategy_factory, config, parameter_keys)
+        missing = [a for a in ("aggregate", "state", "has_state", "uses_control_variates", "client_settings",
+                               "describe", "private", "name") if not hasattr(strategy, a)]
+        if missing:
+            raise TaskError(f"task {self.name}: strategy(config, parameter_keys) returned an object without "
+                            f"{', '.join(missing)}; subclass fedrest.aggregation.Strategy")
+        return strategy
 
     def build_model(self) -> nn.Module:
         """A fresh model. Raises :class:`TaskError` when ``build_model`` fails or returns no ``nn.Module``."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from fedrest.tasks.api import Task, TaskError, where_in
 
 BUILTIN = ("mnist", "fashion-mnist", "image-folder")
-FUNCTIONS = ("build_model", "load_train_data", "load_test_data", "train", "evaluate")
+FUNCTIONS = ("build_model", "load_train_data", "load_test_data", "train", "evaluate", "strategy")
 
 
 def task_spec(cfg) -> str:
@@ -109,5 +109,7 @@ def task_from_module(module, source: str) -> Task:
     name = getattr(obj, "name", None) or default_name
     if not isinstance(name, str) or len(name) > 128:
         raise TaskError(f"task {source}: name must be a string of at most 128 characters")
-    return Task(name, source, functions["build_model"], load_train_data=functions["load_train_data"],
+    task = Task(name, source, functions["build_model"], load_train_data=functions["load_train_data"],
                 load_test_data=functions["load_test_data"], train=functions["train"], evaluate=functions["evaluate"])
+    task.strategy_factory = functions["strategy"]
+    return task
