@@ -68,6 +68,7 @@ def test_dashboard_shows_nodes_and_rounds_and_updates_live(browser, procs, tmp_p
     assert bars == [2, 2] and samples == [40, 40]
     assert page.evaluate("Chart.getChart('chart-accuracy').data.labels") == [1, 2]
     assert page.locator("#rounds-bar").evaluate("e => e.style.width") == "100%"
+    assert page.locator("#privacy-box").is_hidden()  # no differential privacy in this run
     page.wait_for_timeout(5000)  # a few more refreshes: the charts keep their size (no resize loop)
     for chart in ("chart-accuracy", "chart-duration", "chart-updates", "chart-nodes"):
         assert page.locator(f"#{chart}").bounding_box()["height"] > 150, chart
@@ -81,6 +82,28 @@ def test_dashboard_shows_nodes_and_rounds_and_updates_live(browser, procs, tmp_p
     expect(phone.locator("#state")).to_have_text("finished", timeout=15000)
     assert phone.evaluate("document.documentElement.scrollWidth") <= 390
     phone.screenshot(path=str(tmp_path / "dashboard_phone.png"), full_page=True)
+
+
+def test_dashboard_shows_the_privacy_spent(browser, procs):
+    port = free_port()
+    procs.coordinator(port, "--rounds", "3", "--min-nodes", "2", "--no-eval", "--round-timeout", "120",
+                      "--client-fraction", "0.5", "--clip-norm", "1", "--dp-noise-multiplier", "1.0")
+    client = status_client(port)
+    wait_for(lambda: try_status(client), 60, "the coordinator", procs)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"http://127.0.0.1:{port}/#token={MONITOR_TOKEN}")
+    expect(page.locator("#privacy")).to_have_text("ε 0.00 at δ 0.00001", timeout=15000)
+    workers = {w.node_id: w for w in (FakeWorker(port, "alpha-node", 10), FakeWorker(port, "beta-node", 30))}
+    status = wait_for(lambda: (lambda s: s if s and (s["state"] == "training" or s["model_version"] >= 1) else None)(
+        try_status(client)), 30, "round 1", procs)
+    if status["model_version"] == 0:  # Poisson sampling: none (then round 1 released the noise alone), one or both
+        for node_id in status["current_round"]["participants"]:
+            workers[node_id].upload(1, 0.5, 1)
+    status = wait_for(lambda: (lambda s: s if s and s["model_version"] >= 1 else None)(try_status(client)), 30,
+                      "round 1's commit", procs)
+    epsilon = status["history"][0]["epsilon"]
+    assert epsilon > 0
+    expect(page.locator("#privacy")).to_contain_text(f"ε {epsilon:.2f} at δ", timeout=15000)
 
 
 def test_dashboard_asks_for_a_token_and_reports_an_outage(browser, procs):

@@ -162,3 +162,20 @@ def test_dp_needs_a_clip_norm_and_refuses_robust_rules_and_scaffold():
         Config(dp_noise_multiplier=1.0, clip_norm=1.0, aggregation="median")
     with pytest.raises(ConfigError, match="cannot use --strategy scaffold"):
         Config(dp_noise_multiplier=1.0, clip_norm=1.0, strategy="scaffold")
+
+
+def test_the_plot_monitor_titles_the_privacy_spent():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import monitor
+
+    status = {"run_id": "r1", "state": "training", "round": 3, "total_rounds": 5, "nodes": [], "history": [],
+              "privacy": {"noise_multiplier": 1.0, "clip_norm": 1.0, "sampling_rate": 0.5, "delta": 1e-5,
+                          "epsilon": 1.2345, "epsilon_budget": 8.0, "rounds_allowed": 4}}
+    fig = plt.figure()
+    monitor.draw(fig, status, monitor.NodeTimeline())
+    assert "ε 1.23 at δ 1e-05 (budget 8, 4 rounds)" in fig._suptitle.get_text()
+    plt.close(fig)

@@ -77,6 +77,26 @@ class Aggregate:
     control_skipped: list = field(default_factory=list)
 
 
+def canonical_order(updates: Sequence[ClientUpdate]) -> list:
+    """``updates`` sorted by key (the order every rule adds them in). Raises ValueError for a repeated key."""
+    ordered = sorted(updates, key=lambda u: u.key)
+    if len({u.key for u in ordered}) != len(ordered):
+        raise ValueError("two updates of one round share a key")
+    return ordered
+
+
+def load_checked(update: ClientUpdate, reference: StateDict, result: Aggregate) -> StateDict | None:
+    """The update's state_dict if it can be read and matches ``reference``; else None, named in
+    ``result.skipped``."""
+    try:
+        state = update.load()
+        check_compatible(state, reference)
+    except (OSError, UpdateRejected) as exc:
+        result.skipped.append((update.key, str(exc)))
+        return None
+    return state
+
+
 class Combiner:
     """Base of the combining rules (see the module docstring).
 
@@ -106,9 +126,7 @@ class Combiner:
         ValueError
             If two updates share a key.
         """
-        ordered = sorted(updates, key=lambda u: u.key)
-        if len({u.key for u in ordered}) != len(ordered):
-            raise ValueError("two updates of one round share a key")
+        ordered = canonical_order(updates)
         result = Aggregate(None)
         weights = [float(u.num_samples) for u in ordered]
         if self.weighted and ordered:
@@ -127,11 +145,8 @@ class Combiner:
     def _add_all(self, ordered: Sequence[ClientUpdate], weights: Sequence[float], reference: StateDict,
                  result: Aggregate) -> None:
         for update, weight in zip(ordered, weights):
-            try:
-                state = update.load()
-                check_compatible(state, reference)
-            except (OSError, UpdateRejected) as exc:
-                result.skipped.append((update.key, str(exc)))
+            state = load_checked(update, reference, result)
+            if state is None:
                 continue
             if self.clip_norm > 0:
                 state, scale = clip_update(state, reference, self.clip_norm)

@@ -29,9 +29,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from fedrest.aggregation.combine import Aggregate, ClientUpdate
+from fedrest.aggregation.combine import Aggregate, ClientUpdate, canonical_order, load_checked
 from fedrest.aggregation.fedavg import cast_like
-from fedrest.serialization import UpdateRejected, check_compatible
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -86,18 +85,13 @@ class PrivateMean:
         ValueError
             If two updates share a key.
         """
-        ordered = sorted(updates, key=lambda u: u.key)
-        if len({u.key for u in ordered}) != len(ordered):
-            raise ValueError("two updates of one round share a key")
+        ordered = canonical_order(updates)
         floating = [k for k, v in reference.items() if v.is_floating_point()]
         total = {k: torch.zeros(reference[k].shape, dtype=torch.float64) for k in floating}
         result = Aggregate(None)
         for update in ordered:
-            try:
-                state = update.load()
-                check_compatible(state, reference)
-            except (OSError, UpdateRejected) as exc:
-                result.skipped.append((update.key, str(exc)))
+            state = load_checked(update, reference, result)
+            if state is None:
                 continue
             deltas = {k: state[k].detach().to("cpu", torch.float64) - reference[k].detach().to("cpu", torch.float64)
                       for k in floating}
