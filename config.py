@@ -341,7 +341,8 @@ def parse_config(parser: argparse.ArgumentParser, names: Sequence[str], argv: Se
                  env: Mapping[str, str] | None = None) -> tuple[Config, argparse.Namespace]:
     """Parse ``argv`` with ``parser`` (already holding the fields' flags) into a Config.
 
-    A bad value ends the program through ``parser.error`` (message, exit status 2).
+    A bad value ends the program with one line, ``<prog>: error: <message>``, and exit status 2 (argparse's own
+    errors, an unknown flag for instance, come with its usage text as usual).
     """
     words = list(sys.argv[1:] if argv is None else argv)
     for flag, value in zip(words, words[1:]):
@@ -351,8 +352,8 @@ def parse_config(parser: argparse.ArgumentParser, names: Sequence[str], argv: Se
     try:
         return from_args(args, names, env), args
     except ConfigError as exc:
-        parser.error(str(exc))
-        raise  # pragma: no cover - parser.error exits
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+        raise  # pragma: no cover - parser.exit exits
 
 
 def ensure_dirs(cfg: Config, names: Sequence[str] = ("data_dir", "models_dir", "logs_dir", "temp_dir")) -> None:

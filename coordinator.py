@@ -167,10 +167,10 @@ def _log_start(app, cfg, port: int) -> None:
     scheme = "https" if cfg.certfile else "http"
     address = f"{scheme}://{url_host(_reachable_address(cfg.host))}:{port}"
     log.info("coordinator listening on %s://%s:%s (%s); run %s: %d rounds, %d nodes to start, model %s, "
-             "task %s, aggregation %s", scheme, url_host(cfg.host), port,
+             "task %s, strategy %s", scheme, url_host(cfg.host), port,
              "Flask debug server" if cfg.debug else f"cheroot, {cfg.server_threads} threads",
              federation.run_id, cfg.communication_rounds, cfg.min_nodes_to_start, federation.task.model_name,
-             federation.task.name, cfg.aggregation)
+             federation.task.name, ", ".join(f"{k} {v}" for k, v in federation.strategy.describe().items()))
     if scheme == "http" and not is_loopback(cfg.host):
         log.warning("serving plain HTTP on %s: tokens and model weights cross the network unencrypted and can be "
                     "read or changed on the way. Use --certfile/--keyfile (python make_cert.py makes a pair) or "

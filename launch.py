@@ -51,10 +51,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_min_nodes(num_workers: int, client_fraction: float) -> int:
-    """MIN_NODES_TO_START of a launch: every worker (C = 1), else the round's sample, ceil(C * N), which is
-    also the smallest sample the coordinator takes (so that C, not the start, sets how many train)."""
-    return num_workers if client_fraction >= 1 else max(1, math.ceil(client_fraction * num_workers))
+def launch_min_nodes(num_workers: int, client_fraction: float, private: bool = False) -> int:
+    """MIN_NODES_TO_START of a launch: every worker (C = 1, or differential privacy, whose Poisson sampling has
+    no smallest sample and whose accounting wants every client there), else the round's sample, ceil(C * N),
+    which is also the smallest sample the coordinator takes (so that C, not the start, sets how many train)."""
+    if client_fraction >= 1 or private:
+        return num_workers
+    return max(1, math.ceil(client_fraction * num_workers))
 
 
 def child_env(cfg: Config, names, extra: dict) -> dict:
@@ -97,7 +100,8 @@ class Launch:
         coord_fields = [f for f in LAUNCH_FIELDS if f in COORDINATOR_FIELDS]
         self._spawn("coordinator", "coordinator.py", child_env(self.cfg, coord_fields, {
             "host": "127.0.0.1", "port": self.port, "token": self.token, "monitor_token": self.monitor_token,
-            "min_nodes_to_start": launch_min_nodes(self.num_workers, self.cfg.client_fraction),
+            "min_nodes_to_start": launch_min_nodes(self.num_workers, self.cfg.client_fraction,
+                                                   self.cfg.dp_noise_multiplier > 0),
             "node_timeout": self.cfg.node_timeout, "heartbeat_interval": self.cfg.heartbeat_interval,
             "keep_serving": "true"}))
         client = CoordinatorClient(self.address, token=self.monitor_token, session=make_session(total_retries=0))
@@ -201,8 +205,9 @@ def main(argv=None) -> int:
         # N processes sharing this machine's cores: one torch pool each of cores/N avoids oversubscription
         cfg = dataclasses.replace(cfg, cpu_threads=max(1, (os.cpu_count() or 1) // args.workers))
     launch = Launch(cfg, args.workers, args.port or free_port())
-    print(f"starting a coordinator on {launch.address} and {args.workers} workers ({cfg.device}, {cfg.dataset}, "
-          f"{cfg.communication_rounds} rounds); logs in {launch.logs}/launch_*.out")
+    print(f"starting a coordinator on {launch.address} and {args.workers} workers ({cfg.device}, "
+          f"{cfg.task or cfg.dataset}, {cfg.strategy}, {cfg.communication_rounds} rounds); logs in "
+          f"{launch.logs}/launch_*.out")
     print(f"watch it live: open http://{launch.address}/#token={launch.monitor_token} in a browser, or run\n"
           f"  {program_command('text_monitor.py')} --coordinator-address {launch.address} "
           f"--token={launch.monitor_token}\n"
@@ -227,13 +232,17 @@ def main(argv=None) -> int:
     launch.stop()
     wall = time.monotonic() - started
     history = (last or {}).get("history", [])
-    if status != 0 or not history or len(history) < cfg.communication_rounds:
+    privacy = (last or {}).get("privacy") or {}
+    if status != 0 or not history or len(history) < privacy.get("rounds_allowed", cfg.communication_rounds):
         print(f"run failed after {wall:.1f}s; see {launch.logs}/launch_coordinator.out")
         return 1
     final = history[-1]
     acc = "n/a" if final["test_accuracy"] is None else f"{final['test_accuracy']:.4f}"
     print("\nsummary")
-    print(f"  rounds:              {len(history)}")
+    print(f"  rounds:              {len(history)}" + (f" (the privacy budget's {privacy['rounds_allowed']} of "
+                                                     f"{cfg.communication_rounds})" if len(history) <
+                                                     cfg.communication_rounds else ""))
+    print("  strategy:            " + ", ".join(f"{k} {v}" for k, v in last["strategy"].items()))
     print(f"  final test accuracy: {acc}")
     for name, value in (final.get("federated_metrics") or {}).items():
         print(f"  final federated {name}: {value:.4f} ({final['federated_num_nodes']} workers' held-out data)")

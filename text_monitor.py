@@ -116,12 +116,14 @@ def render(status: dict | None, error: str | None = None, unreachable_since: flo
 
     history = status["history"]
     done, total = len(history), status["total_rounds"]
-    privacy = privacy_text(status)
     parts.append(Text(f"run {status['run_id']} · {status['state']} · round {status['round']}/{total} · "
-                      f"{status['model']}/{status.get('task', status['dataset'])}"
-                      + (f" · {privacy}" if privacy else ""), style="bold", no_wrap=True, overflow="ellipsis"))
+                      f"{status['model']}/{status.get('task', status['dataset'])}", style="bold", no_wrap=True,
+                      overflow="ellipsis"))
     bar = Table.grid(padding=(0, 1))
-    bar.add_row(ProgressBar(total=total, completed=done, width=30), Text(f"{done}/{total} rounds done"))
+    privacy = privacy_text(status)
+    bar.add_row(ProgressBar(total=total, completed=done, width=30),
+                Text(f"{done}/{total} rounds done" + (f" · {privacy}" if privacy else ""), no_wrap=True,
+                     overflow="ellipsis"))
     parts.append(bar)
     current = status.get("current_round")
     answers = "evaluations of the new model" if status["state"] == "evaluating" else "updates"

@@ -260,7 +260,8 @@ class Worker:
         seed = shuffle_seed(settings.get("seed", 0), round_number, self.name)
         torch.manual_seed(seed)  # dropout draws: the same run gives the same model
         train_settings = TrainSettings.of_round(settings, round_number, seed, self.device)
-        controls = self._scaffold_controls(task) if train_settings.strategy == "scaffold" else None
+        uses_control = settings.get("control_variates") or train_settings.strategy == "scaffold"
+        controls = self._scaffold_controls(task) if uses_control else None
         if controls:
             train_settings = dataclasses.replace(train_settings,
                                                  control_correction=scaffold.gradient_correction(controls[1],

@@ -14,6 +14,7 @@ from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant
 from rich.console import Console
 
+import launch
 import text_monitor
 from config import Config, ConfigError
 from fedrest.aggregation import ClientUpdate
@@ -21,6 +22,7 @@ from fedrest.aggregation.private_mean import PrivateMean, round_noise_seed
 from fedrest.privacy import epsilon_spent, rounds_within_budget
 from fedrest.server.rounds import Phase, RoundFacts, Settings, decide, poisson_participants
 from fedrest.server.state_dir import StartRefused
+from fedrest.tasks import TaskError
 from test_metrics import scrape
 from conftest import MONITOR, filled_state_dict, post_update, register
 
@@ -56,6 +58,14 @@ def test_each_change_is_clipped_to_s_and_weighted_alike_whatever_its_samples():
     assert torch.allclose(w, torch.full_like(w, expected), rtol=1e-6)
     assert result.clipped == 1 and result.used == ["a", "b"]
     assert result.state_dict["n"].item() == 5  # integer buffers keep the global model's value
+
+
+def test_noise_never_makes_a_running_variance_negative():
+    mechanism = PrivateMean(clip_norm=1.0, noise_multiplier=50.0, sampling_rate=0.5)
+    ref = OrderedDict(**{"bn.running_var": torch.ones(1000), "bn.running_mean": torch.zeros(1000)})
+    out = mechanism.combine([], ref, num_clients=2, noise_seed=3).state_dict
+    assert float(out["bn.running_var"].min()) == 0.0  # noise of std 50 pushed some below 0: kept at 0
+    assert float(out["bn.running_mean"].min()) < -10  # other tensors take the noise as it is
 
 
 def test_the_noise_is_gaussian_with_std_z_times_s_over_the_denominator():
@@ -153,6 +163,22 @@ def test_the_run_stops_when_the_next_round_would_exceed_the_budget(make_app):
 def test_a_budget_that_allows_no_round_refuses_to_start(make_app):
     with pytest.raises(StartRefused, match="allows no round: one round spends epsilon"):
         make_app(client_fraction=0.5, clip_norm=1.0, dp_noise_multiplier=1.0, dp_epsilon_budget=0.01)
+
+
+def test_dp_with_a_task_strategy_that_does_not_apply_it_is_refused(tmp_path, make_app):
+    task_file = tmp_path / "plain_strategy_task.py"
+    task_file.write_text("from torch import nn\nfrom fedrest.aggregation import Strategy, make_combiner\n\n"
+                         "def build_model():\n    return nn.Linear(3, 2)\n\n"
+                         "def strategy(config, parameter_keys):\n"
+                         "    return Strategy('mine', make_combiner('fedavg'))\n")
+    with pytest.raises(TaskError, match="does not apply differential privacy"):
+        make_app(task=str(task_file), client_fraction=0.5, clip_norm=1.0, dp_noise_multiplier=1.0)
+
+
+def test_launch_waits_for_every_worker_under_dp():
+    assert launch.launch_min_nodes(20, 0.25) == 5
+    assert launch.launch_min_nodes(20, 0.25, private=True) == 20
+    assert launch.launch_min_nodes(3, 1.0) == 3
 
 
 def test_dp_needs_a_clip_norm_and_refuses_robust_rules_and_scaffold():

@@ -5,6 +5,8 @@ control-variate change and the refusals around it, and the worker's file across 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from model import SimpleCNN
 
 API = "/api/v1"
 TASKS = Path(__file__).parent / "tasks"
+ROOT = Path(__file__).parent.parent
 
 
 def t(*values):
@@ -150,9 +153,13 @@ def test_an_update_without_or_with_a_bad_control_variate_is_refused_and_changes_
     assert bad.status_code == 400 and "control variate" in bad.get_json()["message"]
     nan = state_dict_to_bytes({n: torch.full_like(p, math.nan) for n, p in SimpleCNN().named_parameters()})
     assert post_update(client, b, 1, update, {"num_samples": 30}, control=nan).status_code == 400
+    huge = control_of(1e30)  # finite, but it would make c 1e29: bounded like an update by MAX_UPDATE_NORM
+    answer = post_update(client, b, 1, update, {"num_samples": 30}, control=huge)
+    assert answer.status_code == 400 and answer.get_json()["error"] == "update_norm_too_large"
+    assert "control variate" in answer.get_json()["message"]
     assert fed.state.updates == {}
     assert list((Path(fed.config.temp_dir) / "updates").rglob("*.pt")) == []
-    assert fed.updates_refused_total == {"missing_control_variate": 1, "invalid_update": 2}
+    assert fed.updates_refused_total == {"missing_control_variate": 1, "invalid_update": 2, "update_norm_too_large": 1}
 
 
 def test_other_strategies_have_no_control_variate(make_app):
@@ -165,6 +172,12 @@ def test_other_strategies_have_no_control_variate(make_app):
 def test_scaffold_is_refused_with_a_robust_rule_and_with_a_task_that_trains_itself(make_app):
     with pytest.raises(ConfigError, match="scaffold cannot use --aggregation median"):
         Config(strategy="scaffold", aggregation="median")
+    refused = subprocess.run([sys.executable, str(ROOT / "coordinator.py"), "--strategy", "scaffold",
+                              "--aggregation", "median"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        "coordinator.py: error: --strategy scaffold cannot use --aggregation median: its control variates correct "
+        "the mean of the updates, not a median or trimmed mean"]  # one line, no usage text
     with pytest.raises(TaskError, match="own train\\(\\).*scaffold"):
         make_app(strategy="scaffold", task=str(TASKS / "digits_own_train.py"))
 

@@ -10,7 +10,10 @@ For round t, with x_t the global model and S the clip norm:
    claims), Gaussian noise N(0, (z * S)^2) is added to every coordinate of the sum, and the sum is divided by the
    fixed denominator W = q * N (q the sampling probability, N the federation's clients: the expected number of
    participants);
-3. x_{t+1} = x_t + (sum + noise) / W. Integer buffers keep x_t's value (a count of batches tells about the data).
+3. x_{t+1} = x_t + (sum + noise) / W. Floating buffers are data too (BatchNorm's running statistics): they are
+   clipped and noised with the parameters, and a running variance (a key ending in ``running_var``) is then
+   kept >= 0 (post-processing, which costs no privacy; noise must not make a variance negative). Integer buffers
+   keep x_t's value (a count of batches tells about the data).
 
 A round in which the Poisson sample was empty releases x_t + noise / W: the mechanism runs in every round the
 accountant counts. The noise comes from ``torch.Generator`` seeded with a secret per-round seed (the coordinator
@@ -110,7 +113,8 @@ class PrivateMean:
                 out[key] = ref.detach().cpu().clone()
                 continue
             noise = torch.randn(ref.shape, generator=generator, dtype=torch.float64) * self.noise_std
-            out[key] = cast_like(ref.detach().to("cpu", torch.float64) + (total[key] + noise) / denominator, ref)
+            value = ref.detach().to("cpu", torch.float64) + (total[key] + noise) / denominator
+            out[key] = cast_like(value.clamp_(min=0.0) if key.endswith("running_var") else value, ref)
         result.state_dict = out
         return result
 

@@ -91,6 +91,8 @@ class Strategy:
         fedprox, ``proximal_mu`` (scaffold's workers also fetch the global control variate: the API's
         ``/control-variate``)."""
         settings = {"strategy": self.name}
+        if self.uses_control_variates:
+            settings["control_variates"] = True
         if self.proximal_mu > 0:
             settings["proximal_mu"] = self.proximal_mu
         return settings
@@ -101,7 +103,7 @@ class Strategy:
                "aggregation": self.private.name if self.private is not None else self.combiner.name}
         if self.optimizer is not None:
             out.update(self.optimizer.settings())
-        return {**out, **{k: v for k, v in self.client_settings().items() if k != "strategy"}}
+        return {**out, **{k: v for k, v in self.client_settings().items() if k not in ("strategy", "control_variates")}}
 
     def aggregate(self, updates: Sequence[ClientUpdate], reference: StateDict, num_clients: int = 1,
                   noise_seed: int = 0) -> Aggregate:

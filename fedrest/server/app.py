@@ -16,6 +16,7 @@ from flask import Flask, Response, current_app, request
 
 import config as config_module
 from config import Config
+from fedrest.aggregation import make_strategy
 from fedrest.server import metrics
 from fedrest.server.auth import rate_limit
 from fedrest.server.credentials import Credentials
@@ -65,17 +66,15 @@ def create_app(cfg: Config, *, start_driver: bool = True, evaluator: Evaluator |
     cfg = prepare_start(cfg, explicit, resume_finished)
     set_cpu_threads(cfg.cpu_threads)
     task = load_task(cfg)
-    if cfg.strategy == "scaffold" and task.has_own_train:
-        raise TaskError(f"task {task.name} ({task.source}) has its own train(), which cannot apply scaffold's "
-                        "control variates; use the built-in training loop or another --strategy")
     if evaluator is None and not cfg.no_eval:
         evaluator = make_evaluator(task, cfg)  # loads the test data first: it names the classes of image folders
     torch.manual_seed(cfg.seed)
     model = task.build_model()
     identity = TaskIdentity(task.name, task.model_name, task.fingerprint(model))
     parameter_keys = [name for name, _ in model.named_parameters()]
-    federation = Federation(cfg, model.state_dict(), evaluator, clock, identity, parameter_keys,
-                            task.make_strategy(cfg, parameter_keys))
+    strategy = task.make_strategy(cfg, parameter_keys) or make_strategy(cfg, parameter_keys)
+    _check_strategy_fits(cfg, task, strategy)
+    federation = Federation(cfg, model.state_dict(), evaluator, clock, identity, parameter_keys, strategy)
 
     app = Flask(__name__, static_folder=str(monitoring.STATIC_DIR), static_url_path="/static")
     app.config["FL_NO_AUTH"] = cfg.no_auth
@@ -93,6 +92,20 @@ def create_app(cfg: Config, *, start_driver: bool = True, evaluator: Evaluator |
     if start_driver:
         federation.start()
     return app
+
+
+def _check_strategy_fits(cfg: Config, task, strategy) -> None:
+    """Raises TaskError when the strategy cannot run with this task or these settings: control variates with a
+    task's own train(), or differential privacy asked for (``--dp-noise-multiplier``) from a task's strategy
+    that does not apply it (the privacy spent would be reported for noise that was never added)."""
+    if strategy.uses_control_variates and task.has_own_train:
+        raise TaskError(f"task {task.name} ({task.source}) has its own train(), which cannot apply the control "
+                        f"variates of the strategy {strategy.name}; use the built-in training loop or another "
+                        "strategy")
+    if cfg.dp_noise_multiplier > 0 and strategy.private is None:
+        raise TaskError(f"task {task.name} ({task.source}): its strategy {strategy.name} does not apply "
+                        "differential privacy (its private is None) although --dp-noise-multiplier is given; give "
+                        "it the mechanism of make_strategy(config, ...).private, or drop the flag")
 
 
 def _limiter(rate: float) -> RateLimiter | None:

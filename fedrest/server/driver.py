@@ -109,7 +109,7 @@ class RoundDriver:
         if decision.action == Action.BACK_OFF:
             st.refused_streak += 1
             log.error("round %d: the coordinator refused %d of the updates (%s); check the training settings "
-                      "(e.g. --learning-rate) and MAX_UPDATE_BYTES; next attempt in %.0fs", st.round,
+                      "(e.g. --learning-rate), MAX_UPDATE_NORM and MAX_UPDATE_BYTES; next attempt in %.0fs", st.round,
                       len(st.refused), "; ".join(sorted(set(st.refused.values())))[:500], decision.delay)
             st.not_before = now + decision.delay
         if decision.action == Action.REOPEN:

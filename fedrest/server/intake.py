@@ -94,7 +94,7 @@ def _checked_control(fed, control: bytes | None, reference) -> bytes | None:
     if control is None:
         raise MissingControlVariate("the scaffold strategy needs the change of the control variate (file part "
                                     "'control_variate') beside the update")
-    fed.spool.check_control(control, fed.strategy.parameters_of(reference))
+    fed.spool.check_control(control, fed.strategy.parameters_of(reference), fed.config.max_update_norm)
     return control
 
 

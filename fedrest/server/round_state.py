@@ -152,7 +152,10 @@ class RoundState:
         ``strategy_settings``, :meth:`Strategy.client_settings`) or wait."""
         if self.phase == Phase.FINISHED:
             return {"action": "stop", "round": self.round, "model_version": self.model_version,
-                    "reason": f"all {config.communication_rounds} rounds are done"}
+                    "reason": f"all {config.communication_rounds} rounds are done"
+                    if self.model_version >= config.communication_rounds else
+                    f"the run finished after {self.model_version} of {config.communication_rounds} rounds "
+                    "(the privacy budget DP_EPSILON_BUDGET)"}
         if self.owes_answer(node_id):
             c = config
             return {"action": "train", "round": self.round, "model_version": self.model_version,

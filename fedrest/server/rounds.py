@@ -114,7 +114,7 @@ def decide(facts: RoundFacts, settings: Settings) -> Decision:
     if live_missing and not timed_out:
         return Decision(Action.NOTHING)
     if len(facts.updates) >= settings.min_updates:
-        return Decision(Action.AGGREGATE, "deadline passed" if timed_out else "the others are offline",
+        return Decision(Action.AGGREGATE, "deadline passed" if timed_out else "the others are offline or refused",
                         missing=tuple(missing), timed_out=timed_out)
     why = (f"ROUND_TIMEOUT={settings.round_timeout:g}s passed" if timed_out else
            "every participant still online has answered")

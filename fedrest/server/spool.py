@@ -68,19 +68,25 @@ class UpdateSpool:
         return norm
 
     @staticmethod
-    def check_control(data: bytes, parameters: Mapping[str, torch.Tensor]) -> None:
+    def check_control(data: bytes, parameters: Mapping[str, torch.Tensor], max_norm: float = 0.0) -> None:
         """Check SCAFFOLD's change of a control variate: exactly the keys, shapes and dtypes of the model's
-        ``parameters``, all finite.
+        ``parameters``, all finite, and an L2 norm of at most ``max_norm`` (MAX_UPDATE_NORM; 0: no bound).
 
         Raises
         ------
         UpdateRejected
-            For undecodable bytes or a mismatch (the message says "control variate").
+            For undecodable bytes or a mismatch, UpdateNormTooLarge above ``max_norm`` (the message says
+            "control variate").
         """
         try:
-            check_compatible(bytes_to_state_dict(data), parameters)
+            change = bytes_to_state_dict(data)
+            check_compatible(change, parameters)
         except UpdateRejected as exc:
             raise UpdateRejected(f"control variate: {exc}") from None
+        norm = delta_norm(change, {k: torch.zeros_like(v) for k, v in parameters.items()})
+        if max_norm > 0 and norm > max_norm:
+            raise UpdateNormTooLarge(f"control variate: the change has L2 norm {norm:.4g}, above "
+                                     f"MAX_UPDATE_NORM={max_norm:g}")
 
     @staticmethod
     def present(round_number: int, updates: list) -> list:

@@ -123,6 +123,9 @@ class Task:
         if self.strategy_factory is None:
             return None
         strategy = self._call("strategy(config, parameter_keys)", self.strategy_factory, config, parameter_keys)
+        if strategy is None:
+            raise TaskError(f"task {self.name}: strategy(config, parameter_keys) returned None; return a "
+                            "fedrest.aggregation.Strategy (or leave strategy out to use --strategy)")
         missing = [a for a in ("aggregate", "state", "has_state", "uses_control_variates", "client_settings",
                                "describe", "private", "name") if not hasattr(strategy, a)]
         if missing:
