@@ -131,7 +131,8 @@ def _build_app(cfg, explicit, argv: list[str]):
     try:
         return create_app(cfg, start_driver=False, explicit=explicit, resume_finished=cfg.keep_serving)
     except TaskError as exc:
-        fix = "" if "--no-eval" in str(exc) or cfg.no_eval else "\nOr start the coordinator with --no-eval."
+        about_test_data = "test" in str(exc).lower() and "--no-eval" not in str(exc)  # evaluation's data
+        fix = "\nOr start the coordinator with --no-eval." if about_test_data and not cfg.no_eval else ""
         raise StartError(f"{exc}{fix}") from None
     except RunFinished as exc:  # not resumed by accident: say how to start a new one, or serve it
         raise StartError(f"{exc} (its model is in {Path(cfg.models_dir) / 'global_model.pt'}). To start a new "

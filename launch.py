@@ -181,6 +181,30 @@ def round_line(r: dict, total_rounds: int) -> str:
             f"{r['num_updates']} updates, {r['num_samples']} samples, {r['duration_s']:.1f}s")
 
 
+def print_summary(cfg: Config, last: dict, wall: float) -> None:
+    """The summary of a completed run from its last status."""
+    history, privacy = last["history"], last.get("privacy") or {}
+    final = history[-1]
+    acc = "n/a" if final["test_accuracy"] is None else f"{final['test_accuracy']:.4f}"
+    print("\nsummary")
+    print(f"  rounds:              {len(history)}" + (f" (the privacy budget's {privacy['rounds_allowed']} of "
+                                                     f"{cfg.communication_rounds})" if len(history) <
+                                                     cfg.communication_rounds else ""))
+    strategy = dict(last["strategy"])
+    print(f"  strategy:            {strategy.pop('strategy')} ("
+          + ", ".join(f"{k} {v}" for k, v in sorted(strategy.items())) + ")")
+    print(f"  final test accuracy: {acc}")
+    for name, value in (final.get("federated_metrics") or {}).items():
+        print(f"  final federated {name}: {value:.4f} ({final['federated_num_nodes']} workers' held-out data)")
+    if final.get("epsilon") is not None:
+        print(f"  privacy spent:       epsilon {final['epsilon']:.3f} at delta {cfg.dp_delta:g} "
+              "(DP-FedAvg, of one client)")
+    print("  accuracy per round:  " + ", ".join(
+        "n/a" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}" for r in history))
+    print(f"  wall time:           {wall:.1f}s")
+    print(f"  global model:        {Path(cfg.models_dir) / 'global_model.pt'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         allow_abbrev=False, description="Run a coordinator and N workers on this machine.")
@@ -236,23 +260,7 @@ def main(argv=None) -> int:
     if status != 0 or not history or len(history) < privacy.get("rounds_allowed", cfg.communication_rounds):
         print(f"run failed after {wall:.1f}s; see {launch.logs}/launch_coordinator.out")
         return 1
-    final = history[-1]
-    acc = "n/a" if final["test_accuracy"] is None else f"{final['test_accuracy']:.4f}"
-    print("\nsummary")
-    print(f"  rounds:              {len(history)}" + (f" (the privacy budget's {privacy['rounds_allowed']} of "
-                                                     f"{cfg.communication_rounds})" if len(history) <
-                                                     cfg.communication_rounds else ""))
-    print("  strategy:            " + ", ".join(f"{k} {v}" for k, v in last["strategy"].items()))
-    print(f"  final test accuracy: {acc}")
-    for name, value in (final.get("federated_metrics") or {}).items():
-        print(f"  final federated {name}: {value:.4f} ({final['federated_num_nodes']} workers' held-out data)")
-    if final.get("epsilon") is not None:
-        print(f"  privacy spent:       epsilon {final['epsilon']:.3f} at delta {cfg.dp_delta:g} "
-              "(DP-FedAvg, of one client)")
-    print("  accuracy per round:  " + ", ".join(
-        "n/a" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}" for r in history))
-    print(f"  wall time:           {wall:.1f}s")
-    print(f"  global model:        {Path(cfg.models_dir) / 'global_model.pt'}")
+    print_summary(cfg, last, wall)
     return 0
 
 
