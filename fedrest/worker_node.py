@@ -260,15 +260,12 @@ class Worker:
         seed = shuffle_seed(settings.get("seed", 0), round_number, self.name)
         torch.manual_seed(seed)  # dropout draws: the same run gives the same model
         train_settings = TrainSettings.of_round(settings, round_number, seed, self.device)
-        uses_control = settings.get("control_variates") or train_settings.strategy == "scaffold"
-        controls = self._scaffold_controls(task) if uses_control else None
-        if controls:
-            train_settings = dataclasses.replace(train_settings,
-                                                 control_correction=scaffold.gradient_correction(controls[1],
-                                                                                                 controls[0]))
-        try:
-            if controls is False:
-                raise RoundClosed(round_number)
+        controls = None
+        try:  # the control variates' download too: a failed call still ends the bar and the training round
+            if settings.get("control_variates"):
+                controls = self._scaffold_controls(task)
+                train_settings = dataclasses.replace(
+                    train_settings, control_correction=scaffold.gradient_correction(controls[1], controls[0]))
             result = self.task.train(self.model, self.data, train_settings, progress)
         except RoundClosed:
             self.model_version = -1
@@ -313,15 +310,22 @@ class Worker:
 
     def _scaffold_controls(self, task: dict):
         """(c_i, c, x) for a SCAFFOLD round: this worker's control variate from its disk, the global one from
-        the coordinator, and the global model's parameters; False when the coordinator's model moved on (the
-        round closed: the next task is the new one)."""
+        the coordinator, and the global model's parameters.
+
+        Raises
+        ------
+        RoundClosed
+            When the coordinator's model moved on (the round closed: the next task is the new one).
+        FatalError
+            For a task with its own train(), or a control variate that does not fit the model.
+        """
         if self.task.has_own_train:
             raise FatalError(f"the task {self.task.name} has its own train(), which cannot apply scaffold's "
                              "control variates; use the built-in training or another strategy")
         version, data = self.client.control_variate()
         if version != task["model_version"]:
             log.info("round %s: the global model moved on to version %d", task["round"], version)
-            return False
+            raise RoundClosed(task["round"])
         start = self._parameters()
         try:
             global_control = bytes_to_state_dict(data)

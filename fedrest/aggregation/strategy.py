@@ -178,7 +178,7 @@ def make_strategy(config, parameter_keys: Collection[str] | None = None) -> Stra
         raise ValueError("scaffold averages the updates (its control variates correct the mean); it cannot "
                          f"use --aggregation {config.aggregation}")
     private = None
-    if getattr(config, "dp_noise_multiplier", 0.0) > 0:
+    if config.dp_noise_multiplier > 0:
         private = PrivateMean(config.clip_norm, config.dp_noise_multiplier, config.client_fraction)
     return Strategy(name, combiner, optimizer, parameter_keys=parameter_keys,
                     proximal_mu=config.proximal_mu if name == "fedprox" else 0.0, private=private)
