@@ -2,8 +2,9 @@
 
     python coordinator.py [--host 0.0.0.0] [--port 5000] [--rounds 5] [--min-nodes 2] [--certfile C --keyfile K]
 
-Builds the app with :func:`fedrest.server.app.create_app` and serves it with cheroot over HTTP or HTTPS
-(:mod:`fedrest.server.serving`; ``--debug``: Flask's development server) until the run is done or SIGINT/SIGTERM.
+Builds the app with :func:`fedrest.server.app.create_app` and serves it with uvicorn over HTTP or HTTPS, long
+polls parked without a thread (:mod:`fedrest.server.serving`; ``--debug``: Flask's development server) until the
+run is done or SIGINT/SIGTERM.
 The wire contract is docs/openapi.json (served at /api/v1/openapi.json) and docs/API.md.
 
 Exit status: 0 done or stopped; 2 bad arguments, port in use, bad TLS files, no test data, an unreadable run.
@@ -143,13 +144,13 @@ def _build_app(cfg, explicit, argv: list[str]):
 
 
 def _bind(app, cfg):
-    """The cheroot server listening on HOST:PORT (None with --debug, after checking that the port is free)."""
+    """The server listening on HOST:PORT (None with --debug, after checking that the port is free)."""
     try:
         if cfg.debug:
             socket.create_server((cfg.host, cfg.port)).close()  # fail here, not in the debug server's thread
             return None
         return make_server(app, cfg.host, cfg.port, threads=cfg.server_threads, client_timeout=cfg.client_timeout,
-                           certfile=cfg.certfile, keyfile=cfg.keyfile)
+                           max_nodes=cfg.max_nodes, certfile=cfg.certfile, keyfile=cfg.keyfile)
     except TLSConfigError as exc:
         raise StartError(f"--certfile/--keyfile: {exc}") from None
     except OSError as exc:
@@ -169,7 +170,7 @@ def _log_start(app, cfg, port: int) -> None:
     address = f"{scheme}://{url_host(_reachable_address(cfg.host))}:{port}"
     log.info("coordinator listening on %s://%s:%s (%s); run %s: %d rounds, %d nodes to start, model %s, "
              "task %s, strategy %s", scheme, url_host(cfg.host), port,
-             "Flask debug server" if cfg.debug else f"cheroot, {cfg.server_threads} threads",
+             "Flask debug server" if cfg.debug else f"uvicorn, {cfg.server_threads} request threads",
              federation.run_id, cfg.communication_rounds, cfg.min_nodes_to_start, federation.task.model_name,
              federation.task.name, ", ".join(f"{k} {v}" for k, v in federation.strategy.describe().items()))
     if scheme == "http" and not is_loopback(cfg.host):
@@ -214,7 +215,7 @@ def _serve_until_done(app, cfg, server) -> None:
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), on_signal)
     if server is not None:
-        threading.Thread(target=_serve, args=(server,), name="cheroot", daemon=True).start()
+        threading.Thread(target=_serve, args=(server,), name="http-server", daemon=True).start()
     else:
         ssl_context = (cfg.certfile, cfg.keyfile) if cfg.certfile else None
         threading.Thread(target=lambda: app.run(cfg.host, cfg.port, threaded=True, use_reloader=False,

@@ -1,9 +1,9 @@
 """How fast a waiting worker learns that a round opened (the long poll of GET /api/v1/task).
 
-Serves a real coordinator with cheroot (serving.make_server, as coordinator.py does) on 127.0.0.1 (no evaluation),
-and repeats: node A long-polls ``/task?wait=30``; node B registers, which brings the federation to
-MIN_NODES_TO_START=2 and opens a round; we time from B's registration request to A's poll answer
-"train". Prints the median and maximum.
+Serves a real coordinator (serving.make_server, as coordinator.py does: the long poll parked without a thread)
+on 127.0.0.1 (no evaluation), and repeats: node A long-polls ``/task?wait=30``; node B registers, which brings
+the federation to MIN_NODES_TO_START=2 and opens a round; we time from B's registration request to A's poll
+answer "train". Prints the median and maximum.
 
     .venv/bin/python benchmarks/round_start_latency.py [--repeats 20]
 """

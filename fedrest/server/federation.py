@@ -34,7 +34,7 @@ from config import Config
 from fedrest.aggregation import Strategy, make_strategy
 from fedrest.files import remove_stale_temporaries
 from fedrest.serialization import UpdateRejected, state_dict_to_bytes
-from fedrest.server import intake
+from fedrest.server import intake, polls
 from fedrest.server.checkpoints import GlobalModels
 from fedrest.server.credentials import hash_token, new_token
 from fedrest.server.errors import TaskMismatch
@@ -108,7 +108,7 @@ class Federation:
         self.evaluator = evaluator
         self.clock = clock
         self._lock = threading.Lock()
-        self.changed = threading.Condition(self._lock)  # the one lock, notified on every change
+        self.changed = polls.Changes(self._lock)  # the one lock, notified on every change
         self.registry = NodeRegistry(config.node_timeout, config.max_nodes)
         self.strategy = strategy if strategy is not None else make_strategy(config, parameter_keys)
         self.privacy = _privacy_of(config)
@@ -313,25 +313,32 @@ class Federation:
     # ------------------------------------------------------------------ tasks
 
     def wait_for_task(self, node: Node, wait: float) -> dict:
-        """The node's task; while it is "wait", block up to ``wait`` seconds for a change (long poll)."""
-        deadline = self.clock() + wait
-        with self.changed:
-            node.polling += 1
-            try:
-                while True:
-                    task = self.state.task(node.node_id, self.config, self.clock(), self.task,
-                                           self.strategy.client_settings())
-                    if task["action"] == "stop" and not node.stop_sent:  # the worker exits now: it is gone
-                        node.stop_sent = node.left = True  # (offline from here, and after a restart)
-                        self.store.save_node(node.node_id, node.name, node.record())
-                    remaining = deadline - self.clock()
-                    if task["action"] != "wait" or remaining <= 0 or self.stopping.is_set() or node.left:
-                        return task
-                    self.changed.wait(min(remaining, 1.0))
-            finally:
-                node.polling -= 1
-                if not node.left:
-                    self.touch(node)
+        """The node's task, waiting up to ``wait`` seconds in this thread for it to change
+        (:func:`.polls.wait_for_task`)."""
+        return polls.wait_for_task(self, node, wait)
+
+    def task_signature(self) -> tuple:
+        """What a waiting node's task depends on besides the node (:func:`.polls.task_signature`)."""
+        return polls.task_signature(self)
+
+    def poll_task(self, node: Node, park: bool) -> tuple[dict, bool, tuple]:
+        """One look at the node's task for a parked long poll (:func:`.polls.poll_task`)."""
+        return polls.poll_task(self, node, park)
+
+    def settle_polls(self, parked: Mapping[str, int], check: Collection[str],
+                     due: Collection[str]) -> tuple[tuple, dict[str, dict]]:
+        """Bring the parked long polls up to date (:func:`.polls.settle_polls`)."""
+        return polls.settle_polls(self, parked, check, due)
+
+    def add_change_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after every change of the federation (under its lock, from the thread that made
+        the change: it must return at once)."""
+        self.changed.listeners.append(listener)
+
+    def remove_change_listener(self, listener: Callable[[], None]) -> None:
+        """Stop calling a listener of :meth:`add_change_listener`."""
+        if listener in self.changed.listeners:
+            self.changed.listeners.remove(listener)
 
     # ------------------------------------------------------------------ updates (fedrest.server.intake)
 

@@ -38,7 +38,8 @@ class Node:
     last_train_accuracy: float | None = None
     instance_id: str | None = None  # the worker process now using this name
     superseded: list = field(default_factory=list)  # instance ids that a later process with this name replaced
-    polling: int = 0  # long polls in progress (a node waiting in a poll is alive)
+    polling: int = 0  # long polls in progress in a thread (a node waiting in a poll is alive)
+    parked: int = 0  # long polls parked without a thread (fedrest.server.long_polls)
     left: bool = False  # said it leaves (DELETE); offline until its next authenticated request
     banned: bool = False  # removed by the operator: no token works, its name cannot register
     stop_sent: bool = False
@@ -171,7 +172,7 @@ class NodeRegistry:
     def is_online(self, node: Node, now: float) -> bool:
         if node.left:
             return False
-        return node.polling > 0 or now - node.last_seen_mono <= self.node_timeout
+        return node.polling > 0 or node.parked > 0 or now - node.last_seen_mono <= self.node_timeout
 
     def online(self, now: float) -> set[str]:
         """Ids of the online nodes (no order: what a decision needs every tick)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, jsonify, request
 
 from fedrest.server import validation
 from fedrest.server.auth import federation, require_node, require_own_node, require_token
@@ -51,9 +51,17 @@ def leave(node_id: str):
 
 @bp.get("/task")
 def task():
+    """The node's next task. A long poll (``wait`` > 0) through the coordinator's server is parked without a
+    thread (:mod:`fedrest.server.long_polls` reads ``fl.parked``); elsewhere the view waits in its thread."""
     node = require_node()
     wait = validation.long_poll_wait()
-    return jsonify(federation().wait_for_task(node, wait))
+    scope = request.environ.get("asgi.scope")
+    if scope is None or not scope.get("fl.long_poll"):
+        return jsonify(federation().wait_for_task(node, wait))
+    task, parked, signature = federation().poll_task(node, park=wait > 0)
+    if parked:
+        scope["fl.parked"] = (node.node_id, wait, signature)
+    return jsonify(task)
 
 
 @bp.get("/model")

@@ -1,0 +1,152 @@
+"""The coordinator's server (fedrest.server.serving, long_polls) on 127.0.0.1: waiting workers hold no request
+thread, a silent connection delays nobody (HTTP and HTTPS), oversized headers and silent bodies are cut."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from conftest import JOIN_TOKEN, ROOT, make_config
+from fedrest.client import CoordinatorClient, make_session
+from fedrest.serialization import state_dict_to_bytes
+from fedrest.server.app import create_app
+from fedrest.server.serving import bound_port, make_server
+
+THREADS = 4  # request threads of the servers below: fewer than the pollers
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """serve(**config) -> (base URL, federation); the server and the driver are stopped after the test."""
+    started = []
+
+    def _serve(tls: bool = False, client_timeout: float = 30.0, **overrides):
+        cfg = make_config(tmp_path, **overrides)
+        app = create_app(cfg, start_driver=False)
+        certfile = keyfile = None
+        if tls:
+            subprocess.run([sys.executable, str(ROOT / "make_cert.py"), "--out-dir", str(tmp_path / "tls")],
+                           check=True, capture_output=True)
+            certfile, keyfile = str(tmp_path / "tls" / "coordinator.crt"), str(tmp_path / "tls" / "coordinator.key")
+        server = make_server(app, "127.0.0.1", 0, threads=THREADS, client_timeout=client_timeout,
+                             certfile=certfile, keyfile=keyfile)
+        threading.Thread(target=server.serve, daemon=True).start()
+        federation = app.extensions["federation"]
+        started.append((federation, server))
+        scheme = "https" if tls else "http"
+        return f"{scheme}://127.0.0.1:{bound_port(server)}", federation, certfile
+
+    yield _serve
+    for federation, server in started:
+        federation.stop()
+        server.stop()
+
+
+def _node(url: str, name: str, ca_cert: str | None = None) -> CoordinatorClient:
+    client = CoordinatorClient(url, session=make_session(ca_cert=ca_cert))
+    answer, _ = client.register(name, "cpu", 100, {}, JOIN_TOKEN)
+    client.token = answer["node_token"]
+    client.node_id = answer["node_id"]
+    return client
+
+
+def _timed(call) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    result = call()
+    return time.perf_counter() - t0, result
+
+
+def test_more_idle_pollers_than_threads_while_health_heartbeat_and_an_upload_answer(serve):
+    url, fed, _ = serve(client_fraction=0.01)
+    trainer = _node(url, "trainer")  # MIN_NODES_TO_START=1: round 1 opens for the trainer alone
+    fed.tick()
+    assert fed.state.participants == [trainer.node_id]
+    pollers = [_node(url, f"idle-{i}") for i in range(3 * THREADS)]
+    pool = ThreadPoolExecutor(len(pollers))
+    polls = [pool.submit(p.task, 20.0) for p in pollers]
+    deadline = time.monotonic() + 10
+    while sum(n.parked for n in fed.nodes.values()) < len(pollers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sum(n.parked for n in fed.nodes.values()) == len(pollers)  # all waiting, none in a thread
+    assert all(n.polling == 0 for n in fed.nodes.values())
+
+    health_s, health = _timed(lambda: requests.get(f"{url}/api/v1/health", timeout=10))
+    beat_s, beat = _timed(lambda: pollers[0].heartbeat(pollers[0].node_id))
+    data = state_dict_to_bytes(fed.global_state)
+    upload_s, accepted = _timed(lambda: trainer.submit_update(1, {"num_samples": 100}, data))
+    assert health.status_code == 200 and beat["node_status"] == "online" and accepted["accepted"] is True
+    # A thread-per-request server with 4 threads answers none of them before the 20 s polls end.
+    assert max(health_s, beat_s, upload_s) < 5, (health_s, beat_s, upload_s)
+    assert not any(p.done() for p in polls)  # still parked
+    fed.stop()  # a stopping coordinator answers every parked poll at once
+    answers = [p.result(timeout=10) for p in polls]
+    assert {a["action"] for a in answers} == {"wait"}
+    pool.shutdown()
+
+
+def test_a_parked_poll_gets_its_task_when_the_round_opens_and_the_wait_answer_at_its_deadline(serve):
+    url, fed, _ = serve(min_nodes_to_start=2)
+    fed.start()
+    a = _node(url, "a")
+    waited, answer = _timed(lambda: a.task(1.5))
+    assert answer["action"] == "wait" and 1.4 < waited < 5
+    with ThreadPoolExecutor(1) as pool:
+        poll = pool.submit(_timed, lambda: a.task(30.0))
+        time.sleep(0.5)
+        _node(url, "b")  # the second node: round 1 opens
+        took, task = poll.result(timeout=35)
+    assert task["action"] == "train" and task["round"] == 1
+    assert took < 5  # not at the poll's 30 s deadline
+    assert fed.nodes[a.node_id].parked == 0
+
+
+def test_a_poll_whose_client_went_away_is_forgotten(serve):
+    url, fed, _ = serve()
+    a = _node(url, "a")
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.get(f"{url}/api/v1/task", params={"wait": "30"}, timeout=(5, 1),
+                      headers={"Authorization": f"Bearer {a.token}"})
+    deadline = time.monotonic() + 5
+    while fed.nodes[a.node_id].parked and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fed.nodes[a.node_id].parked == 0
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+def test_a_silent_connection_delays_no_heartbeat(serve, tls):
+    url, fed, ca_cert = serve(tls=tls)
+    node = _node(url, "a", ca_cert)
+    silent = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))  # no TLS hello, no request
+    try:
+        time.sleep(0.3)
+        took, answer = _timed(lambda: node.heartbeat(node.node_id))
+        fresh = _node(url, "b", ca_cert)  # a new connection, a new handshake
+    finally:
+        silent.close()
+    assert answer["node_status"] == "online" and fresh.node_id != node.node_id
+    assert took < 2, took  # cheroot froze HTTPS for its 30 s socket timeout
+
+
+def test_headers_too_large_get_431_and_a_silent_body_is_cut(serve):
+    url, fed, _ = serve(client_timeout=1.0)
+    answer = requests.get(f"{url}/api/v1/health", headers={"X-Big": "x" * 70_000}, timeout=10)
+    assert answer.status_code == 431 and answer.json()["error"] == "headers_too_large"
+    node = _node(url, "a")
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+        slow.sendall(b"POST /api/v1/rounds/1/updates HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     + node.token.encode() + b"\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 100000\r\n\r\n--b\r\n")
+        t0 = time.monotonic()
+        reply = slow.recv(4096)
+        took = time.monotonic() - t0
+    assert reply.startswith(b"HTTP/1.1 4"), reply[:80]
+    assert took < 8
+    assert requests.get(f"{url}/api/v1/health", timeout=5).status_code == 200
