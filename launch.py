@@ -26,6 +26,7 @@ from pathlib import Path
 
 import config as config_module
 from fedrest.client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable, make_session
+from fedrest.monitoring import node_counts
 from config import COORDINATOR_FIELDS, WORKER_FIELDS, Config
 from fedrest.server.credentials import new_token
 from fedrest.server.state_dir import archive_run
@@ -156,7 +157,8 @@ class Launch:
             except (CoordinatorUnreachable, CoordinatorError):
                 time.sleep(0.5)
                 continue
-            online = sum(1 for n in last["nodes"] if n["status"] != "offline")
+            counts = node_counts(last)
+            online = counts["total"] - counts["offline"] - counts["banned"]
             if online != nodes_seen and not last["history"]:
                 nodes_seen = online
                 print(f"{online}/{self.num_workers} workers registered")

@@ -19,8 +19,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from fedrest.monitoring import (add_monitor_arguments, is_loss, metric_names, parse_monitor_args, privacy_text,
-                                round_metrics)
+from fedrest.monitoring import (add_monitor_arguments, is_loss, metric_names, node_counts, parse_monitor_args,
+                                privacy_text, round_metrics)
 
 DEFAULT_PNG = Path("logs") / "monitor.png"
 SAVE_FORMATS = (".png", ".svg", ".pdf")
@@ -42,8 +42,9 @@ class NodeTimeline:
 
     def add(self, status: dict) -> None:
         self.times.append(time.time() - self.start)
+        counts = node_counts(status)
         for key in self.counts:
-            self.counts[key].append(sum(1 for n in status["nodes"] if n["status"] == key))
+            self.counts[key].append(counts[key])
 
 
 def draw(fig, status: dict | None, timeline: NodeTimeline, error: str | None = None,

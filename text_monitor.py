@@ -24,8 +24,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from fedrest.monitoring import (add_monitor_arguments, metric_names, parse_monitor_args, privacy_text,
-                                round_metrics)
+from fedrest.monitoring import (add_monitor_arguments, metric_names, node_counts, parse_monitor_args,
+                                privacy_text, round_metrics)
 
 SPARK = "▁▂▃▄▅▆▇█"
 STATUS_STYLE = {"online": "green", "training": "cyan", "offline": "red"}
@@ -60,9 +60,15 @@ TREND_LINES = 7  # title, column names, rule, three rounds, sparkline caption
 TREND_ROUNDS = 3
 
 
-def _node_table(nodes: list, rows: int) -> Table:
-    """The node table in at most ``rows`` rows, the last one saying "+N more" when they do not all fit."""
-    table = Table(title=f"nodes ({len(nodes)})", box=box.SIMPLE_HEAD, expand=True, pad_edge=False,
+def _node_table(nodes: list, rows: int, counts: dict | None = None) -> Table:
+    """The node table in at most ``rows`` rows, the last one saying "+N more" when they do not all fit;
+    ``counts`` (:func:`node_counts`) titles it, and says how many more there are when ``nodes`` are the featured
+    ones only."""
+    total = len(nodes) if counts is None else counts["total"]
+    title = f"nodes ({total})" if counts is None else (
+        f"nodes ({total}: " + ", ".join(f"{counts[k]} {k}" for k in ("online", "training", "offline", "banned")
+                                        if counts[k]) + ")")
+    table = Table(title=title, box=box.SIMPLE_HEAD, expand=True, pad_edge=False,
                   show_edge=False, padding=(0, 1))
     table.add_column("name", no_wrap=True, ratio=3, overflow="fold")
     table.add_column("device", no_wrap=True, ratio=2, overflow="ellipsis")
@@ -73,8 +79,8 @@ def _node_table(nodes: list, rows: int) -> Table:
         table.add_row(n["name"], n["device"], Text(n["status"], style=STATUS_STYLE.get(n["status"], "")),
                       _ago(n["last_seen_s_ago"]), str(len(n["rounds_contributed"])),
                       _fmt(n.get("last_train_accuracy"), ".3f"), str(n["num_samples"]))
-    if len(shown) < len(nodes):
-        table.add_row(f"+{len(nodes) - len(shown)} more", "", "", "", "", "", "")
+    if len(shown) < total:
+        table.add_row(f"+{total - len(shown)} more", "", "", "", "", "", "")
     return table
 
 
@@ -132,7 +138,7 @@ def render(status: dict | None, error: str | None = None, unreachable_since: flo
                       f"{current['timeout_s']:.0f}s deadline" if current else "", no_wrap=True, overflow="ellipsis"))
 
     fixed = len(parts) + NODE_TABLE_LINES + (TREND_LINES if history else 0) + 1  # parts: error? + header
-    parts.append(_node_table(status["nodes"], rows=max(1, height - fixed)))
+    parts.append(_node_table(status["nodes"], rows=max(1, height - fixed), counts=node_counts(status)))
     if history:
         parts.append(_trend_table(history, width))
     return Group(*parts)

@@ -90,6 +90,17 @@ def round_metrics(record: dict) -> dict[str, float]:
     return metrics
 
 
+def node_counts(status: dict) -> dict[str, int]:
+    """Nodes by status ("total", "online", "training", "offline", "banned") of a ``/status`` answer: its
+    ``node_counts`` (a coordinator that lists only the featured nodes of many), else counted from ``nodes``."""
+    counts = status.get("node_counts")
+    if isinstance(counts, dict):
+        return {k: int(counts.get(k, 0)) for k in ("total", "online", "training", "offline", "banned")}
+    nodes = status.get("nodes") or []
+    return {"total": len(nodes), **{k: sum(1 for n in nodes if n.get("status") == k)
+                                    for k in ("online", "training", "offline", "banned")}}
+
+
 def privacy_text(status: dict) -> str | None:
     """The privacy spent, for the monitors' headers: "ε 1.23 at δ 1e-05 (budget 8, 30 rounds)"; None without
     differential privacy."""

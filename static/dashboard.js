@@ -109,14 +109,23 @@ function setSeries(chart, labels, series) {
   chart.update();
 }
 
+// Nodes by status: the coordinator's counts (it lists only the featured nodes when there are many).
+function nodeCounts(status) {
+  if (status.node_counts) return status.node_counts;
+  const count = (key) => status.nodes.filter((n) => n.status === key).length;
+  return {total: status.nodes.length, online: count("online"), training: count("training"),
+          offline: count("offline"), banned: count("banned")};
+}
+
 function render(status) {
   const history = status.history;
   const rounds = history.map((r) => r.round);
-  const up = status.nodes.filter((n) => n.status !== "offline").length;
+  const counts = nodeCounts(status);
+  const up = counts.total - counts.offline - counts.banned;
   text("run-id", status.run_id);
   text("state", status.state);
   text("round", `${status.round} / ${status.total_rounds}`);
-  text("nodes-up", `${up} of ${status.nodes.length}`);
+  text("nodes-up", `${up} of ${counts.total}`);
   const last = history.length ? roundMetrics(history[history.length - 1]) : {};
   const headline = "accuracy" in last ? "accuracy" : (Object.keys(last)[0] || "accuracy");
   text("last-metric-name", `last ${headline}`);
@@ -140,13 +149,17 @@ function render(status) {
 
   timeline.labels.push(Math.round((Date.now() - started) / 1000));
   for (const key of ["online", "training", "offline"]) {
-    timeline[key].push(status.nodes.filter((n) => n.status === key).length);
+    timeline[key].push(counts[key]);
   }
   if (timeline.labels.length > 600) {
     for (const key of Object.keys(timeline)) timeline[key].shift();
   }
   charts.nodes.update();
 
+  const featured = status.nodes_listed === "featured";
+  document.getElementById("nodes-note").hidden = !featured;
+  text("nodes-note", featured ? `${status.nodes.length} of ${counts.total} nodes: those the open round waits for, `
+       + "then its others, then the latest lost (every node: GET /api/v1/nodes?offset=0&limit=500)" : "");
   const body = document.querySelector("#nodes tbody");
   body.replaceChildren(...status.nodes.map((n) => {
     const row = document.createElement("tr");

@@ -63,7 +63,7 @@ def test_unknown_url_is_404_json(client):
 
 
 @pytest.mark.parametrize("method, path, allowed", [
-    ("get", "/nodes", "POST"),
+    ("put", "/nodes", "POST"),
     ("delete", "/health", "GET"),
     ("post", "/status", "GET"),
     ("get", "/rounds/1/updates", "POST"),

@@ -129,7 +129,8 @@ class RoundDriver:
         participants = self.fed.state.participants
         started = (f"round {number}/{self.fed.config.communication_rounds} started ({reason}) with "
                    f"{len(participants)} of {len(online)} online nodes: "
-                   + ", ".join(self.fed.nodes[i].name for i in participants))
+                   + ", ".join(self.fed.nodes[i].name for i in participants[:10])
+                   + (f" and {len(participants) - 10} more" if len(participants) > 10 else ""))
         if announce:
             log.info("%s", started)
         return started

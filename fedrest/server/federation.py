@@ -46,7 +46,7 @@ from fedrest.server.rounds import Phase
 from fedrest.server.spool import AcceptedUpdate, UpdateSpool
 from fedrest.privacy import PrivacySettings
 from fedrest.server.state_dir import DB_NAME, GLOBAL, UPDATES, StartRefused
-from fedrest.server.status import Snapshot, take_snapshot
+from fedrest.server.status import NodeView, Snapshot, node_page, take_snapshot
 from fedrest.server.resume import read_stored_run
 from fedrest.server.store import RunStore
 from fedrest.tasks.fingerprint import TaskIdentity, differences
@@ -191,6 +191,10 @@ class Federation:
                 self._control_cache = version, cached
             self.traffic["bytes_sent"] += len(cached)
             return version, cached
+
+    def is_busy(self) -> bool:
+        """Whether the federation's lock is held now (a hint: it may change at once)."""
+        return self._lock.locked()
 
     def count_received(self, num_bytes: int) -> None:
         """Count the body of an update upload (accepted or not)."""
@@ -388,3 +392,8 @@ class Federation:
         with self._lock:
             now = self.clock()
             return take_snapshot(self, now)
+
+    def node_page(self, offset: int, limit: int, status: str | None = None) -> tuple[int, list[NodeView]]:
+        """(how many nodes match, a page of them by name) for ``GET /nodes`` (:func:`.status.node_page`)."""
+        with self._lock:
+            return node_page(self, self.clock(), offset, limit, status)

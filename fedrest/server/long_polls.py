@@ -25,11 +25,13 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from a2wsgi import WSGIMiddleware
+from fedrest.server.wsgi_bridge import WSGIBridge
 
 log = logging.getLogger("fl.serving")
 
 TASK_PATH = "/api/v1/task"
+HEALTH_PATH = "/api/v1/health"
+NODES_PATH = "/api/v1/nodes/"
 
 
 @dataclass(eq=False)
@@ -47,7 +49,7 @@ class LongPollFront:
 
     def __init__(self, wsgi_app, threads: int, client_timeout: float) -> None:
         self.wsgi_app = wsgi_app
-        self.inner = WSGIMiddleware(wsgi_app, workers=threads)
+        self.inner = WSGIBridge(wsgi_app, threads)
         self.client_timeout = client_timeout
         self.parking: _Parking | None = None
 
@@ -56,13 +58,14 @@ class LongPollFront:
             await self.inner(scope, receive, send)
             return
         timed = self._timed(receive)
-        federation = self._federation() if scope["path"] == TASK_PATH and scope["method"] == "GET" else None
-        if federation is None:
-            await self.inner(scope, timed, send)
+        federation = self._federation()
+        inline = federation is not None and _is_quick(scope) and not federation.is_busy()
+        if federation is None or scope["path"] != TASK_PATH or scope["method"] != "GET":
+            await self.inner(scope, timed, send, inline)
             return
         if self.parking is None:
             self.parking = _Parking(federation, asyncio.get_running_loop())
-        await self.parking.serve(self.inner, scope, timed, receive, send)
+        await self.parking.serve(self.inner, scope, timed, receive, send, inline)
 
     def _federation(self):
         """The federation of the Flask app served (None while a PendingApp is still waiting for it)."""
@@ -80,7 +83,8 @@ class LongPollFront:
         return timed_receive
 
     def close(self) -> None:
-        """Release the helper thread (after the server stopped)."""
+        """Release the helper and request threads (after the server stopped)."""
+        self.inner.close()
         if self.parking is not None:
             self.parking.close()
 
@@ -104,14 +108,14 @@ class _Parking:
         self.fed.remove_change_listener(self._notified)
         self.executor.shutdown(wait=False)
 
-    async def serve(self, inner, scope, timed_receive, receive, send) -> None:
+    async def serve(self, inner, scope, timed_receive, receive, send, inline: bool) -> None:
         """Answer one ``GET /task``: run the view; park the request if the view says so."""
         scope["fl.long_poll"] = True
         messages = []
 
         async def capture(message):
             messages.append(message)
-        await inner(scope, timed_receive, capture)
+        await inner(scope, timed_receive, capture, inline)
         parked = scope.get("fl.parked")
         if parked is None:
             for message in messages:
@@ -209,6 +213,14 @@ class _Parking:
             poll.timer.cancel()
             self.due.discard(poll)
             poll.answer.set_result(task)
+
+
+def _is_quick(scope) -> bool:
+    """Requests whose view only reads and touches memory under the federation's lock (no disk, no body to
+    stream): health, heartbeats and the task poll. They run in the event loop's thread when the lock is free."""
+    path, method = scope["path"], scope["method"]
+    return ((method == "GET" and path in (TASK_PATH, HEALTH_PATH))
+            or (method == "POST" and path.startswith(NODES_PATH) and path.endswith("/heartbeat")))
 
 
 async def _until_disconnect(receive) -> None:

@@ -51,10 +51,10 @@ class FederationCollector(Collector):
                                 value=snap.total_rounds)
         nodes = GaugeMetricFamily("fl_nodes", "Registered nodes by status", labels=["status"])
         for state in ("online", "training", "offline"):
-            nodes.add_metric([state], sum(1 for n in snap.nodes if n.status == state))
+            nodes.add_metric([state], snap.node_counts.get(state, 0))
         yield nodes
         yield CounterMetricFamily("fl_updates_accepted", "Updates accepted (answered 202)",
-                                  value=sum(n.updates_submitted for n in snap.nodes))
+                                  value=snap.updates_submitted_total)
         yield _by_reason("fl_updates_rejected", "Updates refused (400/413), by error", snap.updates_refused_total)
         yield _by_reason("fl_requests_refused", "Other requests refused, by error (429: rate limits)",
                          snap.requests_refused_total)

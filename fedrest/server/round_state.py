@@ -42,6 +42,11 @@ class RoundState:
     evaluators: list = field(default_factory=list)  # nodes asked to evaluate global model ``round`` (evaluating)
     evaluations: dict = field(default_factory=dict)  # node id -> {"num_samples": n, "metrics": {...}}
 
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in ("participants", "evaluators"):  # lists for order and storage, sets for O(1) lookups
+            super().__setattr__(f"_{name}_set", frozenset(value))
+
     @classmethod
     def from_values(cls, values: dict, updates, history, now_mono: float) -> "RoundState":
         """The state a stored run left (:meth:`values`, its updates and history rows); the open round gets a
@@ -66,7 +71,7 @@ class RoundState:
         return {Phase.TRAINING: self.participants, Phase.EVALUATING: self.evaluators}.get(self.phase, [])
 
     def owes_evaluation(self, node_id: str) -> bool:
-        return self.phase == Phase.EVALUATING and node_id in self.evaluators and node_id not in self.evaluations
+        return self.phase == Phase.EVALUATING and node_id in self._evaluators_set and node_id not in self.evaluations
 
     def start_evaluation(self, evaluators: list, now_mono: float) -> None:
         """Ask ``evaluators`` to evaluate global model ``round`` (it has just been committed)."""
@@ -80,7 +85,7 @@ class RoundState:
         if self.phase != Phase.EVALUATING or round_number != self.round:
             raise Conflict("stale_round", f"global model {round_number} is not being evaluated; the current round is "
                            f"{self.round} ({self.phase.value})", current_round=self.round, state=self.phase.value)
-        if node_id in self.evaluations or node_id not in self.evaluators:
+        if node_id in self.evaluations or node_id not in self._evaluators_set:
             error = "duplicate_evaluation" if node_id in self.evaluations else "not_evaluator"
             raise Conflict(error, f"node {node_id} was not asked for (another) evaluation of global model "
                            f"{round_number}", current_round=self.round, state=self.phase.value)
@@ -91,7 +96,7 @@ class RoundState:
 
     def owes_answer(self, node_id: str) -> bool:
         """A participant of the open round that has neither an accepted nor a refused update."""
-        return (self.phase == Phase.TRAINING and node_id in self.participants and node_id not in self.updates
+        return (self.phase == Phase.TRAINING and node_id in self._participants_set and node_id not in self.updates
                 and node_id not in self.refused)
 
     def facts(self, now: float, online: Collection[str], round_timeout: float) -> RoundFacts:
@@ -132,7 +137,7 @@ class RoundState:
         if node_id in self.updates:
             raise Conflict("duplicate_update", f"node {node_id} already submitted an update for round "
                            f"{round_number}", current_round=self.round, state=self.phase.value)
-        if node_id not in self.participants:
+        if node_id not in self._participants_set:
             raise Conflict("not_participant", f"node {node_id} is not a participant of round {round_number}; "
                            "wait for the next round", current_round=self.round, state=self.phase.value)
 
@@ -141,7 +146,7 @@ class RoundState:
         if self.phase != Phase.TRAINING:
             return None
         dropped = self.updates.pop(node_id, None)
-        if node_id in self.participants:
+        if node_id in self._participants_set:
             self.participants = [i for i in self.participants if i != node_id]
             self.refused.pop(node_id, None)
         return dropped

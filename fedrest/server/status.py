@@ -3,11 +3,18 @@
 :meth:`fedrest.server.federation.Federation.snapshot` takes a :class:`Snapshot` under the federation's lock;
 ``GET /api/v1/status`` answers :func:`status_json` of it (fields: docs/API.md) and ``GET /metrics`` reads the
 same snapshot (:mod:`.metrics`).
+
+Many nodes: the snapshot always counts the nodes by status (``node_counts``), one pass over the registry; it
+lists every node only up to STATUS_NODES of them. Beyond, ``nodes`` holds the ones a monitor should see first
+(:func:`featured_nodes`): the open round's nodes that still owe an answer (the slowest), then its other
+participants, then the nodes most recently lost; the full list is paged by ``GET /api/v1/nodes``
+(:func:`node_page`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 
 from fedrest.server.rounds import RoundRecord
 
@@ -71,6 +78,8 @@ class Snapshot:
     bytes_received: int  # update uploads
     bytes_sent: int  # global models served
     privacy: dict | None = None  # DP-FedAvg's settings and epsilon spent (PrivacySettings.describe); None: off
+    node_counts: dict = field(default_factory=dict)  # "total" and each status -> number of nodes
+    updates_submitted_total: int = 0  # updates accepted from every node, the whole run
 
 
 def status_json(snapshot: Snapshot) -> dict:
@@ -85,19 +94,65 @@ def status_json(snapshot: Snapshot) -> dict:
         "current_round": None if s.current_round is None else asdict(s.current_round),
         "updates_refused_total": dict(s.updates_refused_total),
         "requests_refused_total": dict(s.requests_refused_total),
+        "node_counts": dict(s.node_counts),
+        "nodes_listed": "all" if len(s.nodes) == s.node_counts.get("total", 0) else "featured",
         "nodes": [asdict(n) for n in s.nodes],
         "history": [asdict(r) for r in s.history],
         "privacy": None if s.privacy is None else dict(s.privacy),
     }
 
 
+STATUS_NODES = 100  # up to this many nodes, /status lists them all; beyond, the featured ones
+STATUSES = ("online", "training", "offline", "banned")
+
+
+def node_view(federation, node, now: float, status: str | None = None) -> NodeView:
+    """How monitors see ``node`` at monotonic time ``now`` (call under the federation's lock)."""
+    n = node
+    return NodeView(n.node_id, n.name, n.device, status or federation.node_status(n, now), n.num_samples,
+                    n.updates_submitted, list(n.rounds_contributed), n.last_train_loss, n.last_train_accuracy,
+                    round(max(0.0, now - n.last_seen_mono), 3), n.last_seen_wall, n.registered_at, n.system_info)
+
+
+def featured_nodes(federation, statuses: dict, now: float, limit: int = STATUS_NODES) -> list:
+    """At most ``limit`` node ids: the open round's nodes that owe an answer, then its other nodes, then the
+    offline nodes most recently seen (each group by name)."""
+    st, nodes = federation.state, federation.registry.nodes
+    expected = [i for i in st.expected_answers() if i in nodes]
+    answered = st.evaluations if st.phase.value == "evaluating" else st.updates
+    by_name = lambda ids: sorted(ids, key=lambda i: nodes[i].name)  # noqa: E731
+    chosen = by_name(i for i in expected if i not in answered and i not in st.refused)[:limit]
+    chosen += by_name(i for i in expected if i in answered or i in st.refused)[:limit - len(chosen)]
+    if len(chosen) < limit:
+        offline = [i for i, status in statuses.items() if status == "offline"]
+        offline.sort(key=lambda i: -nodes[i].last_seen_mono)
+        chosen += offline[:limit - len(chosen)]
+    return chosen
+
+
+def node_page(federation, now: float, offset: int, limit: int, status: str | None = None) -> tuple[int, list]:
+    """(how many nodes match, the NodeViews of ``limit`` of them from ``offset``), by name; ``status``: only
+    nodes with that status. Call under the federation's lock."""
+    nodes = federation.registry.sorted_by_name()
+    if status is not None:
+        views = [(n, s) for n in nodes if (s := federation.node_status(n, now)) == status]
+    else:
+        views = [(n, None) for n in nodes]
+    return len(views), [node_view(federation, n, now, s) for n, s in views[offset:offset + limit]]
+
+
 def take_snapshot(federation, now: float) -> Snapshot:
     """A :class:`Snapshot` of ``federation`` at monotonic time ``now``; the caller holds its lock."""
     st, c = federation.state, federation.config
-    nodes = [NodeView(n.node_id, n.name, n.device, federation.node_status(n, now), n.num_samples,
-                      n.updates_submitted, list(n.rounds_contributed), n.last_train_loss, n.last_train_accuracy,
-                      round(max(0.0, now - n.last_seen_mono), 3), n.last_seen_wall, n.registered_at, n.system_info)
-             for n in federation.registry.sorted_by_name()]
+    registry = federation.registry
+    statuses = {i: federation.node_status(n, now) for i, n in registry.nodes.items()}
+    counts = Counter(statuses.values())
+    node_counts = {"total": len(statuses), **{k: counts.get(k, 0) for k in STATUSES}}
+    if len(statuses) <= STATUS_NODES:
+        nodes = [node_view(federation, n, now, statuses[n.node_id]) for n in registry.sorted_by_name()]
+    else:
+        nodes = [node_view(federation, registry.nodes[i], now, statuses[i])
+                 for i in featured_nodes(federation, statuses, now)]
     current = None
     if st.in_round:
         answered = st.evaluations if st.phase.value == "evaluating" else st.updates  # evaluators while evaluating
@@ -109,7 +164,9 @@ def take_snapshot(federation, now: float) -> Snapshot:
                     c.client_fraction, c.min_updates, current,
                     dict(federation.updates_refused_total), dict(federation.requests_refused_total), nodes,
                     list(st.history), federation.traffic["bytes_received"], federation.traffic["bytes_sent"],
-                    None if federation.privacy is None else federation.privacy.describe(st.model_version))
+                    None if federation.privacy is None else federation.privacy.describe(st.model_version),
+                    node_counts, sum(n.updates_submitted for n in registry.nodes.values()))
 
 
-__all__ = ["NodeView", "OpenRound", "RoundRecord", "Snapshot", "status_json", "take_snapshot"]
+__all__ = ["NodeView", "OpenRound", "RoundRecord", "Snapshot", "featured_nodes", "node_page", "node_view",
+           "status_json", "take_snapshot"]

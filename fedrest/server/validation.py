@@ -22,6 +22,7 @@ MAX_NUM_SAMPLES = 10**9
 MAX_SCHEMA_ENTRIES = 20_000  # state_dict keys of a registering worker's model
 MAX_CLASSES = 20_000
 MAX_METRICS = 64  # metric names in one federated evaluation
+MAX_PAGE = 500  # nodes in one page of GET /nodes
 
 
 def json_object() -> dict:
@@ -153,6 +154,20 @@ def long_poll_wait() -> float:
     if not 0 <= wait <= MAX_LONG_POLL:
         raise ApiError(400, "bad_request", f"wait must be in [0, {MAX_LONG_POLL:g}] seconds, got {raw_wait!r}")
     return wait
+
+
+def node_page_query(statuses) -> tuple[int, int, str | None]:
+    """The query of ``GET /nodes``: (offset >= 0, limit in [1, MAX_PAGE], status among ``statuses`` or None)."""
+    values = []
+    for name, default, lo, hi in (("offset", 0, 0, 10**9), ("limit", MAX_PAGE, 1, MAX_PAGE)):
+        raw = request.args.get(name, str(default))
+        if not raw.isdigit() or not lo <= int(raw) <= hi:
+            raise ApiError(400, "bad_request", f"{name} must be an integer in [{lo}, {hi}], got {raw!r}")
+        values.append(int(raw))
+    status = request.args.get("status")
+    if status is not None and status not in statuses:
+        raise ApiError(400, "bad_request", f"status must be one of {', '.join(statuses)}, got {status!r}")
+    return values[0], values[1], status
 
 
 def parse_update_metadata(raw: str | None, node: Node) -> dict:

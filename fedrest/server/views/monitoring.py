@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dataclasses import asdict
+
 from flask import Blueprint, Response, current_app, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from fedrest.server import metrics
+from fedrest.server import metrics, validation
 from fedrest.server.auth import federation, require_token
-from fedrest.server.status import status_json
+from fedrest.server.status import STATUSES, status_json
 from fedrest.server.views import API
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -30,6 +32,17 @@ def health():
 def status():
     require_token("monitor", "admin")
     return jsonify(status_json(federation().snapshot()))
+
+
+@bp.get(API + "/nodes")
+def nodes():
+    """Every node, a page at a time, by name (``offset``, ``limit`` <= 500, optional ``status``); /status lists
+    only the featured ones when there are many."""
+    require_token("monitor", "admin")
+    offset, limit, status = validation.node_page_query(STATUSES)
+    total, views = federation().node_page(offset, limit, status)
+    return jsonify({"total": total, "offset": offset, "limit": limit, "status": status,
+                    "nodes": [asdict(v) for v in views]})
 
 
 @bp.get(API + "/openapi.json")
