@@ -58,7 +58,11 @@ class Config:
     client_timeout: float = field(default=30.0, metadata=_meta(
         "seconds a connection may stay silent while sending a request before it is cut", lo=1, hi=3600))
     server_threads: int = field(default=64, metadata=_meta(
-        "request threads of the coordinator; each waiting worker holds one during a long poll", lo=4, hi=1024))
+        "request threads of the coordinator (they run the views; a waiting worker holds none)", lo=4, hi=1024))
+    max_uploads: int = field(default=16, metadata=_meta(
+        "update uploads received at once (each holds a request thread, and its decoded update while it is "
+        "checked; at most half of --server-threads); more are answered 503 busy and sent again by their workers",
+        lo=1, hi=512))
     # --- training (sent to workers with each round) ---
     task: str | None = field(default=None, metadata=_meta(
         "what to train: mnist, fashion-mnist, image-folder, a task file (my_task.py) or module (package.module); "
@@ -210,7 +214,7 @@ class Config:
 TASK_FIELDS = ("task", "model", "dataset", "image_size", "image_channels", "normalize_mean", "normalize_std")
 COORDINATOR_FIELDS = (
     "data_dir", "models_dir", "logs_dir", "temp_dir", "host", "port", "certfile", "keyfile", "client_timeout",
-    "server_threads", *TASK_FIELDS, "classes", "data_workers", "cache_bytes",
+    "server_threads", "max_uploads", *TASK_FIELDS, "classes", "data_workers", "cache_bytes",
     "batch_size", "test_batch_size", "learning_rate", "momentum", "local_epochs", "communication_rounds",
     "min_nodes_to_start", "client_fraction", "min_updates", "node_timeout", "heartbeat_interval", "round_timeout",
     "seed", "cpu_threads", "save_model", "max_update_bytes", "max_nodes", "rate_limit", "address_rate_limit",

@@ -134,8 +134,11 @@ def render(status: dict | None, error: str | None = None, unreachable_since: flo
     current = status.get("current_round")
     answers = "evaluations of the new model" if status["state"] == "evaluating" else "updates"
     parts.append(Text(f"round {current['round']} (attempt {current['attempt']}): {current['updates_received']}/"
-                      f"{len(current['participants'])} {answers} · {current['elapsed_s']:.0f}s of a "
-                      f"{current['timeout_s']:.0f}s deadline" if current else "", no_wrap=True, overflow="ellipsis"))
+                      f"{current.get('num_participants', len(current['participants']))} {answers} · "
+                      f"{current['elapsed_s']:.0f}s of a {current['timeout_s']:.0f}s deadline"
+                      + (f" · aggregation failed ({current['aggregation_error']}), again in "
+                         f"{current['aggregation_retry_in_s']:.0f}s" if current.get("aggregation_error") else "")
+                      if current else "", no_wrap=True, overflow="ellipsis"))
 
     fixed = len(parts) + NODE_TABLE_LINES + (TREND_LINES if history else 0) + 1  # parts: error? + header
     parts.append(_node_table(status["nodes"], rows=max(1, height - fixed), counts=node_counts(status)))

@@ -26,9 +26,7 @@ import json
 import multiprocessing as mp
 import os
 import random
-import resource
 import signal
-import ssl
 import statistics
 import subprocess
 import sys
@@ -36,72 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-JOIN, MONITOR = "benchmark-join-token-0123", "benchmark-monitor-token-0123"
-SOURCES = [f"127.0.0.{i}" for i in range(2, 18)]  # spread client ports over 16 loopback addresses
-
-
-# ----------------------------------------------------------------------------- a small HTTP/1.1 client
-
-
-class Http:
-    """One HTTP/1.1 connection at a time to the coordinator (reopened after the server closes it)."""
-
-    def __init__(self, port: int, tls: ssl.SSLContext | None, source: str, keep_alive: bool) -> None:
-        self.port, self.tls, self.source, self.keep_alive = port, tls, source, keep_alive
-        self.streams = None
-
-    async def request(self, method: str, path: str, token: str | None = None, body: dict | None = None,
-                      timeout: float = 60.0) -> tuple[int, dict | None]:
-        data = b"" if body is None else json.dumps(body).encode()
-        head = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(data)}"]
-        if token:
-            head.append(f"Authorization: Bearer {token}")
-        if body is not None:
-            head.append("Content-Type: application/json")
-        if not self.keep_alive:
-            head.append("Connection: close")
-        raw = ("\r\n".join(head) + "\r\n\r\n").encode() + data
-        try:
-            return await asyncio.wait_for(self._exchange(raw), timeout)
-        except BaseException:
-            self.close()
-            raise
-        finally:
-            if not self.keep_alive:
-                self.close()
-
-    async def _exchange(self, raw: bytes) -> tuple[int, dict | None]:
-        if self.streams is None:
-            self.streams = await asyncio.open_connection("127.0.0.1", self.port, ssl=self.tls,
-                                                         local_addr=(self.source, 0),
-                                                         server_hostname="localhost" if self.tls else None)
-        reader, writer = self.streams
-        writer.write(raw)
-        status_line = await reader.readline()
-        if not status_line:
-            raise ConnectionError("closed by the server")
-        length, close = 0, False
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin1").partition(":")
-            if name.lower() == "content-length":
-                length = int(value)
-            elif name.lower() == "connection" and "close" in value.lower():
-                close = True
-        payload = await reader.readexactly(length)
-        if close:
-            self.close()
-        status = int(status_line.split()[1])
-        return status, (json.loads(payload) if payload[:1] == b"{" else None)
-
-    def close(self) -> None:
-        if self.streams is not None:
-            self.streams[1].close()
-            self.streams = None
-
-
-def _client_tls(certfile: str | None) -> ssl.SSLContext | None:
-    return ssl.create_default_context(cafile=certfile) if certfile else None
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen import (MONITOR, NETWORK_ERRORS, SOURCES, Http, client_tls, quantile, raise_file_limit,  # noqa: E402
+                     register, rss_mb, start_coordinator, wait_up)
 
 
 # ----------------------------------------------------------------------------- the waiting nodes (load processes)
@@ -120,7 +55,7 @@ async def _node(port, tls, source, keep_alive, node, results, heartbeat_interval
                 results["heartbeats"] += 1
                 if status != 200:
                     results["errors"][f"heartbeat {status}"] = results["errors"].get(f"heartbeat {status}", 0) + 1
-            except (OSError, asyncio.TimeoutError, ConnectionError, ssl.SSLError) as exc:
+            except NETWORK_ERRORS as exc:
                 key = f"heartbeat {type(exc).__name__}"
                 results["errors"][key] = results["errors"].get(key, 0) + 1
             await asyncio.sleep(heartbeat_interval)
@@ -130,7 +65,7 @@ async def _node(port, tls, source, keep_alive, node, results, heartbeat_interval
     while time.time() < stop_at:
         try:
             status, answer = await poller.request("GET", "/api/v1/task?wait=30", node["token"], timeout=65)
-        except (OSError, asyncio.TimeoutError, ConnectionError, ssl.SSLError) as exc:
+        except NETWORK_ERRORS as exc:
             key = f"poll {type(exc).__name__}"
             results["errors"][key] = results["errors"].get(key, 0) + 1
             await asyncio.sleep(1)
@@ -146,10 +81,9 @@ async def _node(port, tls, source, keep_alive, node, results, heartbeat_interval
 
 
 def _load_process(port, certfile, keep_alive, nodes, heartbeat_interval, stop_at, out_queue):
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_file_limit()
     results = {"heartbeats": 0, "polls": 0, "errors": {}, "train": []}
-    tls = _client_tls(certfile)
+    tls = client_tls(certfile)
 
     async def main():
         await asyncio.gather(*(_node(port, tls, SOURCES[i % len(SOURCES)], keep_alive, node, results,
@@ -162,52 +96,10 @@ def _load_process(port, certfile, keep_alive, nodes, heartbeat_interval, stop_at
 
 
 def _start_coordinator(tmp: Path, port: int, nodes: int, fraction: float, tls: bool, threads: int):
-    args = [sys.executable, str(ROOT / "coordinator.py"), "--host", "127.0.0.1", "--port", str(port),
-            "--temp-dir", str(tmp / "temp"), "--models-dir", str(tmp / "models"), "--logs-dir", str(tmp / "logs"),
-            "--data-dir", str(tmp / "data"), "--no-eval", "--no-save-model", "--rate-limit", "0",
-            "--address-rate-limit", "0", "--max-nodes", str(nodes + 1), "--min-nodes-to-start", str(nodes + 1),
-            "--client-fraction", str(fraction), "--dp-noise-multiplier", "1.0", "--clip-norm", "10",
-            "--communication-rounds", "1", "--round-timeout", "600", "--node-timeout", "120",
-            "--token", JOIN, "--monitor-token", MONITOR, "--server-threads", str(threads)]
-    if tls:
-        subprocess.run([sys.executable, str(ROOT / "make_cert.py"), "--out-dir", str(tmp / "tls")], check=True,
-                       capture_output=True)
-        args += ["--certfile", str(tmp / "tls" / "coordinator.crt"), "--keyfile", str(tmp / "tls" / "coordinator.key")]
-    log = open(tmp / "coordinator.out", "w")
-    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
-
-
-async def _wait_up(port, tls) -> None:
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            status, _ = await Http(port, tls, "127.0.0.1", False).request("GET", "/api/v1/health", timeout=5)
-            if status == 200:
-                return
-        except (OSError, asyncio.TimeoutError, ConnectionError):
-            pass
-        await asyncio.sleep(0.5)
-    raise SystemExit("the coordinator did not start; see coordinator.out")
-
-
-async def _register(port, tls, count: int, prefix: str) -> list[dict]:
-    nodes, queue = [], list(range(count))
-
-    async def registrar(source):
-        http = Http(port, tls, source, True)
-        while queue:
-            i = queue.pop()
-            for _ in range(5):
-                try:
-                    status, answer = await http.request("POST", "/api/v1/nodes", JOIN, {
-                        "name": f"{prefix}{i}", "device": "cpu", "num_samples": 100, "system_info": {}}, timeout=60)
-                    if status in (200, 201):
-                        nodes.append({"node_id": answer["node_id"], "token": answer["node_token"]})
-                        break
-                except (OSError, asyncio.TimeoutError, ConnectionError):
-                    await asyncio.sleep(1)
-    await asyncio.gather(*(registrar(SOURCES[i % len(SOURCES)]) for i in range(32)))
-    return nodes
+    return start_coordinator(tmp, port, [
+        "--max-nodes", str(nodes + 1), "--min-nodes-to-start", str(nodes + 1), "--client-fraction", str(fraction),
+        "--dp-noise-multiplier", "1.0", "--clip-norm", "10", "--communication-rounds", "1", "--round-timeout", "600",
+        "--node-timeout", "120", "--server-threads", str(threads)], tls)
 
 
 async def _probe(port, tls, probe_node, seconds: float) -> dict:
@@ -224,36 +116,25 @@ async def _probe(port, tls, probe_node, seconds: float) -> dict:
                 status, _ = await Http(port, tls, "127.0.0.1", False).request(method, path, token, timeout=30)
                 if status != 200:
                     failures[name] += 1
-            except (OSError, asyncio.TimeoutError, ConnectionError, ssl.SSLError):
+            except NETWORK_ERRORS:
                 failures[name] += 1
             timings[name].append(time.perf_counter() - t0)
         await asyncio.sleep(0.1)
     return {name: {"n": len(v), "failed": failures[name], "p50_ms": 1000 * statistics.median(v),
-                   "p99_ms": 1000 * _quantile(v, 0.99), "max_ms": 1000 * max(v)} for name, v in timings.items()}
-
-
-def _quantile(values, q):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def _rss_mb(pid: int) -> tuple[float, float]:
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+                   "p99_ms": 1000 * quantile(v, 0.99), "max_ms": 1000 * max(v)} for name, v in timings.items()}
 
 
 def run(args) -> dict:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_file_limit()
     tmp = Path(tempfile.mkdtemp(prefix="fl-many-"))
     port = args.port
     coordinator = _start_coordinator(tmp, port, args.nodes, args.fraction, args.tls, args.threads)
     certfile = str(tmp / "tls" / "coordinator.crt") if args.tls else None
-    tls = _client_tls(certfile)
+    tls = client_tls(certfile)
     try:
-        asyncio.run(_wait_up(port, tls))
+        asyncio.run(wait_up(port, tls))
         t0 = time.time()
-        nodes = asyncio.run(_register(port, tls, args.nodes, "node-"))
+        nodes = asyncio.run(register(port, tls, args.nodes, "node-"))
         print(f"registered {len(nodes)} nodes in {time.time() - t0:.1f} s", flush=True)
         stop_at = time.time() + args.warmup + args.measure + 20
         queue = mp.Queue()
@@ -265,9 +146,9 @@ def run(args) -> dict:
         time.sleep(args.warmup)
         print(f"all {len(nodes)} nodes waiting; probing for {args.measure:g} s", flush=True)
         probes = asyncio.run(_probe(port, tls, nodes[0], args.measure))
-        rss_waiting = _rss_mb(coordinator.pid)
+        rss_waiting = rss_mb(coordinator.pid)
         t_open = time.time()
-        asyncio.run(_register(port, tls, 1, "trigger-"))  # N+1 online: round 1 opens
+        asyncio.run(register(port, tls, 1, "trigger-"))  # N+1 online: round 1 opens
         time.sleep(max(0.0, stop_at - time.time()))
         results = [queue.get(timeout=120) for _ in loaders]
         for p in loaders:
@@ -282,7 +163,7 @@ def run(args) -> dict:
                   "polls": sum(r["polls"] for r in results), "errors": errors,
                   "sampled": len(train), "reached_p50_s": statistics.median(train) if train else None,
                   "reached_max_s": train[-1] if train else None,
-                  "coordinator_rss_mb": rss_waiting[0], "coordinator_peak_rss_mb": _rss_mb(coordinator.pid)[1]}
+                  "coordinator_rss_mb": rss_waiting[0], "coordinator_peak_rss_mb": rss_mb(coordinator.pid)[1]}
         return report
     finally:
         coordinator.send_signal(signal.SIGTERM)

@@ -7,10 +7,11 @@ decoded state_dict is checked against the global model (:func:`check_compatible`
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import zipfile
 from collections import OrderedDict
-from typing import Mapping
+from typing import BinaryIO, Mapping
 
 import torch
 
@@ -62,9 +63,30 @@ def bytes_to_state_dict(data: bytes) -> "OrderedDict[str, torch.Tensor]":
         If the bytes are not such a torch archive, hold anything the restricted unpickler refuses,
         or are not a mapping of str to dense tensors.
     """
-    _check_archive(data)
+    return _decode(io.BytesIO(data), len(data))
+
+
+def file_to_state_dict(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]":
+    """:func:`bytes_to_state_dict` for a file (an upload streamed to disk, a spooled update), with the same
+    checks: torch reads the tensors from the file one record at a time, so the memory it costs is the
+    state_dict's own size, not that plus a copy of the bytes.
+
+    Raises
+    ------
+    UpdateRejected
+        As :func:`bytes_to_state_dict`.
+    OSError
+        When the file cannot be opened or read.
+    """
+    with open(path, "rb") as stream:
+        return _decode(stream, os.fstat(stream.fileno()).st_size)
+
+
+def _decode(stream: BinaryIO, size: int) -> "OrderedDict[str, torch.Tensor]":
+    _check_archive(stream, size)
+    stream.seek(0)
     try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        obj = torch.load(stream, map_location="cpu", weights_only=True)
     except _LOAD_ERRORS as exc:
         raise UpdateRejected(f"not a weights-only torch state_dict: {type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
@@ -80,11 +102,12 @@ def bytes_to_state_dict(data: bytes) -> "OrderedDict[str, torch.Tensor]":
     return result
 
 
-def _check_archive(data: bytes) -> None:
-    if not data.startswith(b"PK\x03\x04"):
+def _check_archive(stream: BinaryIO, size: int) -> None:
+    if stream.read(4) != b"PK\x03\x04":
         raise UpdateRejected("not a torch zip archive (torch.save's format); a raw pickle is never loaded")
+    stream.seek(0)
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        with zipfile.ZipFile(stream) as archive:
             entries = archive.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError) as exc:
         raise UpdateRejected(f"not a readable zip archive ({exc}); truncated?") from None
@@ -92,9 +115,9 @@ def _check_archive(data: bytes) -> None:
         if entry.compress_type != zipfile.ZIP_STORED:
             raise UpdateRejected(f"archive entry {entry.filename[:100]!r} is compressed; torch.save stores entries "
                                  "uncompressed")
-        if entry.file_size > len(data) or entry.header_offset + entry.file_size > len(data):
+        if entry.file_size > size or entry.header_offset + entry.file_size > size:
             raise UpdateRejected(f"archive entry {entry.filename[:100]!r} claims {entry.file_size} bytes, more "
-                                 f"than the {len(data)} bytes received")
+                                 f"than the {size} bytes received")
 
 
 def check_compatible(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> None:

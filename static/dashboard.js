@@ -139,8 +139,11 @@ function render(status) {
   document.getElementById("rounds-bar").style.width = `${(100 * history.length) / status.total_rounds}%`;
   const current = status.current_round;
   const answers = status.state === "evaluating" ? "evaluations of the new model" : "updates";
-  text("current-round", current ? `round ${current.round}: ${current.updates_received} of ${current.participants.length} ${answers}, `
-       + `${Math.round(current.elapsed_s)} s of a ${Math.round(current.timeout_s)} s deadline` : "");
+  const expected = current ? (current.num_participants ?? current.participants.length) : 0;
+  text("current-round", current ? `round ${current.round}: ${current.updates_received} of ${expected} ${answers}, `
+       + `${Math.round(current.elapsed_s)} s of a ${Math.round(current.timeout_s)} s deadline`
+       + (current.aggregation_error ? `; aggregation failed (${current.aggregation_error}), again in `
+          + `${Math.round(current.aggregation_retry_in_s)} s` : "") : "");
 
   setMetrics(charts.accuracy, rounds, history);
   const training = history.map((r) => r.max_train_seconds || 0);

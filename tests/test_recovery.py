@@ -3,6 +3,7 @@ tests/test_faults_e2e.py): what was acknowledged survives, a restart resumes exa
 
 from __future__ import annotations
 
+import errno
 import gc
 import sqlite3
 from collections import OrderedDict
@@ -13,6 +14,7 @@ import torch
 
 from conftest import (MONITOR, API, JOIN_TOKEN, FakeClock, bearer, filled_state_dict, make_config, post_update,
                       register)
+from fedrest.server import closing, driver
 from fedrest.server.checkpoints import load_checkpoint
 from fedrest.server.federation import Federation, Phase
 from fedrest.server.rounds import sample_participants
@@ -287,3 +289,40 @@ def test_nodes_told_to_stop_are_gone_also_after_a_restart(make_app):
     fed.stop()
     again = make_app(communication_rounds=1, keep_serving=True).test_client()
     assert [n["status"] for n in again.get(f"{API}/status", headers=MONITOR).get_json()["nodes"]] == ["offline"]
+
+
+def test_a_failed_aggregation_backs_off_says_why_and_succeeds_later(make_app, fake_clock, monkeypatch, caplog):
+    app = make_app(clock=fake_clock, min_nodes_to_start=1, communication_rounds=2)
+    client, fed = app.test_client(), app.extensions["federation"]
+    node = register(client, "a")
+    fed.tick()
+    assert post_update(client, node, 1, filled_state_dict(0.5, 1), {"num_samples": 10}).status_code == 202
+    real_close, calls = closing.close_round, []
+
+    def full_disk(*args, **kwargs):
+        calls.append(fake_clock())
+        if len(calls) <= 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_close(*args, **kwargs)
+    monkeypatch.setattr(closing, "close_round", full_disk)
+    first = driver.AGGREGATION_RETRY_S[0]
+    fed.tick()  # aggregation fails: the round stays in aggregation with its update
+    assert (fed.phase, len(calls), len(fed.state.updates)) == (Phase.AGGREGATING, 1, 1)
+    current = client.get(f"{API}/status", headers=MONITOR).get_json()["current_round"]
+    assert "No space left on device" in current["aggregation_error"]
+    assert current["aggregation_retry_in_s"] == pytest.approx(first)
+    assert any("aggregation failed" in r.getMessage() and "trying again in 5s" in r.getMessage()
+               for r in caplog.records)
+    for _ in range(5):
+        fed.tick()  # not every tick: it waits
+    fake_clock.advance(first - 0.1)
+    fed.tick()
+    assert len(calls) == 1
+    fake_clock.advance(0.2)
+    fed.tick()  # fails again: the wait doubles
+    assert len(calls) == 2 and fed.driver.failure[1] == pytest.approx(fake_clock() + 2 * first)
+    fake_clock.advance(2 * first)
+    fed.tick()
+    assert len(calls) == 3 and fed.state.model_version == 1 and fed.driver.failure is None
+    assert fed.state.history[-1].num_updates == 1
+    assert client.get(f"{API}/status", headers=MONITOR).get_json()["current_round"]["aggregation_error"] is None

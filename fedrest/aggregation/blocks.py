@@ -11,8 +11,9 @@ Memory: the block array, its sorted copy and the sort's indices, 24 x m x block 
 ``budget_bytes`` (default BLOCK_BYTES), plus one result model. Disk: one model's bytes per update, in a temporary
 file deleted when the round's rule is done (or at the next start, after a crash).
 
-Results are bit-identical to the whole-tensor rule: a coordinate's result depends only on its m values, sorted,
-and is computed by the same functions (:func:`.rules.median_of_sorted`, :func:`.rules.trimmed_mean_of_sorted`).
+Results are bit-identical to the whole-tensor rules (:func:`.rules.coordinate_median`, :func:`.rules.trimmed_mean`):
+a coordinate's result depends only on its m values, sorted, and is computed by the same functions
+(:func:`.rules.median_of_sorted`, :func:`.rules.trimmed_mean_of_sorted`), which work column by column.
 """
 
 from __future__ import annotations

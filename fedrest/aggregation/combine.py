@@ -12,8 +12,9 @@ each gets it the same way:
 - **Clipping** (``clip_norm`` > 0) of every update's change before the rule (:func:`.rules.clip_update`).
 - **Bounded weights** (FedAvg): no update takes more than ``max_share`` of the round (:mod:`.weights`), computed
   over the round's updates before they are read.
-- **Memory**: FedAvg streams (one model plus one update in memory); the robust rules collect the round's
-  updates (they need every value of a coordinate at once).
+- **Memory**: FedAvg streams (one model plus one update in memory); the robust rules, which need every value of a
+  coordinate at once, append each update to a spill file and combine it in blocks of coordinates
+  (:mod:`.blocks`: O(updates x block) memory, results bit-identical to the whole-tensor rules of :mod:`.rules`).
 
 The names are :data:`config.AGGREGATIONS` (one list).
 """
@@ -26,7 +27,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from fedrest.aggregation.fedavg import FedAvgAccumulator
-from fedrest.aggregation.rules import clip_update, coordinate_median, trimmed_mean
+from fedrest.aggregation.blocks import BLOCK_BYTES, SpilledUpdates, blockwise
+from fedrest.aggregation.rules import clip_update, median_of_sorted, trim_count, trimmed_mean_of_sorted
 from fedrest.aggregation.weights import capped_weights
 from fedrest.serialization import UpdateRejected, check_compatible
 
@@ -191,48 +193,63 @@ class FedAvg(Combiner):
 
 
 class _Collecting(Combiner):
-    """A rule that needs every update at once (unweighted)."""
+    """A rule that needs every update at once (unweighted): the updates are spilled to a temporary file in
+    ``spill_dir`` (None: the system's temporary folder) and combined block by block, ``block_bytes`` at a time
+    (:mod:`.blocks`)."""
+
+    spill_dir: str | None = None
+    block_bytes: int = BLOCK_BYTES
+    _spilled: SpilledUpdates | None = None
 
     def start(self, reference: StateDict) -> None:
-        self._states: list = []
+        self._spilled = SpilledUpdates(reference, self.spill_dir)
 
     def add(self, state_dict: StateDict, weight: float) -> None:
-        self._states.append(state_dict)
+        self._spilled.append(state_dict)
+
+    def finish(self, reference: StateDict) -> "dict[str, torch.Tensor]":
+        return blockwise(self._spilled, reference, self.combine_sorted, self.block_bytes)
+
+    def combine_sorted(self, values: torch.Tensor) -> torch.Tensor:
+        """(m, b) float64 sorted along the updates -> (b,) float64, the rule of each coordinate."""
+        raise NotImplementedError
 
     def reset(self) -> None:
-        self._states = []
+        if self._spilled is not None:
+            self._spilled.close()
+            self._spilled = None
 
 
 class Median(_Collecting):
-    """The coordinate-wise median (Yin et al. 2018, Definition 1; :func:`.rules.coordinate_median`)."""
+    """The coordinate-wise median (Yin et al. 2018, Definition 1; :func:`.rules.median_of_sorted`)."""
 
     name = "median"
 
-    def finish(self, reference: StateDict) -> "dict[str, torch.Tensor]":
-        return coordinate_median(self._states, reference)
+    def combine_sorted(self, values: torch.Tensor) -> torch.Tensor:
+        return median_of_sorted(values)
 
 
 class TrimmedMean(_Collecting):
-    """The coordinate-wise beta-trimmed mean (Yin et al. 2018, Definition 2; :func:`.rules.trimmed_mean`)."""
+    """The coordinate-wise beta-trimmed mean (Yin et al. 2018, Definition 2; :func:`.rules.trimmed_mean_of_sorted`)."""
 
     name = "trimmed_mean"
 
     def __init__(self, clip_norm: float = 0.0, trim_fraction: float = 0.1, max_share: float = 1.0) -> None:
         super().__init__(clip_norm, max_share)
-        if not 0 <= trim_fraction < 0.5:
-            raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+        trim_count(trim_fraction, 1)  # raises ValueError outside [0, 0.5)
         self.trim_fraction = trim_fraction
 
-    def finish(self, reference: StateDict) -> "dict[str, torch.Tensor]":
-        return trimmed_mean(self._states, reference, self.trim_fraction)
+    def combine_sorted(self, values: torch.Tensor) -> torch.Tensor:
+        return trimmed_mean_of_sorted(values, trim_count(self.trim_fraction, values.shape[0]))
 
 
 COMBINERS = {cls.name: cls for cls in (FedAvg, Median, TrimmedMean)}
 
 
 def make_combiner(name: str, *, clip_norm: float = 0.0, trim_fraction: float = 0.1,
-                  max_share: float = 1.0) -> Combiner:
-    """The combining rule called ``name`` (one of :data:`config.AGGREGATIONS`).
+                  max_share: float = 1.0, spill_dir: str | None = None) -> Combiner:
+    """The combining rule called ``name`` (one of :data:`config.AGGREGATIONS`); the robust rules spill the
+    round's updates into ``spill_dir`` (None: the system's temporary folder).
 
     Raises
     ------
@@ -242,5 +259,9 @@ def make_combiner(name: str, *, clip_norm: float = 0.0, trim_fraction: float = 0
     if name not in COMBINERS:
         raise ValueError(f"unknown aggregation rule {name!r}; one of {', '.join(COMBINERS)}")
     if name == "trimmed_mean":
-        return TrimmedMean(clip_norm, trim_fraction, max_share)
-    return COMBINERS[name](clip_norm, max_share)
+        combiner = TrimmedMean(clip_norm, trim_fraction, max_share)
+    else:
+        combiner = COMBINERS[name](clip_norm, max_share)
+    if isinstance(combiner, _Collecting):
+        combiner.spill_dir = spill_dir
+    return combiner

@@ -169,7 +169,7 @@ def make_strategy(config, parameter_keys: Collection[str] | None = None) -> Stra
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; one of {', '.join(STRATEGIES)}")
     combiner = make_combiner(config.aggregation, clip_norm=config.clip_norm, trim_fraction=config.trim_fraction,
-                             max_share=config.max_share)
+                             max_share=config.max_share, spill_dir=config.temp_dir)
     optimizer = None
     if name in SERVER_OPTIMIZERS:
         optimizer = ServerOptimizer(name, config.server_learning_rate, momentum=config.server_momentum,

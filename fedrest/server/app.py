@@ -27,6 +27,7 @@ from fedrest.server.http_errors import (JSON_BODY_LIMIT, METADATA_LIMIT, REGISTE
                                         upload_body_limit)
 from fedrest.server.ratelimit import RateLimiter
 from fedrest.server.state_dir import prepare_start
+from fedrest.server.uploads import StreamingRequest, UploadSlots, upload_cap
 from fedrest.server.views import admin, monitoring, nodes, rounds
 from fedrest.tasks import TaskError, load_task
 from fedrest.tasks.fingerprint import TaskIdentity
@@ -77,13 +78,15 @@ def create_app(cfg: Config, *, start_driver: bool = True, evaluator: Evaluator |
     federation = Federation(cfg, model.state_dict(), evaluator, clock, identity, parameter_keys, strategy)
 
     app = Flask(__name__, static_folder=str(monitoring.STATIC_DIR), static_url_path="/static")
+    app.request_class = StreamingRequest  # uploaded file parts stream into the update spool's incoming folder
     app.config["FL_NO_AUTH"] = cfg.no_auth
     app.extensions["credentials"] = Credentials(cfg.temp_dir, {"join": cfg.token, "monitor": cfg.monitor_token,
                                                                "admin": cfg.admin_token})
     app.extensions["credential_limiter"] = _limiter(cfg.rate_limit)
     app.extensions["address_limiter"] = _limiter(cfg.address_rate_limit)
     app.extensions["federation"] = federation
-    app.extensions["metrics_registry"] = metrics.make_registry(federation)
+    app.extensions["upload_slots"] = UploadSlots(upload_cap(cfg))
+    app.extensions["metrics_registry"] = metrics.make_registry(federation, app.extensions["upload_slots"])
     for blueprint in (nodes.bp, rounds.bp, admin.bp, monitoring.bp):
         app.register_blueprint(blueprint)
     app.after_request(_security_headers)

@@ -24,6 +24,9 @@ from fedrest.server.spool import AcceptedUpdate
 log = logging.getLogger("fl.federation")
 
 WAITING_LOG_EVERY = 10.0  # seconds between "waiting for nodes" log lines
+AGGREGATION_RETRY_S = (5.0, 300.0)  # the wait after a failed aggregation, doubled at each failure up to the second
+# What aggregating a round may raise that is not a bug: the disk (full, gone), memory, torch on odd data.
+AGGREGATION_ERRORS = (OSError, MemoryError, RuntimeError, ValueError)
 
 
 class RoundDriver:
@@ -35,16 +38,18 @@ class RoundDriver:
         self._num_clients = 1  # SCAFFOLD's N of the round being aggregated
         self._last_wait_log = -math.inf
         self._thread: threading.Thread | None = None
+        self.failures = 0  # failed aggregations of the round in AGGREGATING, in a row
+        self.failure: tuple[str, float] | None = None  # (why the last one failed, monotonic time of the next try)
 
     def tick(self) -> None:
         """Advance the state machine by at most one step; aggregates outside the lock when a round closes."""
         with self.fed.changed:
             st = self.fed.state
-            if st.phase == Phase.AGGREGATING:  # a restart in the middle of aggregation: do it again
-                if self._aggregating:
+            if st.phase == Phase.AGGREGATING:  # after a restart or a failure in the middle of aggregation: again
+                if self._aggregating or (self.failure is not None and self.fed.clock() < self.failure[1]):
                     return
-                log.info("round %d: aggregating the %d stored updates again after a restart", st.round,
-                         len(st.updates))
+                log.info("round %d: aggregating the %d stored updates again%s", st.round, len(st.updates),
+                         f" (attempt {self.failures + 1})" if self.failures else " after a restart")
             elif not self._apply(self.fed.clock()):
                 return
             self._aggregating = True
@@ -54,8 +59,25 @@ class RoundDriver:
             self.fed.changed.notify_all()
         try:
             self._aggregate(number, num_participants, updates, reference)
+        except AGGREGATION_ERRORS as exc:
+            self._aggregation_failed(number, exc)
+        else:
+            self.failures, self.failure = 0, None
         finally:
             self._aggregating = False
+
+    def _aggregation_failed(self, number: int, exc: BaseException) -> None:
+        """Log why aggregating round ``number`` failed and when it is tried again (a doubling wait); the round
+        stays in aggregation with its stored updates."""
+        self.failures += 1
+        delay = min(AGGREGATION_RETRY_S[1], AGGREGATION_RETRY_S[0] * 2 ** (self.failures - 1))
+        why = f"{type(exc).__name__}: {exc}"[:500]
+        hint = " (free space where TEMP_DIR and MODELS_DIR are)" if isinstance(exc, OSError) else ""
+        with self.fed.changed:
+            self.failure = (why, self.fed.clock() + delay)
+            self.fed.changed.notify_all()
+        log.error("round %d: aggregation failed (%s)%s; trying again in %.0fs (failure %d in a row)", number, why,
+                  hint, delay, self.failures)
 
     def _apply(self, now: float) -> bool:
         """Decide (:func:`rounds.decide`) and carry the decision out and store it; True: aggregate now."""

@@ -44,8 +44,7 @@ from fedrest.server.registry import Node, NodeRegistry
 from fedrest.server.round_state import RoundState
 from fedrest.server.rounds import Phase
 from fedrest.server.spool import AcceptedUpdate, UpdateSpool
-from fedrest.privacy import PrivacySettings
-from fedrest.server.state_dir import DB_NAME, GLOBAL, UPDATES, StartRefused
+from fedrest.server.state_dir import DB_NAME, GLOBAL, UPDATES, privacy_budget
 from fedrest.server.status import NodeView, Snapshot, node_page, take_snapshot
 from fedrest.server.resume import read_stored_run
 from fedrest.server.store import RunStore
@@ -54,24 +53,6 @@ from fedrest.tasks.fingerprint import TaskIdentity, differences
 log = logging.getLogger("fl.federation")
 
 __all__ = ["Federation", "Node", "Phase"]
-
-
-def _privacy_of(config: Config) -> PrivacySettings | None:
-    """The run's DP settings; raises StartRefused when the epsilon budget allows no round at all."""
-    privacy = PrivacySettings.of(config)
-    if privacy is None:
-        return None
-    if privacy.rounds_allowed == 0:
-        raise StartRefused(f"DP_EPSILON_BUDGET={config.dp_epsilon_budget:g} allows no round: one round spends "
-                           f"epsilon {privacy.epsilon(1):.3g} at delta {config.dp_delta:g} (noise multiplier "
-                           f"{config.dp_noise_multiplier:g}, client fraction {config.client_fraction:g}); raise the "
-                           "budget or the noise multiplier, or lower the client fraction")
-    if privacy.rounds_allowed < config.communication_rounds:
-        log.warning("DP_EPSILON_BUDGET=%g allows %d of the %d rounds (epsilon %.3g after them, %.3g after one "
-                    "more); the run stops there", config.dp_epsilon_budget, privacy.rounds_allowed,
-                    config.communication_rounds, privacy.epsilon(privacy.rounds_allowed),
-                    privacy.epsilon(privacy.rounds_allowed + 1))
-    return privacy
 
 
 class Federation:
@@ -111,7 +92,7 @@ class Federation:
         self.changed = polls.Changes(self._lock)  # the one lock, notified on every change
         self.registry = NodeRegistry(config.node_timeout, config.max_nodes)
         self.strategy = strategy if strategy is not None else make_strategy(config, parameter_keys)
-        self.privacy = _privacy_of(config)
+        self.privacy = privacy_budget(config)
         self.state = RoundState()
         self.updates_refused_total: dict[str, int] = {}
         self.requests_refused_total: dict[str, int] = {}
@@ -346,8 +327,13 @@ class Federation:
 
     # ------------------------------------------------------------------ updates (fedrest.server.intake)
 
-    def submit_update(self, node: Node, round_number: int, metadata: Mapping, data: bytes,
-                      control: bytes | None = None) -> AcceptedUpdate:
+    def check_can_submit(self, node: Node, round_number: int) -> None:
+        """Raises Conflict unless ``node`` may upload an update for ``round_number`` now (checked again later)."""
+        with self.changed:
+            self.state.check_can_submit(node.node_id, round_number)
+
+    def submit_update(self, node: Node, round_number: int, metadata: Mapping, data: bytes | Path,
+                      control: bytes | Path | None = None) -> AcceptedUpdate:
         """Check and durably store one update (:func:`.intake.submit_update`)."""
         return intake.submit_update(self, node, round_number, metadata, data, control)
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Mapping
 
 from fedrest.serialization import UpdateRejected
-from fedrest.server.errors import Conflict
 from fedrest.server.registry import Node
 from fedrest.server.spool import AcceptedUpdate
 
@@ -26,20 +26,21 @@ class MissingControlVariate(UpdateRejected):
     error = "missing_control_variate"
 
 
-def submit_update(fed, node: Node, round_number: int, metadata: Mapping, data: bytes,
-                  control: bytes | None = None) -> AcceptedUpdate:
+def submit_update(fed, node: Node, round_number: int, metadata: Mapping, data: bytes | Path,
+                  control: bytes | Path | None = None) -> AcceptedUpdate:
     """Check and durably store one update. Nothing is changed unless it is accepted.
 
-    The bytes are written and fsynced, then the update's row commits; only then does this return (and the API
-    answer 202), so an acknowledged update survives a crash of the coordinator.
+    The file is checked and fsynced, then renamed into the round's folder and the update's row commits; only then
+    does this return (and the API answer 202), so an acknowledged update survives a crash of the coordinator.
 
     Parameters
     ----------
     metadata : validated metadata: ``num_samples`` (int >= 1) and optional ``train_loss``, ``train_accuracy``,
         ``train_seconds`` (floats).
-    data : the serialised state_dict.
-    control : SCAFFOLD's serialised change of the worker's control variate (required when the strategy uses
-        control variates, ignored otherwise): the model's parameters' keys, shapes and dtypes, finite.
+    data : the serialised state_dict: its file in the spool's ``incoming`` folder (an upload streamed there; it is
+        moved into place when accepted, removed when not), or bytes (written there first).
+    control : SCAFFOLD's serialised change of the worker's control variate, the same way (required when the
+        strategy uses control variates, ignored otherwise): the model's parameters' keys, shapes and dtypes, finite.
 
     Raises
     ------
@@ -52,50 +53,56 @@ def submit_update(fed, node: Node, round_number: int, metadata: Mapping, data: b
     with fed.changed:
         fed.state.check_can_submit(node.node_id, round_number)
         reference = fed.global_state
-    norm = fed.spool.check(data, reference, fed.config.max_update_norm)
-    control = _checked_control(fed, control, reference)
-    temporary = fed.spool.write(round_number, node.node_id, data)
-    control_temporary = None if control is None else fed.spool.write(round_number, node.node_id, control, True)
-    with fed.changed:
-        try:
+    uses_control = fed.strategy.uses_control_variates
+    received = [fed.spool.receive(data)] + ([fed.spool.receive(control)] if uses_control and control else [])
+    try:
+        norm = fed.spool.check(received[0], reference, fed.config.max_update_norm)
+        _check_control(fed, received[1] if len(received) > 1 else None, reference)
+        for path in received:
+            fed.spool.sync(path)
+        with fed.changed:
             fed.state.check_can_submit(node.node_id, round_number)
-        except Conflict:
-            for written in (temporary, control_temporary):
-                if written is not None:
-                    written.unlink()
-            raise
-        control_path = None  # committed before the update: an update's control file exists when the update does
-        if control_temporary is not None:
-            control_path = str(fed.spool.commit(control_temporary, round_number, node.node_id, control=True))
-        final = fed.spool.commit(temporary, round_number, node.node_id)
-        accepted = AcceptedUpdate(node.node_id, int(metadata["num_samples"]), str(final),
-                                  metadata.get("train_loss"), metadata.get("train_accuracy"),
-                                  metadata.get("train_seconds"), time.time(), control_path)
-        record = node.record()
-        record.update(updates_submitted=node.updates_submitted + 1, last_train_loss=accepted.train_loss,
-                      last_train_accuracy=accepted.train_accuracy)
-        fed.store.add_update(round_number, node.node_id, asdict(accepted), record)
-        fed.state.updates[node.node_id] = accepted
-        fed.state.refused.pop(node.node_id, None)
-        node.updates_submitted += 1
-        node.last_train_loss, node.last_train_accuracy = accepted.train_loss, accepted.train_accuracy
-        fed.touch(node)
-        fed.changed.notify_all()
-        log.info("round %d: update %d/%d from %s (%d samples, change norm %s)", round_number,
-                 len(fed.state.updates), len(fed.state.participants), node.name, accepted.num_samples,
-                 "not checked" if norm is None else f"{norm:.3g}")
+            accepted = _commit(fed, node, round_number, metadata, received)
+            received = []  # moved into place
+            log.info("round %d: update %d/%d from %s (%d samples, change norm %s)", round_number,
+                     len(fed.state.updates), len(fed.state.participants), node.name, accepted.num_samples,
+                     "not checked" if norm is None else f"{norm:.3g}")
+    finally:
+        for path in received:
+            path.unlink(missing_ok=True)
     return accepted
 
 
-def _checked_control(fed, control: bytes | None, reference) -> bytes | None:
-    """The control-variate bytes to store with an update (None unless the strategy uses them), checked."""
+def _commit(fed, node: Node, round_number: int, metadata: Mapping, received: list[Path]) -> AcceptedUpdate:
+    """Move a checked update (and its control-variate change) into place and commit its row; under the lock."""
+    control_path = None  # committed before the update: an update's control file exists when the update does
+    if len(received) > 1:
+        control_path = str(fed.spool.commit(received[1], round_number, node.node_id, control=True))
+    final = fed.spool.commit(received[0], round_number, node.node_id)
+    accepted = AcceptedUpdate(node.node_id, int(metadata["num_samples"]), str(final),
+                              metadata.get("train_loss"), metadata.get("train_accuracy"),
+                              metadata.get("train_seconds"), time.time(), control_path)
+    record = node.record()
+    record.update(updates_submitted=node.updates_submitted + 1, last_train_loss=accepted.train_loss,
+                  last_train_accuracy=accepted.train_accuracy)
+    fed.store.add_update(round_number, node.node_id, asdict(accepted), record)
+    fed.state.updates[node.node_id] = accepted
+    fed.state.refused.pop(node.node_id, None)
+    node.updates_submitted += 1
+    node.last_train_loss, node.last_train_accuracy = accepted.train_loss, accepted.train_accuracy
+    fed.touch(node)
+    fed.changed.notify_all()
+    return accepted
+
+
+def _check_control(fed, control: Path | None, reference) -> None:
+    """Check the control-variate change sent with an update (when the strategy uses control variates)."""
     if not fed.strategy.uses_control_variates:
-        return None
+        return
     if control is None:
         raise MissingControlVariate("the scaffold strategy needs the change of the control variate (file part "
                                     "'control_variate') beside the update")
     fed.spool.check_control(control, fed.strategy.parameters_of(reference), fed.config.max_update_norm)
-    return control
 
 
 def submit_evaluation(fed, node: Node, round_number: int, num_samples: int, metrics: dict) -> None:

@@ -8,6 +8,8 @@ Metrics (text exposition format, ``prometheus_client``):
 - ``fl_rounds_completed_total`` (counter), ``fl_current_round`` and ``fl_total_rounds`` (gauges)
 - ``fl_nodes{status="online|training|offline"}`` (gauge)
 - ``fl_updates_accepted_total`` and ``fl_updates_rejected_total{reason=...}`` (counters)
+- ``fl_uploads_in_progress`` and ``fl_upload_slots`` (gauges: uploads being received, and the cap MAX_UPLOADS;
+  uploads over it count in ``fl_requests_refused_total{reason="busy"}``)
 - ``fl_bytes_received_total`` (update uploads) and ``fl_bytes_sent_total`` (global models) (counters, bytes)
 - ``fl_round_duration_seconds`` and ``fl_aggregation_duration_seconds`` (histograms over completed rounds)
 - ``fl_test_accuracy`` and ``fl_test_loss`` of the last evaluated global model (gauges), and every metric the task
@@ -38,8 +40,9 @@ def _histogram(name: str, documentation: str, values: list[float], bounds: tuple
 class FederationCollector(Collector):
     """Reads one federation's typed :meth:`~fedrest.server.federation.Federation.snapshot` at each scrape."""
 
-    def __init__(self, federation) -> None:
+    def __init__(self, federation, upload_slots=None) -> None:
         self.federation = federation
+        self.upload_slots = upload_slots
 
     def collect(self):
         snap = self.federation.snapshot()
@@ -58,6 +61,11 @@ class FederationCollector(Collector):
         yield _by_reason("fl_updates_rejected", "Updates refused (400/413), by error", snap.updates_refused_total)
         yield _by_reason("fl_requests_refused", "Other requests refused, by error (429: rate limits)",
                          snap.requests_refused_total)
+        if self.upload_slots is not None:
+            yield GaugeMetricFamily("fl_uploads_in_progress", "Update uploads being received",
+                                    value=self.upload_slots.in_progress)
+            yield GaugeMetricFamily("fl_upload_slots", "Update uploads received at once at most (MAX_UPLOADS)",
+                                    value=self.upload_slots.limit)
         yield CounterMetricFamily("fl_bytes_received", "Bytes of update uploads received", value=snap.bytes_received)
         yield CounterMetricFamily("fl_bytes_sent", "Bytes of global models sent to workers", value=snap.bytes_sent)
         yield _histogram("fl_round_duration_seconds", "Duration of completed rounds (first attempt to saved model)",
@@ -103,10 +111,11 @@ def _by_reason(name: str, documentation: str, counts: dict) -> CounterMetricFami
     return family
 
 
-def make_registry(federation) -> CollectorRegistry:
-    """A registry holding only ``federation``'s collector."""
+def make_registry(federation, upload_slots=None) -> CollectorRegistry:
+    """A registry holding only ``federation``'s collector (with the gauges of ``upload_slots``, an
+    :class:`~fedrest.server.uploads.UploadSlots`, when given)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FederationCollector(federation))
+    registry.register(FederationCollector(federation, upload_slots))
     return registry
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Collection
 
 from config import ALIASES, RUN_FIELDS, Config, flag_name
+from fedrest.privacy import PrivacySettings
 from fedrest.server.store import RunStore
 
 log = logging.getLogger("fl.federation")
@@ -217,3 +218,21 @@ def resume_settings(cfg: Config, stored: StoredRun, explicit: Collection[str] | 
     log.warning("resuming run %s: keeping its settings %s (to start a new run instead: --fresh=%s)", stored.run_id,
                 ", ".join(f"{k}={v!r}" for k, v in changes.items()), stored.run_id)
     return cfg.replace(**changes)
+
+
+def privacy_budget(config: Config) -> PrivacySettings | None:
+    """The run's DP settings (None without DP); raises StartRefused when the epsilon budget allows no round at all."""
+    privacy = PrivacySettings.of(config)
+    if privacy is None:
+        return None
+    if privacy.rounds_allowed == 0:
+        raise StartRefused(f"DP_EPSILON_BUDGET={config.dp_epsilon_budget:g} allows no round: one round spends "
+                           f"epsilon {privacy.epsilon(1):.3g} at delta {config.dp_delta:g} (noise multiplier "
+                           f"{config.dp_noise_multiplier:g}, client fraction {config.client_fraction:g}); raise the "
+                           "budget or the noise multiplier, or lower the client fraction")
+    if privacy.rounds_allowed < config.communication_rounds:
+        log.warning("DP_EPSILON_BUDGET=%g allows %d of the %d rounds (epsilon %.3g after them, %.3g after one "
+                    "more); the run stops there", config.dp_epsilon_budget, privacy.rounds_allowed,
+                    config.communication_rounds, privacy.epsilon(privacy.rounds_allowed),
+                    privacy.epsilon(privacy.rounds_allowed + 1))
+    return privacy

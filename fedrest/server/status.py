@@ -44,12 +44,15 @@ class OpenRound:
     ``updates_received`` the evaluations received)."""
 
     round: int
-    participants: list
+    participants: list  # node ids, the first STATUS_NODES of them
+    num_participants: int  # all of them
     updates_received: int
     updates_refused: int
     attempt: int
     elapsed_s: float  # since this attempt opened (or since the coordinator restarted)
     timeout_s: float
+    aggregation_error: str | None = None  # why the last aggregation of this round failed (it is tried again)
+    aggregation_retry_in_s: float | None = None  # seconds until that next try
 
 
 @dataclass(frozen=True)
@@ -156,8 +159,12 @@ def take_snapshot(federation, now: float) -> Snapshot:
     current = None
     if st.in_round:
         answered = st.evaluations if st.phase.value == "evaluating" else st.updates  # evaluators while evaluating
-        current = OpenRound(st.round, list(st.expected_answers() or st.participants), len(answered),
-                            len(st.refused), st.attempt, round(now - st.started_mono, 3), c.round_timeout)
+        failure = federation.driver.failure if st.phase.value == "aggregating" else None
+        expected = st.expected_answers() or st.participants
+        current = OpenRound(st.round, list(expected[:STATUS_NODES]), len(expected), len(answered),
+                            len(st.refused), st.attempt, round(now - st.started_mono, 3), c.round_timeout,
+                            None if failure is None else failure[0],
+                            None if failure is None else round(max(0.0, failure[1] - now), 3))
     return Snapshot(federation.run_id, st.phase.value, st.round, c.communication_rounds, st.model_version,
                     federation.task.name, federation.task.model_name, c.dataset, c.aggregation,
                     federation.strategy.describe(), c.min_nodes_to_start,

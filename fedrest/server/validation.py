@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 from flask import request
 
 from fedrest.server.errors import BadUpdateMetadata, UpdateTooLarge
 from fedrest.server.federation import Node
 from fedrest.server.http_errors import MULTIPART_SLACK, ApiError
+from fedrest.server.uploads import part_path
 
 MAX_NAME_LENGTH = 128
 MAX_DEVICE_LENGTH = 64
@@ -200,9 +202,10 @@ def parse_update_metadata(raw: str | None, node: Node) -> dict:
     return result
 
 
-def update_upload(node: Node, limit: int, with_control: bool = False) -> tuple[dict, bytes, bytes | None]:
-    """The (metadata, state_dict bytes, control-variate bytes or None) of an update upload (multipart/form-data)
-    whose file parts are each at most ``limit`` bytes. ``with_control`` (SCAFFOLD): read the file part
+def update_upload(node: Node, limit: int, with_control: bool = False) -> tuple[dict, Path, Path | None]:
+    """The (metadata, state_dict file, control-variate file or None) of an update upload (multipart/form-data)
+    whose file parts are each at most ``limit`` bytes; the parts' files are those the request streamed them into
+    (:class:`~fedrest.server.uploads.StreamingRequest`). ``with_control`` (SCAFFOLD): take the file part
     ``control_variate`` too (its absence is refused later, by the federation, as missing_control_variate).
 
     Raises
@@ -224,13 +227,13 @@ def update_upload(node: Node, limit: int, with_control: bool = False) -> tuple[d
     upload = request.files.get("state_dict")
     if upload is None:
         raise BadUpdateMetadata("missing file part 'state_dict'")
-    data = _read_part(upload, limit)
+    data = _part_file(upload, limit)
     control = request.files.get("control_variate") if with_control else None
-    return metadata, data, None if control is None else _read_part(control, limit)
+    return metadata, data, None if control is None else _part_file(control, limit)
 
 
-def _read_part(upload, limit: int) -> bytes:
-    data = upload.stream.read(limit + 1)
-    if len(data) > limit:
+def _part_file(upload, limit: int) -> Path:
+    path = part_path(upload)
+    if path.stat().st_size > limit:
         raise UpdateTooLarge(limit)
-    return data
+    return path
