@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import resource
+import signal
 import ssl
 import subprocess
 import sys
@@ -111,6 +112,15 @@ def start_coordinator(tmp: Path, port: int, extra: list[str], tls: bool = False)
         args += ["--certfile", str(tmp / "tls" / "coordinator.crt"), "--keyfile", str(tmp / "tls" / "coordinator.key")]
     log = open(tmp / "coordinator.out", "w")
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
+
+
+def stop_coordinator(coordinator: subprocess.Popen) -> None:
+    """SIGTERM (the coordinator's clean stop), then kill after 30 s."""
+    coordinator.send_signal(signal.SIGTERM)
+    try:
+        coordinator.wait(30)
+    except subprocess.TimeoutExpired:
+        coordinator.kill()
 
 
 async def wait_up(port: int, tls) -> None:

@@ -26,9 +26,7 @@ import json
 import multiprocessing as mp
 import os
 import random
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import (MONITOR, NETWORK_ERRORS, SOURCES, Http, client_tls, quantile, raise_file_limit,  # noqa: E402
-                     register, rss_mb, start_coordinator, wait_up)
+                     register, rss_mb, start_coordinator, stop_coordinator, wait_up)
 
 
 # ----------------------------------------------------------------------------- the waiting nodes (load processes)
@@ -166,11 +164,7 @@ def run(args) -> dict:
                   "coordinator_rss_mb": rss_waiting[0], "coordinator_peak_rss_mb": rss_mb(coordinator.pid)[1]}
         return report
     finally:
-        coordinator.send_signal(signal.SIGTERM)
-        try:
-            coordinator.wait(30)
-        except subprocess.TimeoutExpired:
-            coordinator.kill()
+        stop_coordinator(coordinator)
 
 
 def main() -> None:

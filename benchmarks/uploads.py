@@ -20,8 +20,6 @@ import argparse
 import asyncio
 import json
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import (NETWORK_ERRORS, SOURCES, Http, json_of, raise_file_limit, register, rss_mb,  # noqa: E402
-                     start_coordinator, wait_up)
+                     start_coordinator, stop_coordinator, wait_up)
 
 
 def _multipart(data: bytes) -> tuple[str, bytes]:
@@ -128,11 +126,7 @@ def run_one(n: int, port: int, max_uploads: int | None) -> dict:
                 "rss_before_mb": round(before), "peak_rss_mb": round(max(peak, max(samples, default=0))),
                 "rss_after_round_mb": round(after), "round_state": health["state"] if health else None}
     finally:
-        coordinator.send_signal(signal.SIGTERM)
-        try:
-            coordinator.wait(30)
-        except subprocess.TimeoutExpired:
-            coordinator.kill()
+        stop_coordinator(coordinator)
 
 
 def main() -> None:

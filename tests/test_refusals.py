@@ -51,14 +51,14 @@ def test_when_every_update_is_refused_the_round_restarts_and_says_why(make_app, 
     assert client.get(f"{API}/task", headers=a["headers"]).get_json()["action"] == "train"
 
 
-def test_refusals_for_a_closed_round_are_counted_but_change_nothing(make_app):
+def test_an_upload_for_a_closed_round_is_answered_409_before_its_body_and_changes_nothing(make_app):
     app = make_app()
     client, fed = app.test_client(), app.extensions["federation"]
     a = register(client, "a", num_samples=10)
     fed.tick()
-    response = post_update(client, a, 7, filled_state_dict(1.0, 1), {"num_samples": 0})  # metadata first: 400
-    assert response.status_code == 400
-    assert fed.state.refused == {} and fed.updates_refused_total == {"bad_request": 1}
+    response = post_update(client, a, 7, filled_state_dict(1.0, 1), {"num_samples": 0})  # bad metadata, unread
+    assert response.status_code == 409 and response.get_json()["error"] == "stale_round"
+    assert fed.state.refused == {} and fed.updates_refused_total == {}
     assert client.get(f"{API}/task", headers=a["headers"]).get_json()["action"] == "train"
 
 
