@@ -29,7 +29,8 @@ from config import COORDINATOR_FIELDS
 from fedrest.server.app import create_app
 from fedrest.server.credentials import Credentials, token_path
 from fedrest.server.federation import Federation
-from fedrest.server.serving import PendingApp, TLSConfigError, bound_port, is_loopback, make_server
+from fedrest.server.serving import (PendingApp, TLSConfigError, bound_port, tune_garbage_collector, is_loopback,
+                                    make_server)
 from fedrest.server.state_dir import RunFinished, StartRefused, StateDirLock
 from fedrest.server.store import StoreError
 from utils import program_command, run_program, setup_logging, url_host
@@ -104,6 +105,7 @@ def _main(argv) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     pending.app = app
+    tune_garbage_collector()
     federation: Federation = app.extensions["federation"]
     cfg = federation.config  # a resumed run keeps its stored settings
     port = bound_port(server) if server is not None else cfg.port

@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import (MONITOR, NETWORK_ERRORS, SOURCES, Http, client_tls, quantile, raise_file_limit,  # noqa: E402
-                     register, rss_mb, start_coordinator, stop_coordinator, wait_up)
+from loadgen import (MONITOR, NETWORK_ERRORS, SOURCES, Http, client_tls, cpu_seconds, quantile,  # noqa: E402
+                     raise_file_limit, register, rss_mb, start_coordinator, stop_coordinator, wait_up)
 
 
 # ----------------------------------------------------------------------------- the waiting nodes (load processes)
@@ -143,7 +143,9 @@ def run(args) -> dict:
             p.start()
         time.sleep(args.warmup)
         print(f"all {len(nodes)} nodes waiting; probing for {args.measure:g} s", flush=True)
+        cpu_before, t_measure = cpu_seconds(coordinator.pid), time.time()
         probes = asyncio.run(_probe(port, tls, nodes[0], args.measure))
+        cpu_share = (cpu_seconds(coordinator.pid) - cpu_before) / (time.time() - t_measure)
         rss_waiting = rss_mb(coordinator.pid)
         t_open = time.time()
         asyncio.run(register(port, tls, 1, "trigger-"))  # N+1 online: round 1 opens
@@ -157,7 +159,8 @@ def run(args) -> dict:
             for k, v in r["errors"].items():
                 errors[k] = errors.get(k, 0) + v
         report = {"nodes": len(nodes), "tls": args.tls, "keep_alive": args.keep_alive, "threads": args.threads,
-                  "probes": probes, "heartbeats": sum(r["heartbeats"] for r in results),
+                  "probes": probes, "coordinator_cpu_cores": round(cpu_share, 2),
+                  "heartbeats": sum(r["heartbeats"] for r in results),
                   "polls": sum(r["polls"] for r in results), "errors": errors,
                   "sampled": len(train), "reached_p50_s": statistics.median(train) if train else None,
                   "reached_max_s": train[-1] if train else None,

@@ -24,6 +24,9 @@ from fedrest.server.spool import AcceptedUpdate
 log = logging.getLogger("fl.federation")
 
 WAITING_LOG_EVERY = 10.0  # seconds between "waiting for nodes" log lines
+# Seconds between ticks when nothing changed (a change ticks at once): what waits on the clock alone (deadlines,
+# nodes timing out) is seen this late at most. A tick reads every node's liveness: about 10 ms at 10,000 nodes.
+IDLE_TICK_S = 0.5
 AGGREGATION_RETRY_S = (5.0, 300.0)  # the wait after a failed aggregation, doubled at each failure up to the second
 # What aggregating a round may raise that is not a bug: the disk (full, gone), memory, torch on odd data.
 AGGREGATION_ERRORS = (OSError, MemoryError, RuntimeError, ValueError)
@@ -262,7 +265,7 @@ class RoundDriver:
         self._announce(number, started)
 
     def start(self) -> None:
-        """Start the driver thread that calls :meth:`tick` (every 0.2 s, or at once on a change)."""
+        """Start the driver thread that calls :meth:`tick` (every IDLE_TICK_S, or at once on a change)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._drive, name="round-driver", daemon=True)
             self._thread.start()
@@ -275,7 +278,7 @@ class RoundDriver:
                 log.exception("the round driver failed; trying again in 1 s")
                 self.fed.stopping.wait(1.0)
             with self.fed.changed:
-                self.fed.changed.wait(0.2)
+                self.fed.changed.wait(IDLE_TICK_S)
 
     def join(self, timeout: float) -> None:
         """Wait for the driver thread to end (after ``federation.stopping`` is set), at most ``timeout`` s."""

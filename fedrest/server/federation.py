@@ -352,7 +352,7 @@ class Federation:
         self.driver.tick()
 
     def start(self) -> None:
-        """Start the driver thread that advances the rounds (every 0.2 s, or at once on a change)."""
+        """Start the driver thread that advances the rounds (every 0.5 s, or at once on a change)."""
         self.driver.start()
 
     def stop(self, timeout: float = 30.0) -> None:

@@ -10,7 +10,8 @@ seconds (a long poll). On a thread-per-request server each waiting worker held a
    changes (:meth:`Federation.add_change_listener`); when what decides a waiting node's task changes (a round
    opens, evaluation starts, the run ends or stops: :meth:`Federation.task_signature`), one call in one helper
    thread looks at every parked node at once (:meth:`Federation.settle_polls`) and the nodes whose task is no longer
-   "wait" get it now. At the deadline a poll is answered with its fresh task, as before.
+   "wait" get it now. At its deadline (a draw between EARLIEST_ANSWER and 1 times the wait asked, to spread the
+   polls that began together) a poll is answered with its fresh task.
 3. A client that disconnects while parked is forgotten (its node is no longer counted as polling).
 
 The wire contract is unchanged: the same request, the same JSON answers, at the same moments. Without the front
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -32,13 +34,26 @@ log = logging.getLogger("fl.serving")
 TASK_PATH = "/api/v1/task"
 HEALTH_PATH = "/api/v1/health"
 NODES_PATH = "/api/v1/nodes/"
+# A parked poll still "wait" is answered after a uniform draw in [EARLIEST_ANSWER x wait, wait]: polls that began
+# together (every worker answered at a round's opening, or started at once) come back spread out, not as one wave
+# of new connections each period.
+EARLIEST_ANSWER = 0.75
+SETTLE_BATCH_S = 0.05  # parked polls' deadlines and counts are told to the federation this often at most
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Poll:
+    """One parked poll: its ``answer`` (the task, or None once the client went away) and its deadline's timer.
+    Few objects on purpose: with 10,000 waiting nodes every object a poll holds is one more the cyclic garbage
+    collector walks in each full collection, while every request waits."""
+
     node_id: str
     answer: asyncio.Future
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+    def gone(self, _watcher=None) -> None:
+        if not self.answer.done():
+            self.answer.set_result(None)
 
 
 class LongPollFront:
@@ -123,15 +138,16 @@ class _Parking:
             return
         node_id, wait, signature = parked
         poll = self._park(node_id, wait, signature)
-        disconnect = asyncio.ensure_future(_until_disconnect(receive))
+        watcher = self.loop.create_task(_until_disconnect(receive))
+        watcher.add_done_callback(poll.gone)
         try:
-            await asyncio.wait({poll.answer, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+            task = await poll.answer
         finally:
-            disconnect.cancel()
-        if not poll.answer.done():  # the client went away
+            watcher.cancel()
+        if task is None:  # the client went away
             self._forget(poll)
             return
-        body = (json.dumps(poll.answer.result(), separators=(",", ":")) + "\n").encode()
+        body = (json.dumps(task, separators=(",", ":")) + "\n").encode()
         start = messages[0]
         headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
         await send({"type": "http.response.start", "status": start["status"],
@@ -140,7 +156,7 @@ class _Parking:
 
     def _park(self, node_id: str, wait: float, signature) -> _Poll:
         poll = _Poll(node_id, self.loop.create_future())
-        poll.timer = self.loop.call_later(wait, self._expire, poll)
+        poll.timer = self.loop.call_later(wait * random.uniform(EARLIEST_ANSWER, 1.0), self._expire, poll)
         self.polls.setdefault(node_id, []).append(poll)
         self.dirty.add(node_id)
         if signature != self.fed.task_signature():  # it changed after the view looked: look again
@@ -176,9 +192,14 @@ class _Parking:
             self._run()
 
     def _run(self) -> None:
+        """Settle what is pending within SETTLE_BATCH_S (deadlines, new and gone polls: one call to the federation
+        for all of them), or at once after a change that may end the wait (a round opens) when none is pending."""
         if not self.busy:
             self.busy = True
-            self.loop.create_task(self._settle())
+            if self.scan_wanted:
+                self.loop.create_task(self._settle())
+            else:
+                self.loop.call_later(SETTLE_BATCH_S, lambda: self.loop.create_task(self._settle()))
 
     async def _settle(self) -> None:
         """Tell the federation what changed, one call at a time, until nothing is left to tell."""

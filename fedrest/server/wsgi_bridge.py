@@ -26,6 +26,7 @@ from a2wsgi.wsgi import Body, build_environ
 log = logging.getLogger("fl.serving")
 
 PRELOAD_BYTES = 64 * 1024  # bodies up to this size are read before the view runs (registrations, evaluations)
+DRAIN_BYTES = 256 * 1024 * 1024  # an unread body up to this size is read to its end before the answer is sent
 
 
 class WSGIBridge:
@@ -44,6 +45,8 @@ class WSGIBridge:
             status, headers, chunks = _run(self.app, environ)
         else:
             status, headers, chunks = await loop.run_in_executor(self.executor, _run, self.app, environ)
+        if isinstance(stream, Body) and stream.has_more:
+            await _drain(scope, receive, stream)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         for chunk in chunks:
             if chunk:
@@ -73,6 +76,20 @@ async def _preload(scope, receive) -> bytes | None:
         parts.append(message.get("body", b""))
         if message["type"] != "http.request" or not message.get("more_body", False):
             return b"".join(parts)
+
+
+async def _drain(scope, receive, stream: Body) -> None:
+    """Read and drop the rest of a body the view answered without reading (a 401, a 409 or a 503 ``busy`` before
+    an upload's body), when it is at most DRAIN_BYTES: a client that sends all of its body before it reads the
+    answer (``Connection: close`` ones too) then gets the answer, not a connection reset. A longer or an unsized
+    body is not read: the connection is closed after the answer, as before."""
+    length = next((int(v) for k, v in scope.get("headers", ()) if k == b"content-length" and v.isdigit()), None)
+    if length is None or length > DRAIN_BYTES:
+        return
+    stream.buffer.clear()
+    while stream._has_more:
+        message = await receive()
+        stream._has_more = message["type"] == "http.request" and message.get("more_body", False)
 
 
 def _run(app, environ) -> tuple[int, list, list]:
