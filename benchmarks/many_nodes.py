@@ -13,7 +13,7 @@ coordinator, started with MIN_NODES_TO_START=N+1 and Poisson client sampling (DP
 ``--fraction``; the only sampling that picks fewer than MIN_NODES_TO_START), opens round 1 for about fraction*N of
 the waiting nodes; we time from that registration to each sampled node's "train" answer.
 
-    .venv/bin/python benchmarks/many_nodes.py --nodes 10000 [--tls] [--keep-alive] [--fraction 0.1]
+    .venv/bin/python benchmarks/many_nodes.py --nodes 10000 [--tls] [--keep-alive] [--fraction 0.1] [--silent 10]
 
 Prints the figures the README quotes and the coordinator's peak RSS.
 """
@@ -26,6 +26,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import socket
 import statistics
 import sys
 import tempfile
@@ -143,9 +144,12 @@ def run(args) -> dict:
             p.start()
         time.sleep(args.warmup)
         print(f"all {len(nodes)} nodes waiting; probing for {args.measure:g} s", flush=True)
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(args.silent)]  # no byte, no TLS hello
         cpu_before, t_measure = cpu_seconds(coordinator.pid), time.time()
         probes = asyncio.run(_probe(port, tls, nodes[0], args.measure))
         cpu_share = (cpu_seconds(coordinator.pid) - cpu_before) / (time.time() - t_measure)
+        for connection in silent:
+            connection.close()
         rss_waiting = rss_mb(coordinator.pid)
         t_open = time.time()
         asyncio.run(register(port, tls, 1, "trigger-"))  # N+1 online: round 1 opens
@@ -159,6 +163,7 @@ def run(args) -> dict:
             for k, v in r["errors"].items():
                 errors[k] = errors.get(k, 0) + v
         report = {"nodes": len(nodes), "tls": args.tls, "keep_alive": args.keep_alive, "threads": args.threads,
+                  "silent_connections": args.silent,
                   "probes": probes, "coordinator_cpu_cores": round(cpu_share, 2),
                   "heartbeats": sum(r["heartbeats"] for r in results),
                   "polls": sum(r["polls"] for r in results), "errors": errors,
@@ -177,6 +182,8 @@ def main() -> None:
     parser.add_argument("--tls", action="store_true", help="HTTPS (a certificate from make_cert.py)")
     parser.add_argument("--keep-alive", action="store_true", help="a node's polls reuse its connection")
     parser.add_argument("--processes", type=int, default=2, help="load processes")
+    parser.add_argument("--silent", type=int, default=0, help="TCP connections held open and silent (no request, "
+                        "no TLS hello) while the prober times its requests")
     parser.add_argument("--threads", type=int, default=64, help="the coordinator's --server-threads")
     parser.add_argument("--warmup", type=float, default=20.0)
     parser.add_argument("--measure", type=float, default=30.0)
