@@ -170,6 +170,33 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
+def run_loop(coroutine):
+    """``asyncio.run(coroutine)`` on uvloop where it is installed (a load process then spends about half the CPU
+    per request, and leaves it to the coordinator)."""
+    try:
+        from uvloop import new_event_loop
+    except ImportError:
+        new_event_loop = None
+    if new_event_loop is None or not hasattr(asyncio, "Runner"):  # Python 3.10 has no Runner
+        return asyncio.run(coroutine)
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(coroutine)
+
+
+def listen_overflows() -> int:
+    """Connections the kernel dropped so far because a listening socket's accept queue was full (Linux's
+    TcpExt ListenOverflows, for the whole network namespace; 0 elsewhere)."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return 0
+    for names, values in zip(lines[::2], lines[1::2]):
+        fields = dict(zip(names.split(), values.split()))
+        if "ListenOverflows" in fields:
+            return int(fields["ListenOverflows"])
+    return 0
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU time (user + system) process ``pid`` has used so far, seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
