@@ -32,7 +32,7 @@ from fedrest.server.federation import Federation
 from fedrest.server.serving import (PendingApp, TLSConfigError, bound_port, tune_garbage_collector, is_loopback,
                                     make_server)
 from fedrest.server.state_dir import RunFinished, StartRefused, StateDirLock
-from fedrest.server.store import StoreError
+from fedrest.server.store import StoreBusy, StoreError
 from utils import program_command, run_program, setup_logging, url_host
 
 log = logging.getLogger("fl.coordinator")
@@ -141,8 +141,10 @@ def _build_app(cfg, explicit, argv: list[str]):
         raise StartError(f"{exc} (its model is in {Path(cfg.models_dir) / 'global_model.pt'}). To start a new "
                          f"run:\n  {_fresh_command(argv, exc.stored.run_id)}\nor add --keep-serving to serve its "
                          "status to monitors") from None
-    except (StoreError, StartRefused) as exc:
+    except (StoreError, StoreBusy, StartRefused) as exc:
         raise StartError(str(exc)) from None
+    except OSError as exc:  # a full or read-only disk under TEMP_DIR or MODELS_DIR
+        raise StartError(f"cannot write the run's state: {exc}") from None
 
 
 def _bind(app, cfg):

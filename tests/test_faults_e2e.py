@@ -5,10 +5,12 @@ was recovered (rounds, updates, the weighted mean) and prints how long recovery 
 from __future__ import annotations
 
 import socket
+import sqlite3
 import threading
 import time
 
 import pytest
+import requests
 import torch
 
 from fedrest.client import CoordinatorError
@@ -309,3 +311,40 @@ def test_worker_training_when_its_round_closes_drops_the_work_and_leaves_on_sigt
     status = try_status(status_client(port))
     assert next(n for n in status["nodes"] if n["name"] == "slow")["status"] == "offline"
     assert "Traceback" not in procs.output("slow")
+
+
+# ----------------------------------------------------------------------------- the database held by another process
+
+
+def test_a_locked_database_answers_503_at_once_heartbeats_answer_and_a_worker_joins_once_it_is_free(procs, tmp_path):
+    """F22 with real processes: an operator's sqlite3 session holds the run database's write lock. A registration
+    is answered 503 store_busy within a second (not after 30 s), heartbeats and the status keep answering, a
+    real worker keeps trying, and once the lock goes the worker joins and the round completes."""
+    port = free_port()
+    procs.coordinator(port, "--rounds", "1", "--min-nodes", "2", "--no-eval")
+    status = status_client(port)
+    wait_for(lambda: try_status(status), 60, "the coordinator", procs)
+    fake = FakeWorker(port, "fake", 100)
+    shell = sqlite3.connect(tmp_path / "temp" / "coordinator.sqlite3", isolation_level=None, timeout=5)
+    shell.execute("BEGIN IMMEDIATE")  # what `sqlite3 temp/coordinator.sqlite3` then `BEGIN IMMEDIATE;` does
+    try:
+        t0 = time.monotonic()
+        answer = requests.post(f"http://127.0.0.1:{port}/api/v1/nodes", headers={"Authorization": f"Bearer {TOKEN}"},
+                               json={"name": "other", "device": "cpu", "num_samples": 10}, timeout=10)
+        assert time.monotonic() - t0 < 1.5
+        assert answer.status_code == 503 and answer.json()["error"] == "store_busy" and "Retry-After" in answer.headers
+        procs.worker("w0", port, "--num-partitions", "5", "--partition-id", "0")
+        time.sleep(4.0)  # the worker tries to register meanwhile
+        t0 = time.monotonic()
+        assert fake.client.heartbeat(fake.node_id)["node_id"] == fake.node_id
+        assert try_status(status)["node_counts"]["online"] == 1  # the worker has not joined
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        shell.execute("ROLLBACK")
+        shell.close()
+    wait_state(port, procs, lambda s: s["state"] == "training", 60, "the worker to join and round 1 to open")
+    assert fake.upload(1, 0.5, 1)["accepted"]
+    done = wait_state(port, procs, lambda s: s["state"] == "finished", 120, "round 1 to finish")
+    assert done["history"][0]["num_updates"] == 2
+    assert "locked by another process" in procs.output("coordinator")
+    assert "writable again" in procs.output("coordinator")

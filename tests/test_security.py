@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import io
 import json
 import logging
@@ -97,6 +99,28 @@ def test_rotation_replaces_a_token_at_once_and_keeps_nodes_working(client, tmp_p
     assert client.get(f"{API}/status", headers=MONITOR).status_code == 401
     assert client.get(f"{API}/status", headers=bearer(new_monitor)).status_code == 200
     assert client.post(f"{API}/admin/tokens/root", headers=ADMIN).status_code == 404
+
+
+@pytest.mark.parametrize("failing", ["fedrest.files.os.fsync", "fedrest.files.os.replace"])
+def test_a_rotation_on_a_full_disk_is_507_and_the_old_token_still_works(client, tmp_path, monkeypatch, failing):
+    """F21 for the credential writer: the files are written before the memory changes, so a full disk (at the
+    token file's fsync, or at the digest file's rename) leaves the old token working and its file unchanged."""
+    before = token_path(tmp_path / "temp", "join").read_bytes() if token_path(tmp_path / "temp", "join").exists() \
+        else None
+    digests = (tmp_path / "temp" / "credentials.json").read_bytes()
+
+    def no_space(*_args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(failing, no_space)
+        answer = client.post(f"{API}/admin/tokens/join", headers=ADMIN)
+    assert answer.status_code == 507 and answer.get_json()["error"] == "insufficient_storage"
+    assert (tmp_path / "temp" / "credentials.json").read_bytes() == digests
+    path = token_path(tmp_path / "temp", "join")
+    assert (path.read_bytes() if path.exists() else None) == before
+    assert [p.name for p in (tmp_path / "temp").glob(".*.tmp")] == []
+    body = {"name": "n2", "device": "cpu", "num_samples": 5}
+    assert client.post(f"{API}/nodes", json=body, headers=JOIN).status_code == 201  # the old token
 
 
 def test_a_banned_node_loses_its_update_its_token_and_its_name_until_unbanned(make_app):

@@ -90,7 +90,7 @@ class Credentials:
                 self._hashes[kind] = hash_token(token)
                 self.generated.append(kind)
         if self._hashes != stored:
-            self._save()
+            self._save(self._hashes)
 
     def _load(self) -> dict[str, str]:
         path = self._dir / FILE_NAME
@@ -103,8 +103,8 @@ class Credentials:
             return {}
         return {k: v for k, v in data.items() if k in KINDS and isinstance(v, str) and len(v) == 64}
 
-    def _save(self) -> None:
-        atomic_write_bytes(self._dir / FILE_NAME, json.dumps(self._hashes, indent=1).encode("utf-8"))
+    def _save(self, hashes: dict[str, str]) -> None:
+        atomic_write_bytes(self._dir / FILE_NAME, json.dumps(hashes, indent=1).encode("utf-8"))
 
     def verify(self, kind: str, token: str | None) -> bool:
         """Whether ``token`` is the current token of ``kind`` (constant-time comparison of digests)."""
@@ -128,14 +128,23 @@ class Credentials:
         ------
         KeyError
             For a kind that is not in :data:`KINDS`.
+        OSError
+            When the token or digest file cannot be written (a full disk): the old token still works.
         """
         if kind not in KINDS:
             raise KeyError(kind)
         token = new_token()
-        with self._lock:
-            _write_secret(token_path(self._dir, kind), token)
-            self._hashes[kind] = hash_token(token)
-            self._save()
+        path = token_path(self._dir, kind)
+        with self._lock:  # the files first, the memory last: a failed write (a full disk) changes nothing
+            hashes = {**self._hashes, kind: hash_token(token)}
+            tmp = write_temporary(path, (token + "\n").encode("utf-8"))
+            try:
+                self._save(hashes)
+                replace_durably(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            self._hashes = hashes
         log.warning("the %s token was rotated; the old one no longer works (new one in %s)", kind,
                     token_path(self._dir, kind))
         return token

@@ -20,6 +20,7 @@ from fedrest.server import closing
 from fedrest.server.rounds import (Action, Decision, Phase, RoundRecord, Settings, after_round, decide, federated_mean,
                                    sample_participants)
 from fedrest.server.spool import AcceptedUpdate
+from fedrest.server.store import StoreBusy
 
 log = logging.getLogger("fl.federation")
 
@@ -43,6 +44,8 @@ class RoundDriver:
         self._thread: threading.Thread | None = None
         self.failures = 0  # failed aggregations of the round in AGGREGATING, in a row
         self.failure: tuple[str, float] | None = None  # (why the last one failed, monotonic time of the next try)
+        self._failed_attempt: int | None = None  # a round whose failed attempt's files go after the next commit
+        self._last_busy_log = -math.inf
 
     def tick(self) -> None:
         """Advance the state machine by at most one step; aggregates outside the lock when a round closes."""
@@ -53,8 +56,13 @@ class RoundDriver:
                     return
                 log.info("round %d: aggregating the %d stored updates again%s", st.round, len(st.updates),
                          f" (attempt {self.failures + 1})" if self.failures else " after a restart")
-            elif not self._apply(self.fed.clock()):
-                return
+            else:
+                try:
+                    if not self._apply(self.fed.clock()):
+                        return
+                except StoreBusy as exc:  # nothing changed: the next tick decides again
+                    self._store_busy(exc)
+                    return
             self._aggregating = True
             number, updates, reference = st.round, list(st.updates.values()), self.fed.global_state
             num_participants = len(st.participants)
@@ -82,8 +90,17 @@ class RoundDriver:
         log.error("round %d: aggregation failed (%s)%s; trying again in %.0fs (failure %d in a row)", number, why,
                   hint, delay, self.failures)
 
+    def _store_busy(self, exc: StoreBusy) -> None:
+        """Say (at most every WAITING_LOG_EVERY seconds) that the round waits for the database."""
+        now = self.fed.clock()
+        if now - self._last_busy_log >= WAITING_LOG_EVERY:
+            self._last_busy_log = now
+            log.warning("round %d: %s; the round goes on once it is free", self.fed.state.round, exc)
+
     def _apply(self, now: float) -> bool:
-        """Decide (:func:`rounds.decide`) and carry the decision out and store it; True: aggregate now."""
+        """Decide (:func:`rounds.decide`) and carry the decision out and store it; True: aggregate now.
+
+        Raises :class:`StoreBusy` (before anything changed) when another process holds the database."""
         st, c = self.fed.state, self.fed.config
         online = self.fed.registry.online(now)
         decision = decide(st.facts(now, online, c.round_timeout),
@@ -92,6 +109,14 @@ class RoundDriver:
         if decision.action == Action.NOTHING:
             self._log_waiting(now, online)
             return False
+        with self.fed.store.transaction():  # its write lock first: if another process holds it, nothing changes
+            aggregate = self._carry_out(decision, now)
+        self._discard_failed_attempt()
+        return aggregate
+
+    def _carry_out(self, decision: Decision, now: float) -> bool:
+        """Carry ``decision`` out and store it (in the caller's transaction); True: aggregate now."""
+        st = self.fed.state
         if decision.action == Action.AGGREGATE:
             if decision.missing:
                 log.warning("round %d: closing with %d of %d updates (%s); missing: %s", st.round, len(st.updates),
@@ -148,8 +173,8 @@ class RoundDriver:
         the "started" log line (logged here unless ``announce`` is False: then after the caller's commit)."""
         online = self.fed.registry.online_ids(now)
         self.fed.state.open(number, attempt, online, self.fed.config, now, time.time(), self.fed.privacy_key)
-        if attempt > 1:  # the files of the attempt that failed (their rows go with the start_round commit)
-            self.fed.spool.discard_round(number)
+        if attempt > 1:  # the files of the attempt that failed: removed once their rows are gone (the commit)
+            self._failed_attempt = number
         self._last_wait_log = now  # the next "waiting for" line comes WAITING_LOG_EVERY seconds from now
         participants = self.fed.state.participants
         started = (f"round {number}/{self.fed.config.communication_rounds} started ({reason}) with "
@@ -159,6 +184,12 @@ class RoundDriver:
         if announce:
             log.info("%s", started)
         return started
+
+    def _discard_failed_attempt(self) -> None:
+        """Remove the update files of an attempt that started again, after the commit that dropped their rows."""
+        if self._failed_attempt is not None:
+            self.fed.spool.discard_round(self._failed_attempt)
+            self._failed_attempt = None
 
     def _wait_for_nodes(self) -> None:
         self.fed.state.wait_for_nodes()
@@ -170,17 +201,25 @@ class RoundDriver:
         closed = closing.close_round(number, updates, reference, fed.strategy, fed.spool, fed.evaluator,
                                      fed.config, self._num_clients, noise_seed)
         if closed is None:
-            with self.fed.changed:
+            with self.fed.changed, self.fed.store.transaction():
                 log.error("round %d: no stored update could be read; starting the round again", number)
                 self._open_round(number, self.fed.state.attempt + 1, self.fed.clock(), "stored updates unreadable")
                 self.fed.store.start_round(self.fed.state.values())
                 self.fed.changed.notify_all()
+            self._discard_failed_attempt()
             return
         record = closed.record(number, self.fed.state.started_wall, num_participants)
         closing.write_round_files(number, closed, record, self.fed.global_models, self.fed.config, self.fed.task,
                                   self.fed.strategy.has_state)
-        with self.fed.changed:
-            self._commit_round(number, closed, record)
+        while True:  # the round is aggregated and its files written: only its commit waits for the database
+            try:
+                with self.fed.changed, self.fed.store.transaction():
+                    self._commit_round(number, closed, record)
+                break
+            except StoreBusy as exc:
+                self._store_busy(exc)
+                if self.fed.stopping.wait(exc.retry_after_s):
+                    return  # stored as aggregating: a restart aggregates the round again
         self.fed.spool.discard_round(number)
         self.fed.global_models.keep_only(number)
 

@@ -47,7 +47,7 @@ from fedrest.server.spool import AcceptedUpdate, UpdateSpool
 from fedrest.server.state_dir import DB_NAME, GLOBAL, UPDATES, privacy_budget
 from fedrest.server.status import NodeView, Snapshot, node_page, take_snapshot
 from fedrest.server.resume import read_stored_run
-from fedrest.server.store import RunStore
+from fedrest.server.store import RunStore, StoreBusy
 from fedrest.tasks.fingerprint import TaskIdentity, differences
 
 log = logging.getLogger("fl.federation")
@@ -210,12 +210,13 @@ class Federation:
         """
         token = new_token()
         found = differences(self.task.fingerprint, task) if task is not None else []
-        with self.changed:
-            if found:  # the node that had this name (if any) is gone until its task fits
+        if found:  # the node that had this name (if any) is gone until its task fits
+            with self.changed, self.store.transaction():
                 gone = self.registry.mark_gone(name)
                 if gone is not None:
                     self.store.save_node(gone.node_id, gone.name, gone.record())
-                raise TaskMismatch(name, found)
+            raise TaskMismatch(name, found)
+        with self.changed, self.store.transaction():  # the database first: a locked one changes nothing
             node, created = self.registry.prepare_registration(name, device, num_samples, system_info,
                                                                instance_id, hash_token(token), self.clock(),
                                                                time.time(), eval_samples)
@@ -246,7 +247,7 @@ class Federation:
 
     def leave(self, node: Node) -> None:
         """A worker says it is leaving: it is offline from now (after a restart too) and no longer waited for."""
-        with self.changed:
+        with self.changed, self.store.transaction():
             node.left = True
             self.store.save_node(node.node_id, node.name, node.record())
             self.changed.notify_all()
@@ -261,7 +262,7 @@ class Federation:
         UnknownNode
             If no node has this id or name.
         """
-        with self.changed:
+        with self.changed, self.store.transaction():
             node = self.registry.find(key)
             self.registry.ban(node)
             dropped = self.state.drop_participant(node.node_id)
@@ -278,7 +279,7 @@ class Federation:
     def unban(self, key: str) -> Node:
         """Allow a banned node (by id or name) to register again (it needs the join token). Raises
         :class:`UnknownNode` as :meth:`ban` does."""
-        with self.changed:
+        with self.changed, self.store.transaction():
             node = self.registry.find(key)
             node.banned = False
             self.store.save_node(node.node_id, node.name, node.record())
@@ -364,7 +365,10 @@ class Federation:
         self.driver.join(timeout)
         with self.changed:
             if not self.store.closed:
-                self.store.save_nodes({n.node_id: (n.name, n.record()) for n in self.nodes.values()})
+                try:
+                    self.store.save_nodes({n.node_id: (n.name, n.record()) for n in self.nodes.values()})
+                except StoreBusy as exc:  # a restart then counts nodes seen since the last write as gone
+                    log.warning("could not store when each node was last seen: %s", exc)
 
     def all_told_to_stop(self) -> bool:
         """True when the run is finished and every node still online has been told to stop."""

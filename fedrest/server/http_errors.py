@@ -13,12 +13,24 @@ domain exception               status  ``error``
 ``UnknownNode``                404     unknown_node
 ``UpdateTooLarge``             413     payload_too_large (+ ``limit_bytes``)
 ``UpdateRejected`` and others  400     its ``error`` (invalid_update, update_norm_too_large, bad_request)
+``OSError`` ENOSPC, EDQUOT     507     insufficient_storage (+ ``Retry-After``, ``retry_after_s``)
+``OSError`` EIO, EROFS         503     storage_error (+ ``Retry-After``, ``retry_after_s``)
+``StoreBusy``                  503     store_busy (+ ``Retry-After``, ``retry_after_s``): another process holds
+                                       the run database's write lock; nothing changed
 =============================  ======  =====================================
+
+A disk error leaves nothing behind: an upload's partial files are removed when its request ends
+(:class:`~fedrest.server.uploads.StreamingRequest`) and every durable write is atomic (:mod:`fedrest.files`), so
+the request can simply be sent again once there is space; workers do that after ``retry_after_s``.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
+import os
+import random
 from typing import Mapping
 
 from flask import Flask, Response, current_app, jsonify, request
@@ -26,6 +38,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from fedrest.serialization import UpdateRejected
 from fedrest.server.errors import Conflict, Forbidden, UnknownNode, UpdateTooLarge
+from fedrest.server.store import StoreBusy
 
 log = logging.getLogger("fl.coordinator")
 
@@ -35,6 +48,9 @@ MULTIPART_SLACK = 64 * 1024  # bytes of multipart framing and metadata allowed a
 UPLOAD_ENDPOINT = "rounds.submit_update"
 REGISTRATION_BODY_LIMIT = 2 * 1024 * 1024  # bytes of a registration (its task fingerprint names every state_dict key)
 REGISTER_ENDPOINT = "nodes.register"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # 507: the disk (or the user's quota) is full
+DISK_FAILED = (errno.EIO, errno.EROFS)  # 503: the disk failed or went read-only
+STORAGE_RETRY_AFTER_S = (20.0, 40.0)  # a request refused for a disk error is told to come back after a draw, s
 
 
 class ApiError(HTTPException):
@@ -115,6 +131,33 @@ def _refused_update(exc: UpdateRejected) -> Response:
     return json_error(400, exc.error, str(exc))
 
 
+def _storage_error(exc: OSError) -> Response:
+    """507 ``insufficient_storage`` for a full disk, 503 ``storage_error`` for a failed one, both with a jittered
+    Retry-After; any other OSError is unexpected (500)."""
+    if exc.errno not in DISK_FULL + DISK_FAILED:
+        return _unexpected(exc)
+    full = exc.errno in DISK_FULL
+    wait = random.uniform(*STORAGE_RETRY_AFTER_S)
+    where = f" ({exc.filename})" if exc.filename else ""
+    log.error("%s %s: cannot write to disk%s: %s; answered %d, nothing was stored", request.method, request.path,
+              where, os.strerror(exc.errno), 507 if full else 503)
+    federation = current_app.extensions.get("federation")
+    if federation is not None:
+        federation.count_refused_request("insufficient_storage" if full else "storage_error")
+    message = ("the coordinator's disk is full" if full else "the coordinator cannot write to its disk") + \
+        f"; nothing was stored: send this again in {wait:.0f}s"
+    return json_error(507 if full else 503, "insufficient_storage" if full else "storage_error", message,
+                      headers={"Retry-After": str(math.ceil(wait))}, retry_after_s=round(wait, 3))
+
+
+def _store_busy(exc: StoreBusy) -> Response:
+    """503 ``store_busy``: the database is locked by another process; nothing changed, send it again soon."""
+    wait = exc.retry_after_s + random.uniform(0.0, 1.0)  # spread the retries (the store logs the episode)
+    current_app.extensions["federation"].count_refused_request("store_busy")
+    return json_error(503, "store_busy", f"{exc}: send this again in {wait:.1f}s",
+                      headers={"Retry-After": str(math.ceil(wait))}, retry_after_s=round(wait, 3))
+
+
 def _unexpected(exc: Exception) -> Response:
     log.exception("internal error on %s %s", request.method, request.path)
     return json_error(500, "internal_error", "the coordinator failed to handle this request; see its log")
@@ -127,4 +170,6 @@ def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(Forbidden, _forbidden)
     app.register_error_handler(UnknownNode, _unknown_node)
     app.register_error_handler(UpdateRejected, _refused_update)
+    app.register_error_handler(OSError, _storage_error)
+    app.register_error_handler(StoreBusy, _store_busy)
     app.register_error_handler(Exception, _unexpected)

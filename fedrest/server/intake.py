@@ -60,7 +60,7 @@ def submit_update(fed, node: Node, round_number: int, metadata: Mapping, data: b
         _check_control(fed, received[1] if len(received) > 1 else None, reference)
         for path in received:
             fed.spool.sync(path)
-        with fed.changed:
+        with fed.changed, fed.store.transaction():
             fed.state.check_can_submit(node.node_id, round_number)
             accepted = _commit(fed, node, round_number, metadata, received)
             received = []  # moved into place
@@ -75,17 +75,23 @@ def submit_update(fed, node: Node, round_number: int, metadata: Mapping, data: b
 
 def _commit(fed, node: Node, round_number: int, metadata: Mapping, received: list[Path]) -> AcceptedUpdate:
     """Move a checked update (and its control-variate change) into place and commit its row; under the lock."""
-    control_path = None  # committed before the update: an update's control file exists when the update does
-    if len(received) > 1:
-        control_path = str(fed.spool.commit(received[1], round_number, node.node_id, control=True))
-    final = fed.spool.commit(received[0], round_number, node.node_id)
-    accepted = AcceptedUpdate(node.node_id, int(metadata["num_samples"]), str(final),
-                              metadata.get("train_loss"), metadata.get("train_accuracy"),
-                              metadata.get("train_seconds"), time.time(), control_path)
-    record = node.record()
-    record.update(updates_submitted=node.updates_submitted + 1, last_train_loss=accepted.train_loss,
-                  last_train_accuracy=accepted.train_accuracy)
-    fed.store.add_update(round_number, node.node_id, asdict(accepted), record)
+    moved = []  # the control file is committed before the update: it exists when the update does
+    try:
+        if len(received) > 1:
+            moved.append(fed.spool.commit(received[1], round_number, node.node_id, control=True))
+        moved.append(fed.spool.commit(received[0], round_number, node.node_id))
+        accepted = AcceptedUpdate(node.node_id, int(metadata["num_samples"]), str(moved[-1]),
+                                  metadata.get("train_loss"), metadata.get("train_accuracy"),
+                                  metadata.get("train_seconds"), time.time(),
+                                  str(moved[0]) if len(moved) > 1 else None)
+        record = node.record()
+        record.update(updates_submitted=node.updates_submitted + 1, last_train_loss=accepted.train_loss,
+                      last_train_accuracy=accepted.train_accuracy)
+        fed.store.add_update(round_number, node.node_id, asdict(accepted), record)
+    except BaseException:  # not committed: no file of it stays in the round's folder
+        for path in moved:
+            path.unlink(missing_ok=True)
+        raise
     fed.state.updates[node.node_id] = accepted
     fed.state.refused.pop(node.node_id, None)
     node.updates_submitted += 1
@@ -109,7 +115,7 @@ def submit_evaluation(fed, node: Node, round_number: int, num_samples: int, metr
     """Store ``node``'s federated evaluation of global model ``round_number`` (``num_samples`` held-out
     examples, at most the number it registered). Raises :class:`Conflict` unless it was asked for it
     (:meth:`RoundState.add_evaluation`)."""
-    with fed.changed:
+    with fed.changed, fed.store.transaction():
         fed.state.add_evaluation(node.node_id, round_number, min(num_samples, node.eval_samples), metrics)
         fed.store.put({"evaluations": fed.state.evaluations})
         fed.touch(node)

@@ -8,10 +8,14 @@ federation's lock itself. The parked long polls of the coordinator's server (:mo
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Callable, Collection, Mapping
 
 from fedrest.server.registry import Node
+from fedrest.server.store import StoreBusy
+
+log = logging.getLogger("fl.federation")
 
 
 class Changes(threading.Condition):
@@ -53,7 +57,11 @@ def task_of(fed, node: Node, stopped: dict | None = None) -> dict:
     if task["action"] == "stop" and not node.stop_sent:  # the worker exits now
         node.stop_sent = node.left = True
         if stopped is None:
-            fed.store.save_node(node.node_id, node.name, node.record())
+            try:
+                fed.store.save_node(node.node_id, node.name, node.record())
+            except StoreBusy:  # not told after all: it asks again
+                node.stop_sent = node.left = False
+                raise
         else:
             stopped[node.node_id] = (node.name, node.record())
     return task
@@ -110,5 +118,8 @@ def settle_polls(fed, parked: Mapping[str, int], check: Collection[str],
             if task["action"] != "wait" or stopping or node.left or node_id in due:
                 answers[node_id] = task
         if stopped and not fed.store.closed:
-            fed.store.save_nodes(stopped)
+            try:
+                fed.store.save_nodes(stopped)
+            except StoreBusy as exc:  # they stop all the same; a restart counts them offline after NODE_TIMEOUT
+                log.warning("could not store that %d nodes were told to stop: %s", len(stopped), exc)
         return task_signature(fed), answers

@@ -10,18 +10,31 @@ What is stored (one database per run directory, ``TEMP_DIR/coordinator.sqlite3``
 
 Every method runs in one transaction; a method returns only after the commit reached the disk, so what was
 acknowledged survives ``kill -9`` and power loss. The caller serialises access (the federation's lock); the
-connection may be used from any thread.
+connection may be used from any thread. A change that touches memory too opens :meth:`RunStore.transaction`
+*before* it changes anything: the methods called inside it join that transaction.
+
+Another process may hold the database's write lock (an operator's ``sqlite3`` shell, a backup). A write then
+waits at most BUSY_TIMEOUT_S and raises :class:`StoreBusy`; for BUSY_HOLD_OFF_S after that, writes raise it at
+once. So the federation's lock, under which writes run, is never held long while the database is blocked (the
+API answers 503 ``store_busy`` with Retry-After; reads come from memory and keep answering).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
+
+log = logging.getLogger("fl.federation")
 
 SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 0.2  # the longest a write waits for another process's write lock on the database, seconds
+BUSY_HOLD_OFF_S = 1.0  # after a write found the database locked, writes fail at once for this long, seconds
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -44,6 +57,19 @@ class StoreError(RuntimeError):
     """The database is from an incompatible version or unreadable."""
 
 
+class StoreBusy(RuntimeError):
+    """Another process holds the database's write lock: nothing was written; try again in ``retry_after_s``."""
+
+    def __init__(self, path: Path, retry_after_s: float) -> None:
+        super().__init__(f"the run database {path} is locked by another process (an sqlite3 shell or a backup "
+                         "holding a write transaction?); nothing was written")
+        self.retry_after_s = retry_after_s
+
+
+def _is_locked(exc: sqlite3.OperationalError) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
 class RunStore:
     """Transactions on the run database at ``path`` (created with its schema when missing).
 
@@ -53,13 +79,18 @@ class RunStore:
         If the file exists but is not a database of this schema version.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, clock: Callable[[], float] = time.monotonic) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._closed = False
+        self._clock = clock
+        self._busy_until = -float("inf")  # monotonic time until which writes raise StoreBusy at once
+        self._blocked_since: float | None = None  # when writes first found the database locked (this episode)
+        self._depth = 0  # nesting of transaction() in the thread that holds _lock
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                                       timeout=BUSY_TIMEOUT_S)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
@@ -80,16 +111,79 @@ class RunStore:
             self._db.close()
             self._closed = True
 
-    def _transaction(self, statements: Iterable[tuple[str, tuple]]) -> None:
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One write transaction around a block: the database's write lock is taken now (``BEGIN IMMEDIATE``),
+        so open it before changing memory; the store's methods called in the block join it; it commits (fsynced)
+        when the block ends and rolls back if the block raises. Nested blocks join the outer one.
+
+        Raises
+        ------
+        StoreBusy
+            At once, when another process holds the write lock (waiting at most BUSY_TIMEOUT_S): nothing is
+            written, and the block does not run.
+        """
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            self._begin()
+            self._depth = 1
             try:
-                for sql, params in statements:
-                    self._db.execute(sql, params)
+                yield
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
+            else:
+                self._commit()
+            finally:
+                self._depth = 0
+
+    def _begin(self) -> None:
+        if self._clock() < self._busy_until:
+            raise StoreBusy(self.path, self._busy_until - self._clock())
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if not _is_locked(exc):
+                raise
+            self._blocked()
+            raise StoreBusy(self.path, BUSY_HOLD_OFF_S) from None
+        if self._blocked_since is not None:
+            log.warning("the run database is writable again after %.1f s", self._clock() - self._blocked_since)
+            self._blocked_since = None
+
+    def _blocked(self) -> None:
+        """Refuse writes at once for BUSY_HOLD_OFF_S; say so once per episode of a locked database."""
+        now = self._clock()
+        self._busy_until = now + BUSY_HOLD_OFF_S
+        if self._blocked_since is None:
+            self._blocked_since = now
+            log.warning("%s: requests that change the run are answered 503 until it is free",
+                        StoreBusy(self.path, BUSY_HOLD_OFF_S))
+
+    def _commit(self) -> None:
+        try:
             self._db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:  # pragma: no cover - WAL: the write lock is ours since BEGIN
+            self._rollback()
+            if not _is_locked(exc):
+                raise
+            self._blocked()
+            raise StoreBusy(self.path, BUSY_HOLD_OFF_S) from None
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:  # SQLite may have rolled back by itself (a full disk, an I/O error)
+            self._db.execute("ROLLBACK")
+
+    def _transaction(self, statements: Iterable[tuple[str, tuple]]) -> None:
+        with self.transaction():
+            for sql, params in statements:
+                self._db.execute(sql, params)
 
     # ------------------------------------------------------------------ run keys
 
