@@ -11,13 +11,14 @@ import subprocess
 import sys
 
 import pytest
+import requests
 import torch
 
 from fedrest.data import load_dataset
 from fedrest.server.checkpoints import load_checkpoint
 from model import SimpleCNN
 from fedrest.training import test as evaluate_model
-from processes import ROOT, free_port, procs, status_client, try_status, wait_for  # noqa: F401 - procs is a fixture
+from processes import ROOT, TOKEN, free_port, procs, status_client, try_status, wait_for  # noqa: F401 - procs is a fixture
 
 pytestmark = pytest.mark.e2e
 
@@ -125,18 +126,25 @@ def test_sighup_is_a_clean_stop_for_worker_and_coordinator(procs):
     assert "to resume it, start the coordinator again with the same command" in procs.output("coordinator")
 
 
-def test_a_second_coordinator_on_the_same_state_directory_is_refused(procs, tmp_path):
-    """F19: one coordinator per TEMP_DIR. A second one (another port, the same directory) exits 2 naming the
-    first, before it touches anything; the first keeps serving its run."""
+@pytest.mark.parametrize("same_port,fresh", [(False, True), (True, False), (True, True), (False, False)],
+                         ids=["other-port-fresh", "same-port", "same-port-fresh", "other-port"])
+def test_a_second_coordinator_on_the_same_state_directory_is_refused(procs, tmp_path, same_port, fresh):
+    """F19: one coordinator per TEMP_DIR. A second one (the same directory; the same port or another, with or
+    without --fresh) exits 2 naming the first, before it touches anything; the first keeps serving its run."""
     port = free_port()
     procs.coordinator(port, "--rounds", "2", "--min-nodes", "2", "--no-eval")
     client = status_client(port)
     first = wait_for(lambda: try_status(client), 60, "the first coordinator", procs)
     second = subprocess.run([sys.executable, str(ROOT / "coordinator.py"), "--host", "127.0.0.1", "--port",
-                             str(free_port()), "--no-eval", "--fresh", first["run_id"]],
+                             str(port if same_port else free_port()), "--no-eval",
+                             *(["--fresh", first["run_id"]] if fresh else [])],
                             cwd=tmp_path, capture_output=True, text=True, timeout=90)
     assert second.returncode == 2
     assert "is in use by another coordinator" in second.stderr and f"port {port}" in second.stderr, second.stderr
     assert f"pid {procs.procs['coordinator'].pid}" in second.stderr
     assert not (tmp_path / "temp" / "archive").exists()  # its --fresh did not set the live run aside
     assert try_status(client)["run_id"] == first["run_id"]
+    joined = requests.post(f"http://127.0.0.1:{port}/api/v1/nodes", headers={"Authorization": f"Bearer {TOKEN}"},
+                           json={"name": "after", "device": "cpu", "num_samples": 10}, timeout=10)
+    assert joined.status_code == 201, joined.text  # the first one's state and database work as before
+    assert [n["name"] for n in try_status(client)["nodes"]] == ["after"]
