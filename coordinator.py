@@ -173,7 +173,7 @@ def _log_start(app, cfg, port: int) -> None:
     scheme = "https" if cfg.certfile else "http"
     address = f"{scheme}://{url_host(_reachable_address(cfg.host))}:{port}"
     log.info("coordinator listening on %s://%s:%s (%s); run %s: %d rounds, %d nodes to start, model %s, "
-             "task %s, strategy %s", scheme, url_host(cfg.host), port,
+             "task %s, %s", scheme, url_host(cfg.host), port,
              "Flask debug server" if cfg.debug else f"uvicorn, {cfg.server_threads} request threads",
              federation.run_id, cfg.communication_rounds, cfg.min_nodes_to_start, federation.task.model_name,
              federation.task.name, ", ".join(f"{k} {v}" for k, v in federation.strategy.describe().items()))

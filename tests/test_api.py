@@ -164,7 +164,9 @@ def test_register_non_json_object_body(client, fed, kwargs, status):
 
 def test_register_body_too_large_is_413_json(client, fed):
     body = {**GOOD_BODY, "system_info": {"blob": "x" * 2_200_000}}  # above REGISTRATION_BODY_LIMIT (2 MiB)
-    assert_json_error(client.post(f"{API}/nodes", headers=JOIN, json=body), 413, "payload_too_large")
+    answer = client.post(f"{API}/nodes", headers=JOIN, json=body)
+    assert_json_error(answer, 413, "payload_too_large")
+    assert answer.get_json()["limit_bytes"] == 2 * 1024 * 1024 and str(2 * 1024 * 1024) in answer.get_json()["message"]
     assert fed.nodes == {}
 
 
@@ -1003,3 +1005,11 @@ def test_endpoints_answer_quickly_while_aggregating(make_app):
         release.set()
         ticker.join(10)
     assert len(fed.state.history) == 1 and fed.round == 2
+
+
+@pytest.mark.parametrize("raw,words", [(b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+                                       (b'{"name": ', "not valid JSON"), (b"[1, 2]", "must be a JSON object")])
+def test_a_registration_body_that_is_not_a_json_object_says_what_is_wrong(client, fed, raw, words):
+    response = client.post(f"{API}/nodes", headers=JOIN, data=raw, content_type="application/json")
+    assert_json_error(response, 400, "bad_request")
+    assert words in response.get_json()["message"] and fed.nodes == {}

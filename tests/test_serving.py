@@ -3,6 +3,9 @@ thread, a silent connection delays nobody (HTTP and HTTPS), oversized headers an
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import socket
 import subprocess
 import sys
@@ -17,7 +20,7 @@ from conftest import JOIN_TOKEN, ROOT, make_config, multipart_body, upload_form
 from fedrest.client import CoordinatorClient, make_session
 from fedrest.serialization import state_dict_to_bytes
 from fedrest.server.app import create_app
-from fedrest.server.long_polls import EARLIEST_ANSWER
+from fedrest.server.long_polls import EARLIEST_ANSWER, LongPollFront
 from fedrest.server.serving import bound_port, make_server
 
 THREADS = 4  # request threads of the servers below: fewer than the pollers
@@ -135,13 +138,19 @@ def test_a_silent_connection_delays_no_heartbeat(serve, tls):
     assert took < 2, took  # cheroot froze HTTPS for its 30 s socket timeout
 
 
-def test_headers_too_large_get_431_and_a_silent_body_is_cut(serve):
+def test_headers_too_large_get_431_a_garbled_request_a_json_400_and_a_silent_body_is_cut(serve):
     url, fed, _ = serve(client_timeout=1.0)
     answer = requests.get(f"{url}/api/v1/health", headers={"X-Big": "x" * 70_000}, timeout=10)
     assert answer.status_code == 431 and answer.json()["error"] == "headers_too_large"
+    port = int(url.rsplit(":", 1)[1])
+    for garbled in (b"GARBAGE\r\n\r\n", b"POST /api/v1/nodes HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            raw.sendall(garbled)
+            head, _, body = raw.recv(4096).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, head
+        assert json.loads(body)["error"] == "bad_request"  # JSON like every other error, not uvicorn's text
     node = _node(url, "a")
     fed.tick()  # round 1 opens for node a: its upload is read (a stale one is answered 409 before its body)
-    port = int(url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
         slow.sendall(b"POST /api/v1/rounds/1/updates HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
                      + node.token.encode() + b"\r\nContent-Type: multipart/form-data; boundary=b\r\n"
@@ -185,3 +194,34 @@ def test_an_upload_over_the_cap_is_answered_503_and_its_worker_waits_its_turn(se
     assert accepted["accepted"] is True and took >= 0.9  # answered after its turn came
     assert sorted(fed.state.updates) == sorted([a.node_id, b.node_id])
     assert fed.requests_refused_total["busy"] >= 2 and list(incoming.iterdir()) == []
+
+
+def test_a_parked_poll_answered_as_its_client_goes_away_ends_quietly(tmp_path, caplog):
+    """A crowd of workers dropping at once: the answer of a parked poll meets a transport that is already closed
+    (uvloop: "the handler is closed"). The poll ends without an error, not with a traceback per poll."""
+    app = create_app(make_config(tmp_path), start_driver=False)
+    client = app.test_client()
+    token = client.post("/api/v1/nodes", headers={"Authorization": f"Bearer {JOIN_TOKEN}"},
+                        json={"name": "a", "device": "cpu", "num_samples": 10}).get_json()["node_token"]
+    front = LongPollFront(app, threads=2, client_timeout=5.0)
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": "/api/v1/task", "raw_path": b"/api/v1/task", "query_string": b"wait=1", "root_path": "",
+             "headers": [(b"host", b"x"), (b"authorization", f"Bearer {token}".encode())],
+             "server": ("127.0.0.1", 5000), "client": ("127.0.0.1", 40000)}
+    sent = []
+
+    async def receive():
+        await asyncio.sleep(3600)  # the client sends nothing more (its closing is not seen yet)
+
+    async def send(message):
+        sent.append(message["type"])
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")
+
+    async def main():
+        await asyncio.wait_for(front(scope, receive, send), 5.0)  # answered "wait" at its deadline (<= 1 s)
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(main())
+    front.close()
+    app.extensions["federation"].stop()
+    assert sent == ["http.response.start"]
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []

@@ -142,6 +142,7 @@ def write_round_files(number: int, closed: ClosedRound, record: RoundRecord, glo
 def log_round_done(record: RoundRecord, total_rounds: int) -> None:
     acc_text = "n/a" if record.test_accuracy is None else f"{record.test_accuracy:.4f}"
     loss_text = "n/a" if record.test_loss is None else f"{record.test_loss:.4f}"
-    log.info("round %d/%d done: %d updates, %d samples, test accuracy %s, test loss %s, %.1fs",
-             record.round, total_rounds, record.num_updates, record.num_samples, acc_text, loss_text,
+    log.info("round %d/%d done: %d update%s, %d samples, test accuracy %s, test loss %s, %.1fs",
+             record.round, total_rounds, record.num_updates, "" if record.num_updates == 1 else "s",
+             record.num_samples, acc_text, loss_text,
              record.duration_s)

@@ -102,7 +102,9 @@ def upload_body_limit(federation) -> int:
 def _body_too_large() -> Response:
     """413 raised by werkzeug while reading a body (over the request's max_content_length or a form limit)."""
     if request.endpoint != UPLOAD_ENDPOINT:
-        return json_error(413, "payload_too_large", f"request bodies here are limited to {JSON_BODY_LIMIT} bytes")
+        limit = REGISTRATION_BODY_LIMIT if request.endpoint == REGISTER_ENDPOINT else JSON_BODY_LIMIT
+        return json_error(413, "payload_too_large", f"request bodies here are limited to {limit} bytes",
+                          limit_bytes=limit)
     federation = current_app.extensions["federation"]
     limit = federation.config.max_update_bytes
     if request.content_length is not None and request.content_length <= upload_body_limit(federation):

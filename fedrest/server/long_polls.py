@@ -150,9 +150,12 @@ class _Parking:
         body = (json.dumps(task, separators=(",", ":")) + "\n").encode()
         start = messages[0]
         headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
-        await send({"type": "http.response.start", "status": start["status"],
-                    "headers": headers + [(b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        try:
+            await send({"type": "http.response.start", "status": start["status"],
+                        "headers": headers + [(b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+        except (RuntimeError, ConnectionError) as exc:  # the client closed as it was answered ("handler is closed")
+            log.debug("a parked poll of %s was answered after its client went away: %s", node_id, exc)
 
     def _park(self, node_id: str, wait: float, signature) -> _Poll:
         poll = _Poll(node_id, self.loop.create_future())

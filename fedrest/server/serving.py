@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import ipaddress
+import json
 import logging
 import socket
 import ssl
@@ -88,13 +89,16 @@ class _Protocol(HttpToolsProtocol):
             raise ValueError("request headers too large")  # ends feed_data as an HttpParserError
 
     def send_400_response(self, msg: str) -> None:  # noqa: D102 - uvicorn's answer to an unparsable request
-        if not self._headers_too_large:
-            super().send_400_response(msg)
-            return
-        body = (b'{"error": "headers_too_large", "message": "the request line and headers exceed %d bytes"}'
-                % MAX_HEADER_BYTES)
-        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-                             b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        if self._headers_too_large:
+            status = b"431 Request Header Fields Too Large"
+            answer = {"error": "headers_too_large",
+                      "message": f"the request line and headers exceed {MAX_HEADER_BYTES} bytes"}
+        else:  # a garbled request line or header, a bad Content-Length: the same JSON shape as every error
+            status = b"400 Bad Request"
+            answer = {"error": "bad_request", "message": f"not a valid HTTP/1.1 request ({msg.rstrip('.')})"}
+        body = json.dumps(answer).encode()
+        self.transport.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (status, len(body), body))
         self.transport.close()
 
 

@@ -34,9 +34,10 @@ def json_object() -> dict:
     try:
         body = request.get_json(silent=True)
     except RecursionError:  # nesting deeper than the parser's recursion limit
-        body = None
+        raise ApiError(400, "bad_request", "the JSON body is nested too deeply") from None
     if not isinstance(body, dict):
-        raise ApiError(400, "bad_request", "the body must be a JSON object")
+        raise ApiError(400, "bad_request", "the body must be a JSON object" if body is not None else
+                       "the body must be a JSON object (it is empty, null or not valid JSON)")
     return body
 
 
