@@ -30,7 +30,7 @@ test: dev
 	@scripts/ensure-chromium.sh
 	$(PY) -m pytest
 
-check: dev  # the inner loop: lint + every test but the end-to-end and browser ones (~2 min)
+check: dev  # the inner loop: lint + every test but the end-to-end and browser ones (~3 min)
 	$(PY) -m pytest -m "not e2e" --ignore=tests/test_dashboard.py
 
 lint: dev
