@@ -47,8 +47,13 @@ def token_path(temp_dir: str | os.PathLike, kind: str) -> Path:
     return Path(temp_dir) / f"{kind}_token"
 
 
+def _secret_bytes(token: str) -> bytes:
+    """A token file's contents."""
+    return (token + "\n").encode("utf-8")
+
+
 def _write_secret(path: Path, token: str) -> None:
-    replace_durably(write_temporary(path, (token + "\n").encode("utf-8")), path)  # mode 0600
+    replace_durably(write_temporary(path, _secret_bytes(token)), path)  # mode 0600
 
 
 class Credentials:
@@ -137,7 +142,7 @@ class Credentials:
         path = token_path(self._dir, kind)
         with self._lock:  # the files first, the memory last: a failed write (a full disk) changes nothing
             hashes = {**self._hashes, kind: hash_token(token)}
-            tmp = write_temporary(path, (token + "\n").encode("utf-8"))
+            tmp = write_temporary(path, _secret_bytes(token))  # mode 0600
             try:
                 self._save(hashes)
                 replace_durably(tmp, path)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import random
 from typing import Mapping
@@ -38,6 +37,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from fedrest.serialization import UpdateRejected
 from fedrest.server.errors import Conflict, Forbidden, UnknownNode, UpdateTooLarge
+from fedrest.server.ratelimit import retry_after_header
 from fedrest.server.store import StoreBusy
 
 log = logging.getLogger("fl.coordinator")
@@ -148,16 +148,20 @@ def _storage_error(exc: OSError) -> Response:
         federation.count_refused_request("insufficient_storage" if full else "storage_error")
     message = ("the coordinator's disk is full" if full else "the coordinator cannot write to its disk") + \
         f"; nothing was stored: send this again in {wait:.0f}s"
-    return json_error(507 if full else 503, "insufficient_storage" if full else "storage_error", message,
-                      headers={"Retry-After": str(math.ceil(wait))}, retry_after_s=round(wait, 3))
+    return _retry_later(507 if full else 503, "insufficient_storage" if full else "storage_error", message, wait)
 
 
 def _store_busy(exc: StoreBusy) -> Response:
     """503 ``store_busy``: the database is locked by another process; nothing changed, send it again soon."""
     wait = exc.retry_after_s + random.uniform(0.0, 1.0)  # spread the retries (the store logs the episode)
     current_app.extensions["federation"].count_refused_request("store_busy")
-    return json_error(503, "store_busy", f"{exc}: send this again in {wait:.1f}s",
-                      headers={"Retry-After": str(math.ceil(wait))}, retry_after_s=round(wait, 3))
+    return _retry_later(503, "store_busy", f"{exc}: send this again in {wait:.1f}s", wait)
+
+
+def _retry_later(code: int, error: str, message: str, wait: float) -> Response:
+    """An answer to send the request again after ``wait`` seconds: ``Retry-After`` and ``retry_after_s``."""
+    return json_error(code, error, message, headers={"Retry-After": retry_after_header(wait)},
+                      retry_after_s=round(wait, 3))
 
 
 def _unexpected(exc: Exception) -> Response:

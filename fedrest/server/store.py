@@ -87,7 +87,6 @@ class RunStore:
         self._clock = clock
         self._busy_until = -float("inf")  # monotonic time until which writes raise StoreBusy at once
         self._blocked_since: float | None = None  # when writes first found the database locked (this episode)
-        self._depth = 0  # nesting of transaction() in the thread that holds _lock
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
                                        timeout=BUSY_TIMEOUT_S)
@@ -124,24 +123,16 @@ class RunStore:
             written, and the block does not run.
         """
         with self._lock:
-            if self._depth:
-                self._depth += 1
-                try:
-                    yield
-                finally:
-                    self._depth -= 1
+            if self._db.in_transaction:  # an outer block of this thread (the lock keeps other threads out)
+                yield
                 return
             self._begin()
-            self._depth = 1
             try:
                 yield
             except BaseException:
                 self._rollback()
                 raise
-            else:
-                self._commit()
-            finally:
-                self._depth = 0
+            self._commit()
 
     def _begin(self) -> None:
         if self._clock() < self._busy_until:
@@ -151,20 +142,21 @@ class RunStore:
         except sqlite3.OperationalError as exc:
             if not _is_locked(exc):
                 raise
-            self._blocked()
-            raise StoreBusy(self.path, BUSY_HOLD_OFF_S) from None
+            raise self._blocked() from None
         if self._blocked_since is not None:
             log.warning("the run database is writable again after %.1f s", self._clock() - self._blocked_since)
             self._blocked_since = None
 
-    def _blocked(self) -> None:
-        """Refuse writes at once for BUSY_HOLD_OFF_S; say so once per episode of a locked database."""
+    def _blocked(self) -> StoreBusy:
+        """Refuse writes at once for BUSY_HOLD_OFF_S (say so once per episode of a locked database); returns the
+        StoreBusy to raise."""
         now = self._clock()
         self._busy_until = now + BUSY_HOLD_OFF_S
+        busy = StoreBusy(self.path, BUSY_HOLD_OFF_S)
         if self._blocked_since is None:
             self._blocked_since = now
-            log.warning("%s: requests that change the run are answered 503 until it is free",
-                        StoreBusy(self.path, BUSY_HOLD_OFF_S))
+            log.warning("%s: requests that change the run are answered 503 until it is free", busy)
+        return busy
 
     def _commit(self) -> None:
         try:
@@ -173,8 +165,7 @@ class RunStore:
             self._rollback()
             if not _is_locked(exc):
                 raise
-            self._blocked()
-            raise StoreBusy(self.path, BUSY_HOLD_OFF_S) from None
+            raise self._blocked() from None
 
     def _rollback(self) -> None:
         if self._db.in_transaction:  # SQLite may have rolled back by itself (a full disk, an I/O error)
