@@ -93,10 +93,11 @@ class Launch:
         out.close()
 
     def start(self) -> bool:
-        """Set the previous launch's run aside, start the coordinator, wait until it answers with our token,
-        then start the workers.
+        """Set the previous launch's run aside, start the coordinator and the workers together (a worker waits
+        for its coordinator to answer: the start-up of both overlaps), then wait until the coordinator answers
+        with our token.
 
-        Returns False (after printing why) when the coordinator does not come up."""
+        Returns False (after printing why) when the coordinator does not come up; the caller stops the workers."""
         archive_run(self.cfg.temp_dir, self.cfg.models_dir)  # each launch is a new run, in its own TEMP_DIR
         coord_fields = [f for f in LAUNCH_FIELDS if f in COORDINATOR_FIELDS]
         self._spawn("coordinator", "coordinator.py", child_env(self.cfg, coord_fields, {
@@ -105,6 +106,11 @@ class Launch:
                                                    self.cfg.dp_noise_multiplier > 0),
             "node_timeout": self.cfg.node_timeout, "heartbeat_interval": self.cfg.heartbeat_interval,
             "keep_serving": "true"}))
+        worker_fields = [f for f in LAUNCH_FIELDS if f in WORKER_FIELDS]
+        for i in range(self.num_workers):
+            self._spawn(f"worker{i}", "worker.py", child_env(self.cfg, worker_fields, {
+                "coordinator_address": self.address, "token": self.token, "name": f"worker-{i}",
+                "partition_id": i, "num_partitions": self.num_workers, "quiet": "true"}))
         client = CoordinatorClient(self.address, token=self.monitor_token, session=make_session(total_retries=0))
         deadline = time.monotonic() + 120
         while True:
@@ -121,11 +127,6 @@ class Launch:
                           "program using that port?")
                     return False
                 time.sleep(0.3)
-        worker_fields = [f for f in LAUNCH_FIELDS if f in WORKER_FIELDS]
-        for i in range(self.num_workers):
-            self._spawn(f"worker{i}", "worker.py", child_env(self.cfg, worker_fields, {
-                "coordinator_address": self.address, "token": self.token, "name": f"worker-{i}",
-                "partition_id": i, "num_partitions": self.num_workers, "quiet": "true"}))
         return True
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -162,7 +163,10 @@ class Launch:
             if online != nodes_seen and not last["history"]:
                 nodes_seen = online
                 print(f"{online}/{self.num_workers} workers registered")
-            settled = len(last["history"]) - (last["state"] == "evaluating")  # the last one waits for its evaluation
+            # a round is printed once evaluated: by the nodes (state "evaluating") and by the coordinator
+            settled = len(last["history"]) - (last["state"] == "evaluating")
+            while settled and last["history"][settled - 1].get("evaluation_pending"):
+                settled -= 1
             for r in last["history"][printed:settled]:
                 print(round_line(r, last["total_rounds"]))
             printed = max(printed, settled)

@@ -7,8 +7,10 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: launch.py and the monitors start without it (~1.3 s)
+    import torch
 
 log = logging.getLogger("fl.utils")
 
@@ -29,6 +31,8 @@ def select_device(prefer: str | None) -> torch.device:
     DeviceUnavailable
         For "gpu" when CUDA is not available; the message says what torch reports.
     """
+    import torch
+
     if prefer == "cpu":
         return torch.device("cpu")
     if prefer == "gpu":
@@ -46,6 +50,8 @@ def select_device(prefer: str | None) -> torch.device:
 def device_description(device: torch.device) -> str:
     """A short human-readable name of ``device`` (GPU model for CUDA)."""
     if device.type == "cuda":
+        import torch
+
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return "cpu"
 
@@ -53,6 +59,8 @@ def device_description(device: torch.device) -> str:
 def set_cpu_threads(num_threads: int) -> None:
     """Set torch's intra-op CPU threads; 0 keeps torch's default (one per core)."""
     if num_threads > 0:
+        import torch
+
         torch.set_num_threads(num_threads)
 
 
@@ -109,7 +117,8 @@ def run_program(body, argv=None) -> int:
 
 def setup_logging(log_file: str | os.PathLike | None, level: int = logging.INFO) -> None:
     """Configure the root logger once for an entry point: stdout, plus ``log_file`` when given."""
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    # milliseconds: a round's steps (an upload, the close, the next task) take tens of them
+    fmt = logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     root = logging.getLogger()
     root.setLevel(level)
     for handler in list(root.handlers):

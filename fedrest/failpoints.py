@@ -4,7 +4,8 @@
 ``failpoint <name> reached`` and sleep that many seconds at those places; ``@N`` pauses only at the N-th
 pass. Unset (always, outside the fault-injection tests), :func:`hit` does nothing. Names in use:
 ``aggregate.before_checkpoint``, ``checkpoint.between_files``, ``aggregate.before_commit``,
-``atomic_write.before_replace``.
+``atomic_write.before_replace``, and after a round's commit (:meth:`RoundDriver._follow_up`)
+``round.after_commit``, ``follow_up.before_checkpoint``, ``follow_up.before_store``.
 """
 
 from __future__ import annotations

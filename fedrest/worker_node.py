@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import logging
 import re
 import secrets
@@ -18,7 +19,7 @@ import torch
 
 from config import Config
 from fedrest.aggregation import scaffold
-from fedrest.client import CoordinatorClient, CoordinatorError, make_session
+from fedrest.client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable, make_session
 from fedrest.local_control import LocalControlVariate
 from fedrest.node_identity import default_name, shuffle_seed, system_info
 from fedrest.serialization import UpdateRejected, bytes_to_state_dict, check_compatible, state_dict_to_bytes
@@ -30,6 +31,8 @@ from utils import device_description
 log = logging.getLogger("fl.worker")
 
 LONG_POLL_SECONDS = 30.0
+# seconds a worker started with its coordinator (launch.py) asks it for an answer, and between two asks
+FIRST_CONTACT_S, FIRST_CONTACT_POLL_S = 30.0, 0.2
 
 
 class StopRequested(BaseException):
@@ -108,6 +111,23 @@ class Worker:
         log.info("%s as node %s (%s) at %s", "registered" if created else "re-registered", self.node_id,
                  self.name, self.client.url)
 
+    def _await_coordinator(self) -> None:
+        """Before the first registration, while the coordinator is unreachable (still starting), ask for its /health
+        every FIRST_CONTACT_POLL_S s for up to FIRST_CONTACT_S; other errors are the registration's to report."""
+        probe = CoordinatorClient(self.cfg.coordinator_address, session=self._session(0))
+        deadline = time.monotonic() + FIRST_CONTACT_S
+        for attempt in itertools.count():
+            try:
+                probe.health()
+                return
+            except CoordinatorUnreachable as exc:
+                if attempt == 0:
+                    log.info("waiting for the coordinator at %s to answer (%s)", probe.url, exc)
+            except CALL_ERRORS:
+                return
+            if self.stop_event.wait(FIRST_CONTACT_POLL_S) or time.monotonic() > deadline:
+                return
+
     def _heartbeat_loop(self) -> None:
         client = CoordinatorClient(self.cfg.coordinator_address, session=self._session(1))
         while not self.stop_event.wait(self.heartbeat_interval):
@@ -137,6 +157,7 @@ class Worker:
     def run(self) -> int:
         """Work until told to stop; returns the exit status."""
         try:
+            self._await_coordinator()
             self._call(self.register, "register")
             self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
             self._heartbeat_thread.start()

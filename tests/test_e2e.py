@@ -74,6 +74,20 @@ def test_launch_runs_a_federation_and_prints_a_summary(tmp_path):
     assert not (tmp_path / "models" / "global_model.pt").exists() and not (tmp_path / "temp" / "join_token").exists()
 
 
+def test_a_worker_started_before_its_coordinator_joins_once_it_answers(procs):
+    """launch.py starts the workers with the coordinator (their start-up overlaps): a worker whose coordinator
+    is not up yet asks for it every 0.2 s with one info line, not the outage path's warning and backoff."""
+    port = free_port()
+    procs.worker("w0", port, "--partition-id", "0", "--num-partitions", "4")
+    wait_for(lambda: "waiting for the coordinator at" in procs.output("w0"), 60, "the worker to wait", procs)
+    procs.coordinator(port, "--rounds", "1", "--min-nodes", "1", "--round-timeout", "300", "--no-eval")
+    client = status_client(port)
+    wait_for(lambda: (try_status(client) or {}).get("state") == "finished", 120, "the round", procs)
+    assert procs.procs["w0"].wait(30) == 0
+    output = procs.output("w0")
+    assert output.count("waiting for the coordinator at") == 1 and "coordinator unreachable" not in output, output
+
+
 def test_sigterm_on_launch_stops_every_process_it_started(tmp_path):
     import re
     import socket

@@ -17,7 +17,7 @@ from fedrest.client import CoordinatorError
 from fedrest.server.checkpoints import load_checkpoint
 from processes import (ROOT, TOKEN, FakeWorker, free_port, procs, status_client, try_status,  # noqa: F401
                        wait_for)
-from fedrest.serialization import bytes_to_state_dict
+from fedrest.serialization import bytes_to_state_dict, state_dict_to_bytes
 
 pytestmark = pytest.mark.e2e
 
@@ -135,6 +135,49 @@ def test_coordinator_killed_during_aggregation_or_checkpoint_recovers_consistent
     wait_state(port, procs, lambda s: s["state"] == "finished", 60, "round 2")
     print(f"\ncoordinator kill -9 at {name}: temporary files at the kill {leftovers}; the restart completed "
           f"round 1 once, weighted mean {expected}")
+
+
+def _evaluated_run(procs, label: str, failpoint: str | None = None) -> list:
+    """Two rounds of two fake workers with the coordinator's evaluation on (the MNIST test split); with
+    ``failpoint`` the coordinator is killed when it pauses there in round 1 and started again. Returns
+    (round, test_loss, test_accuracy, the user's checkpoint's test_loss) per round."""
+    port = free_port()
+    args = ("--rounds", "2", "--min-nodes", "2", "--round-timeout", "60", "--max-share", "1",
+            "--temp-dir", f"temp-{label}", "--models-dir", f"models-{label}")
+    procs.coordinator(port, *args, env={"FL_FAILPOINTS": failpoint} if failpoint else None)
+    wait_state(port, procs, lambda s: True, 60, "the coordinator to answer")
+    a, b = FakeWorker(port, "a", 10), FakeWorker(port, "b", 30)
+    for number, (va, vb) in ((1, (0.002, 0.004)), (2, (-0.001, 0.003))):
+        wait_state(port, procs, lambda s, n=number: s["state"] == "training" and s["round"] == n, 60, f"round {number}")
+        for worker, value in ((a, va), (b, vb)):  # the global model moved by ``value``: each round's differs
+            _, data = worker.client.model()
+            update = {k: v + value if v.is_floating_point() else v for k, v in bytes_to_state_dict(data).items()}
+            worker.client.submit_update(number, {"num_samples": worker.num_samples}, state_dict_to_bytes(update))
+        if failpoint and number == 1:
+            reached = f"failpoint {failpoint.split('=')[0]} reached"
+            wait_for(lambda text=reached: text in procs.output("coordinator"), 60, reached, procs)
+            procs.kill("coordinator")
+            procs.coordinator(port, *args)
+    status = wait_state(port, procs, lambda s: s["state"] == "finished", 60, "the last round")
+    procs.stop_all()
+    models = procs.workdir / f"models-{label}"
+    return [(r["round"], r["test_loss"], r["test_accuracy"], r["evaluation_pending"],
+             load_checkpoint(models / f"global_model_round_{r['round']}.pt")["test_loss"]) for r in status["history"]]
+
+
+@pytest.mark.parametrize("failpoint", ["round.after_commit=30@1", "follow_up.before_checkpoint=30@1",
+                                       "follow_up.before_store=30@1"])
+def test_killed_between_a_commit_and_its_evaluation_resumes_exactly(procs, failpoint):
+    """Issue 14: the coordinator evaluates round r's global model (and writes the user's checkpoint) after the
+    commit, while round r+1 trains. Killed with -9 at each step of that, the restarted coordinator evaluates
+    again: the same test metrics in the history and in the checkpoints as a run that was not killed."""
+    straight = _evaluated_run(procs, "straight")
+    killed = _evaluated_run(procs, "killed", failpoint)
+    assert killed == straight
+    assert all(loss is not None and loss == saved for _, loss, _, _, saved in killed)
+    assert killed[0][1] != killed[1][1]  # two different models, told apart
+    print(f"\nkill -9 at {failpoint.split('=')[0]} of round 1: history and checkpoints equal the straight run's "
+          f"({killed})")
 
 
 def test_coordinator_down_30s_workers_wait_and_the_run_completes(procs):

@@ -326,3 +326,76 @@ def test_a_failed_aggregation_backs_off_says_why_and_succeeds_later(make_app, fa
     assert len(calls) == 3 and fed.state.model_version == 1 and fed.driver.failure is None
     assert fed.state.history[-1].num_updates == 1
     assert client.get(f"{API}/status", headers=MONITOR).get_json()["current_round"]["aggregation_error"] is None
+
+
+class ConvMeanEvaluator:
+    """An evaluator whose metrics are a function of the model (the mean of conv1.weight) and that records the
+    phase and round ``fed`` was in when it ran: (state_dict) -> {"loss", "accuracy"}."""
+
+    def __init__(self) -> None:
+        self.fed, self.seen = None, []
+
+    def __call__(self, state_dict) -> dict:
+        if self.fed is not None:
+            self.seen.append((self.fed.phase, self.fed.round))
+        value = float(state_dict["conv1.weight"].double().mean())
+        return {"loss": abs(value), "accuracy": min(1.0, abs(value) / 10)}
+
+
+def test_the_next_round_opens_before_the_coordinator_evaluates_the_last_one(make_app):
+    """Issue 14: the coordinator's evaluation (about 0.8 s of a 4 s round) is off the critical path: round 2 is
+    open (and stored) when round 1's global model is evaluated; the run's last round is evaluated before its
+    commit, so the finished run's history is complete."""
+    evaluator = ConvMeanEvaluator()
+    app = make_app(min_nodes_to_start=2, communication_rounds=2, max_share=1.0, evaluator=evaluator)
+    client, fed = app.test_client(), app.extensions["federation"]
+    evaluator.fed = fed
+    a, b = register(client, "a", num_samples=10), register(client, "b", num_samples=30)
+    fed.tick()
+    for number, (va, vb) in ((1, (1.0, 5.0)), (2, (2.0, 2.0))):
+        post_update(client, a, number, filled_state_dict(va, 4), {"num_samples": 10})
+        post_update(client, b, number, filled_state_dict(vb, 8), {"num_samples": 30})
+        fed.tick()
+    assert evaluator.seen == [(Phase.TRAINING, 2), (Phase.AGGREGATING, 2)]
+    history = fed.state.history
+    assert [r.test_loss for r in history] == [pytest.approx(expected_mean([(1.0, 10), (5.0, 30)])),
+                                              pytest.approx(2.0)]
+    assert not any(r.evaluation_pending for r in history) and fed.phase == Phase.FINISHED
+    stored = RunStore(Path(fed.config.temp_dir) / "coordinator.sqlite3").history()
+    assert [(r["test_loss"], r["evaluation_pending"]) for r in stored] == [(r.test_loss, False) for r in history]
+    first = load_checkpoint(Path(fed.config.models_dir) / "global_model_round_1.pt")
+    assert first["round"] == 1 and first["test_metrics"] == history[0].test_metrics
+
+
+def test_a_restart_between_the_commit_and_the_evaluation_evaluates_once_more(make_app, monkeypatch):
+    """Killed after round 1's commit but before its metrics are stored: the restarted coordinator evaluates
+    global model 1 first, stores the same metrics and writes the user's checkpoint; round 2 is still open."""
+    settings = dict(min_nodes_to_start=2, communication_rounds=3, max_share=1.0)
+    app = make_app(evaluator=ConvMeanEvaluator(), **settings)
+    client, fed = app.test_client(), app.extensions["federation"]
+    a, b = register(client, "a", num_samples=10), register(client, "b", num_samples=30)
+    fed.tick()
+    post_update(client, a, 1, filled_state_dict(1.0, 4), {"num_samples": 10})
+    post_update(client, b, 1, filled_state_dict(5.0, 8), {"num_samples": 30})
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("kill -9 after the commit")
+
+    monkeypatch.setattr(closing, "follow_up", crash)
+    with pytest.raises(KeyboardInterrupt):
+        fed.tick()
+    monkeypatch.undo()
+    stored = RunStore(Path(fed.config.temp_dir) / "coordinator.sqlite3").history()
+    assert [(r["round"], r["test_loss"], r["evaluation_pending"]) for r in stored] == [(1, None, True)]
+    assert not (Path(fed.config.models_dir) / "global_model_round_1.pt").exists()
+
+    app2 = make_app(evaluator=ConvMeanEvaluator(), **settings)
+    fed2 = app2.extensions["federation"]
+    assert (fed2.round, fed2.phase, fed2.model_version) == (2, Phase.TRAINING, 1)
+    fed2.tick()
+    record = fed2.state.history[0]
+    assert not record.evaluation_pending and record.test_loss == pytest.approx(expected_mean([(1.0, 10), (5.0, 30)]))
+    stored = RunStore(Path(fed2.config.temp_dir) / "coordinator.sqlite3").history()
+    assert stored[0]["test_metrics"] == record.test_metrics and not stored[0]["evaluation_pending"]
+    assert load_checkpoint(Path(fed2.config.models_dir) / "global_model_round_1.pt")["test_loss"] == record.test_loss
+    assert (fed2.round, fed2.phase, len(fed2.state.history)) == (2, Phase.TRAINING, 1)

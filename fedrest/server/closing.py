@@ -1,8 +1,10 @@
 """Closing a round, outside the federation's lock: aggregate the stored updates, evaluate, write the files.
 
 :func:`close_round` runs the strategy over the round's stored updates (in the canonical order, loading one
-file at a time) and evaluates the result; :func:`write_round_files` writes the new global model's resume copy
-and the user's checkpoint before the federation commits the round (:mod:`.checkpoints` says why both).
+file at a time); :func:`write_round_files` writes the new global model's resume copy before the federation
+commits the round (:mod:`.checkpoints` says why). The coordinator's evaluation of the new global model and the
+user's checkpoint (which carries the test metrics) come after the commit, while the next round trains
+(:func:`follow_up`); only the run's last round, which no round follows, is evaluated before its commit.
 """
 
 from __future__ import annotations
@@ -69,9 +71,9 @@ def _mean(values) -> float | None:
 def close_round(number: int, updates: list[AcceptedUpdate], reference: Mapping[str, torch.Tensor],
                 strategy: Strategy, spool: UpdateSpool, evaluator: Evaluator | None, config: Config,
                 num_clients: int = 1, noise_seed: int = 0) -> ClosedRound | None:
-    """Aggregate round ``number``'s stored ``updates`` (files in ``spool``) onto ``reference`` and evaluate the
-    result; ``num_clients`` is N (the federation's nodes: SCAFFOLD's, DP-FedAvg's), ``noise_seed`` seeds
-    DP-FedAvg's noise.
+    """Aggregate round ``number``'s stored ``updates`` (files in ``spool``) onto ``reference`` and, with an
+    ``evaluator``, evaluate the result (pass None to evaluate later: :func:`follow_up`); ``num_clients`` is N
+    (the federation's nodes: SCAFFOLD's, DP-FedAvg's), ``noise_seed`` seeds DP-FedAvg's noise.
 
     An update whose file cannot be read is left out (logged). Returns None when none could be read.
     """
@@ -122,27 +124,58 @@ def _evaluate(number: int, state_dict, evaluator: Evaluator | None) -> dict[str,
 
 
 def write_round_files(number: int, closed: ClosedRound, record: RoundRecord, global_models: GlobalModels,
-                      config: Config, task: TaskIdentity, has_state: bool = False) -> None:
+                      config: Config, task: TaskIdentity, has_state: bool = False,
+                      user_checkpoint: bool = True) -> None:
     """Write the server state (when the strategy ``has_state``) and the resume copy of the new global model
-    (version ``number``), then the user's checkpoint (a failure of the latter is logged, not raised). Raises
-    OSError when the server state or the resume copy cannot be written."""
+    (version ``number``), then (``user_checkpoint``) the user's checkpoint, whose failure is logged, not raised.
+    Raises OSError when the server state or the resume copy cannot be written."""
     if has_state:
         global_models.write_state(number, closed.server_state)
     global_models.write(number, closed.state_bytes)
     failpoints.hit("aggregate.before_checkpoint")
-    if config.save_model:
-        try:
-            save_checkpoint(config.models_dir, number, closed.state_dict, task, record.test_metrics,
-                            config.public_dict())
-        except OSError as exc:
-            log.error("round %d: could not save the global model in %s: %s", number, config.models_dir, exc)
+    if user_checkpoint:
+        _save_user_checkpoint(number, closed.state_dict, record.test_metrics, config, task)
     failpoints.hit("aggregate.before_commit")
 
 
+def _save_user_checkpoint(number: int, state_dict, test_metrics: dict, config: Config, task: TaskIdentity) -> None:
+    """MODELS_DIR/global_model_round_<number>.pt and global_model.pt (with SAVE_MODEL); a failure is logged."""
+    if not config.save_model:
+        return
+    try:
+        save_checkpoint(config.models_dir, number, state_dict, task, test_metrics, config.public_dict())
+    except OSError as exc:
+        log.error("round %d: could not save the global model in %s: %s", number, config.models_dir, exc)
+
+
+def follow_up(number: int, state_dict: Mapping[str, torch.Tensor], evaluator: Evaluator | None, config: Config,
+              task: TaskIdentity) -> tuple[dict[str, float], float]:
+    """After round ``number``'s commit: evaluate its global model ``state_dict`` (with an ``evaluator``) and write
+    the user's checkpoint with the metrics. Returns (the test metrics, {} without an evaluator; the evaluation's
+    seconds). Repeating it (after a restart) writes the same files: the evaluation is deterministic."""
+    started = time.perf_counter()
+    metrics = _evaluate(number, state_dict, evaluator)
+    seconds = time.perf_counter() - started
+    failpoints.hit("follow_up.before_checkpoint")
+    _save_user_checkpoint(number, state_dict, metrics, config, task)
+    failpoints.hit("follow_up.before_store")
+    return metrics, seconds
+
+
 def log_round_done(record: RoundRecord, total_rounds: int) -> None:
+    """The round's "done" line (its test metrics, or that they come once the coordinator has evaluated)."""
+    tested = "evaluating the new global model" if record.evaluation_pending else _tested(record)
+    log.info("round %d/%d done: %d update%s, %d samples, %s, %.1fs", record.round, total_rounds, record.num_updates,
+             "" if record.num_updates == 1 else "s", record.num_samples, tested, record.duration_s)
+
+
+def log_evaluated(record: RoundRecord, total_rounds: int) -> None:
+    """The line that gives a round's test metrics after its commit (:func:`follow_up`)."""
+    log.info("round %d/%d global model: %s (evaluated in %.2fs)", record.round, total_rounds, _tested(record),
+             record.evaluation_s)
+
+
+def _tested(record: RoundRecord) -> str:
     acc_text = "n/a" if record.test_accuracy is None else f"{record.test_accuracy:.4f}"
     loss_text = "n/a" if record.test_loss is None else f"{record.test_loss:.4f}"
-    log.info("round %d/%d done: %d update%s, %d samples, test accuracy %s, test loss %s, %.1fs",
-             record.round, total_rounds, record.num_updates, "" if record.num_updates == 1 else "s",
-             record.num_samples, acc_text, loss_text,
-             record.duration_s)
+    return f"test accuracy {acc_text}, test loss {loss_text}"

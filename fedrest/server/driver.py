@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict
 
+from fedrest import failpoints
 from fedrest.aggregation.private_mean import round_noise_seed
 from fedrest.server import closing
 from fedrest.server.rounds import (Action, Decision, Phase, RoundRecord, Settings, after_round, decide, federated_mean,
@@ -49,6 +50,8 @@ class RoundDriver:
 
     def tick(self) -> None:
         """Advance the state machine by at most one step; aggregates outside the lock when a round closes."""
+        if self._owes_follow_up():  # a restart came between a round's commit and its evaluation
+            self._follow_up()
         with self.fed.changed:
             st = self.fed.state
             if st.phase == Phase.AGGREGATING:  # after a restart or a failure in the middle of aggregation: again
@@ -196,10 +199,15 @@ class RoundDriver:
         self._last_wait_log = -math.inf
 
     def _aggregate(self, number: int, num_participants: int, updates: list[AcceptedUpdate], reference) -> None:
+        """Close round ``number``: aggregate, write the resume copy, commit (the next round opens), then evaluate
+        the new global model and write the user's checkpoint while that round trains (:meth:`_follow_up`). The
+        run's last round is evaluated before its commit: no round follows it, and the run is finished only with
+        its metrics."""
         fed = self.fed
         noise_seed = round_noise_seed(fed.privacy_key, number) if fed.privacy_key is not None else 0
-        closed = closing.close_round(number, updates, reference, fed.strategy, fed.spool, fed.evaluator,
-                                     fed.config, self._num_clients, noise_seed)
+        last = number >= fed.rounds_to_run
+        closed = closing.close_round(number, updates, reference, fed.strategy, fed.spool,
+                                     fed.evaluator if last else None, fed.config, self._num_clients, noise_seed)
         if closed is None:
             with self.fed.changed, self.fed.store.transaction():
                 log.error("round %d: no stored update could be read; starting the round again", number)
@@ -209,8 +217,9 @@ class RoundDriver:
             self._discard_failed_attempt()
             return
         record = closed.record(number, self.fed.state.started_wall, num_participants)
+        record.evaluation_pending = not last and (fed.evaluator is not None or fed.config.save_model)
         closing.write_round_files(number, closed, record, self.fed.global_models, self.fed.config, self.fed.task,
-                                  self.fed.strategy.has_state)
+                                  self.fed.strategy.has_state, user_checkpoint=last)
         while True:  # the round is aggregated and its files written: only its commit waits for the database
             try:
                 with self.fed.changed, self.fed.store.transaction():
@@ -222,6 +231,38 @@ class RoundDriver:
                     return  # stored as aggregating: a restart aggregates the round again
         self.fed.spool.discard_round(number)
         self.fed.global_models.keep_only(number)
+        failpoints.hit("round.after_commit")
+        if record.evaluation_pending:
+            self._follow_up()
+
+    def _owes_follow_up(self) -> bool:
+        with self.fed.changed:
+            history = self.fed.state.history
+            return bool(history) and history[-1].evaluation_pending
+
+    def _follow_up(self) -> None:
+        """Evaluate the last committed global model and write the user's checkpoint (:func:`closing.follow_up`),
+        then store the metrics in its history row. A restart before the row is stored does it again (the same
+        metrics: the evaluation is deterministic); the round that follows trains meanwhile."""
+        fed = self.fed
+        with fed.changed:
+            record, state_dict = fed.state.history[-1], fed.global_state
+        metrics, seconds = closing.follow_up(record.round, state_dict, fed.evaluator, fed.config, fed.task)
+        while True:
+            try:
+                with fed.changed, fed.store.transaction():
+                    record.test_metrics = dict(metrics)
+                    record.test_loss, record.test_accuracy = metrics.get("loss"), metrics.get("accuracy")
+                    record.evaluation_s, record.evaluation_pending = seconds, False
+                    fed.store.put_history(record.round, asdict(record))
+                    fed.changed.notify_all()
+                break
+            except StoreBusy as exc:
+                self._store_busy(exc)
+                if fed.stopping.wait(exc.retry_after_s):
+                    return  # stored as pending: a restart evaluates again
+        if fed.evaluator is not None:
+            closing.log_evaluated(record, fed.config.communication_rounds)
 
     def _commit_round(self, number: int, closed: closing.ClosedRound, record: RoundRecord) -> None:
         """Make round ``number``'s aggregate the global model and open what comes next, in one transaction."""

@@ -215,3 +215,6 @@ class RoundRecord:
     federated_num_samples: int = 0  # held-out examples those evaluations covered
     federated_num_nodes: int = 0  # workers whose evaluation arrived
     epsilon: float | None = None  # DP-FedAvg: the epsilon spent after this round (at DP_DELTA); None: no DP
+    # committed, its test metrics and the user's checkpoint not yet: the coordinator evaluates the new global model
+    # while the next round trains (the run's last round is evaluated before its commit)
+    evaluation_pending: bool = False

@@ -257,6 +257,11 @@ class RunStore:
         statements += self._put_statements(values)
         self._transaction(statements)
 
+    def put_history(self, round_number: int, history_record: dict) -> None:
+        """Replace the history row of a committed round (its test metrics, evaluated after the commit)."""
+        self._transaction([("INSERT OR REPLACE INTO history (round, record) VALUES (?, ?)",
+                            (round_number, json.dumps(history_record)))])
+
     def history(self) -> list[dict]:
         with self._lock:
             rows = self._db.execute("SELECT record FROM history ORDER BY round").fetchall()
