@@ -3,10 +3,11 @@
     python launch.py --workers 3 --rounds 5 --cpu
 
 Each process is a separate ``python coordinator.py`` / ``python worker.py`` on 127.0.0.1 with a free
-port and a fresh join token; their output goes to LOGS_DIR/launch_<name>.out. Settings reach them as
-FL_* environment variables (see config.py). Its run state, checkpoints and logs are in temp/demo, models/demo
-and logs/demo (unless --temp-dir, --models-dir, --logs-dir say otherwise), apart from those of a coordinator
-started by hand; each launch sets the previous one's run aside into TEMP_DIR/archive/.
+port and a fresh join token, all started at once; their output goes to LOGS_DIR/launch_<name>.out.
+``--cpu-threads`` (default: cores / workers) is each worker's; the coordinator evaluates on every core.
+Settings reach them as FL_* environment variables (see config.py). Its run state, checkpoints and logs are in
+temp/demo, models/demo and logs/demo (unless --temp-dir, --models-dir, --logs-dir say otherwise), apart from
+those of a coordinator started by hand; each launch sets the previous one's run aside into TEMP_DIR/archive/.
 Ctrl-C stops every process started here.
 Exit status: 0 when the run completed, 1 when a process failed, 130 on Ctrl-C.
 """
@@ -105,7 +106,7 @@ class Launch:
             "min_nodes_to_start": launch_min_nodes(self.num_workers, self.cfg.client_fraction,
                                                    self.cfg.dp_noise_multiplier > 0),
             "node_timeout": self.cfg.node_timeout, "heartbeat_interval": self.cfg.heartbeat_interval,
-            "keep_serving": "true"}))
+            "keep_serving": "true", "cpu_threads": 0}))  # --cpu-threads is the workers': it evaluates on every core
         worker_fields = [f for f in LAUNCH_FIELDS if f in WORKER_FIELDS]
         for i in range(self.num_workers):
             self._spawn(f"worker{i}", "worker.py", child_env(self.cfg, worker_fields, {

@@ -13,11 +13,12 @@ times and each round's slowest local training, ``max_train_seconds``, as the wor
 - the round period: from a round's opening to the next one's (what the user waits per round);
 - the rest: after the last round's commit until launch.py has stopped every process.
 
-    .venv/bin/python benchmarks/reference_run.py [--repeats 3] [--workers 3] [--checkout PATH]
+    .venv/bin/python benchmarks/reference_run.py [--repeats 3] [--workers 3] [--checkout PATH] [--baseline PATH]
 
 ``--workers 10`` is the 10-worker run (the same 4,000 training images in 10 partitions). ``--checkout`` runs the
-``launch.py`` of another checkout (for example a ``git worktree`` of an earlier commit) with this interpreter, for
-a before/after comparison on the same machine.
+``launch.py`` of another checkout (for example a ``git worktree`` of an earlier commit) with this interpreter;
+``--baseline PATH`` runs that checkout's before each run of this one, alternately (a before/after comparison on
+the same machine, in the same minutes: a shared machine's speed drifts), and prints both summaries.
 """
 
 from __future__ import annotations
@@ -73,33 +74,44 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--checkout", type=Path, default=ROOT, help="the checkout whose launch.py runs")
+    parser.add_argument("--baseline", type=Path, help="a checkout run alternately with --checkout, to compare")
     args = parser.parse_args(argv)
-    runs = []
+    checkouts = {"baseline": args.baseline, "this": args.checkout} if args.baseline else {"this": args.checkout}
+    runs: dict[str, list[Run]] = {label: [] for label in checkouts}
     for i in range(args.repeats):
-        run = one_run(args.checkout.resolve(), args.workers, args.rounds)
-        runs.append(run)
-        print(f"run {i + 1}: {run.wall:.1f}s, start-up {run.startup:.2f}s, after the last round {run.tail:.2f}s, "
-              f"accuracy per round {', '.join(run.accuracies)}", flush=True)
-        print("  rounds (duration / slowest training / overhead): "
-              + "; ".join(f"{d:.2f} / {t:.2f} / {d - t:.2f}s" for d, t in run.rounds), flush=True)
-        print("  round periods (opening to next opening): " + ", ".join(f"{p:.2f}s" for p in run.periods),
-              flush=True)
-    overheads = [(d - t, (d - t) / d) for run in runs for d, t in run.rounds if d > 0]
+        for label, checkout in checkouts.items():
+            run = one_run(checkout.resolve(), args.workers, args.rounds)
+            runs[label].append(run)
+            print(f"{label} run {i + 1}: {run.wall:.1f}s, start-up {run.startup:.2f}s, after the last round "
+                  f"{run.tail:.2f}s, accuracy per round {', '.join(run.accuracies)}", flush=True)
+            print("  rounds (duration / slowest training / overhead): "
+                  + "; ".join(f"{d:.2f} / {t:.2f} / {d - t:.2f}s" for d, t in run.rounds), flush=True)
+            print("  round periods (opening to next opening): " + ", ".join(f"{p:.2f}s" for p in run.periods),
+                  flush=True)
+    for label, checkout in checkouts.items():
+        summarise(f"{label} ({checkout})", runs[label], args.workers, args.rounds)
+    if len({tuple(r.accuracies) for label_runs in runs.values() for r in label_runs}) > 1:
+        print("the accuracies differ between runs")
+    else:
+        print("the accuracies are the same in every run")
+    return 0
+
+
+def summarise(label: str, runs: list[Run], workers: int, rounds: int) -> None:
+    """Medians over ``runs``: wall time, start-up, the round's duration, slowest training, overhead, period."""
     med = statistics.median
-    print(f"\n{args.workers} workers, {args.rounds} rounds, median of {len(runs)} runs:")
+    overheads = [(d - t, (d - t) / d) for run in runs for d, t in run.rounds if d > 0]
+    print(f"\n{label}: {workers} workers, {rounds} rounds, median of {len(runs)} runs:")
     print(f"  wall time {med(r.wall for r in runs):.1f}s (min {min(r.wall for r in runs):.1f}s, "
           f"max {max(r.wall for r in runs):.1f}s); start-up {med(r.startup for r in runs):.2f}s; after the last "
           f"round {med(r.tail for r in runs):.2f}s")
     print(f"  round: duration {med(d for r in runs for d, _ in r.rounds):.2f}s, slowest training "
           f"{med(t for r in runs for _, t in r.rounds):.2f}s, overhead {med(o for o, _ in overheads):.3f}s "
-          f"({100 * med(f for _, f in overheads):.1f}% of a round; rounds 1..{args.rounds - 1}: "
+          f"({100 * med(f for _, f in overheads):.1f}% of a round; rounds 1..{rounds - 1}: "
           f"{100 * med(f for r in runs for d, t in r.rounds[:-1] for f in [(d - t) / d]):.1f}%, the last: "
           f"{100 * med((r.rounds[-1][0] - r.rounds[-1][1]) / r.rounds[-1][0] for r in runs):.1f}%)")
     if any(r.periods for r in runs):
         print(f"  round period {med(p for r in runs for p in r.periods):.2f}s")
-    if len({tuple(r.accuracies) for r in runs}) > 1:
-        print("  the accuracies differ between runs")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """A worker node's state and main loop: register, heartbeat, long-poll for tasks, train or evaluate a round,
-upload, survive outages (what each answer means: :mod:`fedrest.worker_policy`). ``worker.py`` is its program.
-"""
+upload, survive outages (what each answer means: :mod:`fedrest.worker_policy`). ``worker.py`` is its program."""
 
 from __future__ import annotations
 
@@ -31,8 +30,7 @@ from utils import device_description
 log = logging.getLogger("fl.worker")
 
 LONG_POLL_SECONDS = 30.0
-# seconds a worker started with its coordinator (launch.py) asks it for an answer, and between two asks
-FIRST_CONTACT_S, FIRST_CONTACT_POLL_S = 30.0, 0.2
+FIRST_CONTACT_S, FIRST_CONTACT_POLL_S = 30.0, 0.2  # how long a starting worker asks for its coordinator, how often
 
 
 class StopRequested(BaseException):
@@ -66,6 +64,7 @@ class Worker:
         self.device = device
         self.task, self.data, self.held_out = task, data, held_out
         self.model = task.build_model().to(device)
+        torch.optim.SGD(self.model.parameters(), lr=0.0)  # its first use imports torch._dynamo (~1 s): not in round 1
         self.fingerprint = task.fingerprint(self.model)
         self.name = cfg.name or default_name(cfg.partition_id)
         # few quick retries per call; longer outages are waited out (and logged) by _wait_for_coordinator
@@ -112,16 +111,17 @@ class Worker:
                  self.name, self.client.url)
 
     def _await_coordinator(self) -> None:
-        """Before the first registration, while the coordinator is unreachable (still starting), ask for its /health
-        every FIRST_CONTACT_POLL_S s for up to FIRST_CONTACT_S; other errors are the registration's to report."""
+        """Before registering, ask for /health every FIRST_CONTACT_POLL_S s while the coordinator is unreachable (still
+        starting), up to FIRST_CONTACT_S; GIVE_UP_AFTER counts from then; other errors: the registration reports."""
         probe = CoordinatorClient(self.cfg.coordinator_address, session=self._session(0))
-        deadline = time.monotonic() + FIRST_CONTACT_S
+        deadline = time.monotonic() + min(FIRST_CONTACT_S, self.cfg.give_up_after)
         for attempt in itertools.count():
             try:
                 probe.health()
                 return
             except CoordinatorUnreachable as exc:
                 if attempt == 0:
+                    self._unreachable_since = time.monotonic()
                     log.info("waiting for the coordinator at %s to answer (%s)", probe.url, exc)
             except CALL_ERRORS:
                 return

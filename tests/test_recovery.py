@@ -64,13 +64,20 @@ def test_restart_mid_round_keeps_every_acknowledged_update(make_app):
     assert fed2.state.history[0].num_samples == 60
 
 
-def test_kill_during_aggregation_then_restart_aggregates_once(make_app, monkeypatch):
-    app = make_app(min_nodes_to_start=2, communication_rounds=3, max_share=1.0)
+def round_1_with_two_updates(make_app, **overrides):
+    """A coordinator of 3 rounds whose round 1 holds the updates of a (1.0, 10 samples) and b (5.0, 30 samples),
+    not yet aggregated: its federation."""
+    app = make_app(min_nodes_to_start=2, communication_rounds=3, max_share=1.0, **overrides)
     client, fed = app.test_client(), app.extensions["federation"]
     a, b = register(client, "a", num_samples=10), register(client, "b", num_samples=30)
     fed.tick()
     post_update(client, a, 1, filled_state_dict(1.0, 4), {"num_samples": 10})
     post_update(client, b, 1, filled_state_dict(5.0, 8), {"num_samples": 30})
+    return fed
+
+
+def test_kill_during_aggregation_then_restart_aggregates_once(make_app, monkeypatch):
+    fed = round_1_with_two_updates(make_app)
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("kill -9 before the round's commit")
@@ -370,13 +377,7 @@ def test_the_next_round_opens_before_the_coordinator_evaluates_the_last_one(make
 def test_a_restart_between_the_commit_and_the_evaluation_evaluates_once_more(make_app, monkeypatch):
     """Killed after round 1's commit but before its metrics are stored: the restarted coordinator evaluates
     global model 1 first, stores the same metrics and writes the user's checkpoint; round 2 is still open."""
-    settings = dict(min_nodes_to_start=2, communication_rounds=3, max_share=1.0)
-    app = make_app(evaluator=ConvMeanEvaluator(), **settings)
-    client, fed = app.test_client(), app.extensions["federation"]
-    a, b = register(client, "a", num_samples=10), register(client, "b", num_samples=30)
-    fed.tick()
-    post_update(client, a, 1, filled_state_dict(1.0, 4), {"num_samples": 10})
-    post_update(client, b, 1, filled_state_dict(5.0, 8), {"num_samples": 30})
+    fed = round_1_with_two_updates(make_app, evaluator=ConvMeanEvaluator())
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("kill -9 after the commit")
@@ -389,7 +390,7 @@ def test_a_restart_between_the_commit_and_the_evaluation_evaluates_once_more(mak
     assert [(r["round"], r["test_loss"], r["evaluation_pending"]) for r in stored] == [(1, None, True)]
     assert not (Path(fed.config.models_dir) / "global_model_round_1.pt").exists()
 
-    app2 = make_app(evaluator=ConvMeanEvaluator(), **settings)
+    app2 = make_app(evaluator=ConvMeanEvaluator(), min_nodes_to_start=2, communication_rounds=3, max_share=1.0)
     fed2 = app2.extensions["federation"]
     assert (fed2.round, fed2.phase, fed2.model_version) == (2, Phase.TRAINING, 1)
     fed2.tick()

@@ -352,13 +352,16 @@ class RoundDriver:
 
     def _drive(self) -> None:
         while not self.fed.stopping.is_set():
+            with self.fed.changed:
+                seen = self.fed.changed.generation
             try:
                 self.tick()
             except Exception:  # noqa: BLE001 - last resort: the driver thread must outlive any bug
                 log.exception("the round driver failed; trying again in 1 s")
                 self.fed.stopping.wait(1.0)
             with self.fed.changed:
-                self.fed.changed.wait(IDLE_TICK_S)
+                if self.fed.changed.generation == seen:  # else a change came during the tick (the last update
+                    self.fed.changed.wait(IDLE_TICK_S)  # of a round while evaluating the one before): tick now
 
     def join(self, timeout: float) -> None:
         """Wait for the driver thread to end (after ``federation.stopping`` is set), at most ``timeout`` s."""

@@ -25,8 +25,10 @@ class Changes(threading.Condition):
     def __init__(self, lock) -> None:
         super().__init__(lock)
         self.listeners: list[Callable[[], None]] = []
+        self.generation = 0  # notify_all calls so far: a waiter that was busy can tell it missed one
 
     def notify_all(self) -> None:
+        self.generation += 1
         super().notify_all()
         for listener in list(self.listeners):
             listener()
