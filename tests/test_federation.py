@@ -4,12 +4,15 @@ round, with a fake clock. The HTTP contract is tested in test_api.py; the decisi
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections import OrderedDict
 
 import torch
 
 from conftest import FakeClock, make_config
 from fedrest.serialization import state_dict_to_bytes
+from fedrest.server import driver
 from fedrest.server.federation import Federation, Phase
 from fedrest.server.status import status_json
 
@@ -118,3 +121,40 @@ def test_the_log_says_a_round_is_done_before_the_next_one_starts_and_who_a_round
     started = next(i for i, m in enumerate(lines) if m.startswith("round 2/2 started"))
     assert done < started
     fed.stop()
+
+
+def test_a_round_whose_updates_came_during_an_evaluation_closes_right_after_it(tmp_path, monkeypatch):
+    """The driver thread evaluates round 1's model after its commit while round 2 trains. When round 2's last
+    update arrives during that evaluation, its notification must not be lost: the driver ticks again at once
+    instead of sleeping IDLE_TICK_S (made 60 s here: a lost wake-up would time the test out)."""
+    monkeypatch.setattr(driver, "IDLE_TICK_S", 60.0)
+    evaluating, release = threading.Event(), threading.Event()
+
+    def evaluator(state_dict):
+        if not evaluating.is_set():  # round 1's model: hold the driver until round 2's updates are in
+            evaluating.set()
+            release.wait(10)
+        return {"loss": float(state_dict["w"].sum())}
+
+    cfg = make_config(tmp_path, min_nodes_to_start=2, communication_rounds=3, round_timeout=300.0, max_share=1.0)
+    fed = Federation(cfg, OrderedDict(w=torch.zeros(2), n=torch.tensor(0)), evaluator=evaluator)
+    a, _, _ = fed.register("node-a", "cpu", 10, {})
+    b, _, _ = fed.register("node-b", "cpu", 30, {})
+    fed.start()
+    try:
+        deadline = time.monotonic() + 10
+        while fed.round != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for node, value in ((a, 1.0), (b, 3.0)):
+            _submit(fed, node, 1, [value, value], 1, node.num_samples)
+        assert evaluating.wait(10) and fed.round == 2 and fed.phase == Phase.TRAINING
+        for node, value in ((a, 2.0), (b, 2.0)):
+            _submit(fed, node, 2, [value, value], 1, node.num_samples)
+        release.set()
+        deadline = time.monotonic() + 20
+        while len(fed.state.history) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [r.round for r in fed.state.history] == [1, 2]
+        assert fed.state.history[0].test_loss == 2 * (1.0 * 10 + 3.0 * 30) / 40
+    finally:
+        fed.stop()

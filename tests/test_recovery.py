@@ -400,3 +400,27 @@ def test_a_restart_between_the_commit_and_the_evaluation_evaluates_once_more(mak
     assert stored[0]["test_metrics"] == record.test_metrics and not stored[0]["evaluation_pending"]
     assert load_checkpoint(Path(fed2.config.models_dir) / "global_model_round_1.pt")["test_loss"] == record.test_loss
     assert (fed2.round, fed2.phase, len(fed2.state.history)) == (2, Phase.TRAINING, 1)
+
+
+def test_a_database_error_after_the_evaluation_keeps_the_round_pending_and_is_retried(make_app, monkeypatch):
+    """The metrics' row cannot be written (a database error the driver thread survives): the record stays
+    pending in memory as on disk, and the next tick stores it without evaluating the model again."""
+    evaluator = ConvMeanEvaluator()
+    fed = round_1_with_two_updates(make_app, evaluator=evaluator)
+    evaluator.fed = fed
+    real_put = fed.store.put_history
+
+    def failing_put(*args):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(fed.store, "put_history", failing_put)
+    with pytest.raises(sqlite3.OperationalError):
+        fed.tick()
+    assert fed.state.history[0].evaluation_pending and fed.state.history[0].test_loss is None
+    assert len(evaluator.seen) == 1 and (fed.round, fed.phase) == (2, Phase.TRAINING)
+    monkeypatch.setattr(fed.store, "put_history", real_put)
+    fed.tick()
+    assert len(evaluator.seen) == 1  # evaluated once
+    record = fed.state.history[0]
+    assert not record.evaluation_pending and record.test_loss == pytest.approx(expected_mean([(1.0, 10), (5.0, 30)]))
+    assert RunStore(Path(fed.config.temp_dir) / "coordinator.sqlite3").history()[0]["test_loss"] == record.test_loss

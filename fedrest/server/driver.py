@@ -8,6 +8,7 @@ lock. The driver has no lock of its own: it uses the federation's (``federation.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -47,10 +48,11 @@ class RoundDriver:
         self.failure: tuple[str, float] | None = None  # (why the last one failed, monotonic time of the next try)
         self._failed_attempt: int | None = None  # a round whose failed attempt's files go after the next commit
         self._last_busy_log = -math.inf
+        self._evaluated: tuple | None = None  # (round, test metrics, seconds) of the last follow-up's evaluation
 
     def tick(self) -> None:
         """Advance the state machine by at most one step; aggregates outside the lock when a round closes."""
-        if self._owes_follow_up():  # a restart came between a round's commit and its evaluation
+        if self._owes_follow_up():  # a restart (or an error) came between a round's commit and its evaluation
             self._follow_up()
         with self.fed.changed:
             st = self.fed.state
@@ -79,6 +81,8 @@ class RoundDriver:
             self.failures, self.failure = 0, None
         finally:
             self._aggregating = False
+        if self._owes_follow_up():  # the round just committed: its evaluation while the next one trains
+            self._follow_up()
 
     def _aggregation_failed(self, number: int, exc: BaseException) -> None:
         """Log why aggregating round ``number`` failed and when it is tried again (a doubling wait); the round
@@ -232,8 +236,6 @@ class RoundDriver:
         self.fed.spool.discard_round(number)
         self.fed.global_models.keep_only(number)
         failpoints.hit("round.after_commit")
-        if record.evaluation_pending:
-            self._follow_up()
 
     def _owes_follow_up(self) -> bool:
         with self.fed.changed:
@@ -242,19 +244,24 @@ class RoundDriver:
 
     def _follow_up(self) -> None:
         """Evaluate the last committed global model and write the user's checkpoint (:func:`closing.follow_up`),
-        then store the metrics in its history row. A restart before the row is stored does it again (the same
-        metrics: the evaluation is deterministic); the round that follows trains meanwhile."""
+        then store the metrics in its history row; the round that follows trains meanwhile. Until the row is
+        stored the record stays pending: a restart (or, after a database error, the next tick) does it again,
+        with the same metrics (the evaluation is deterministic; within this process it is not repeated)."""
         fed = self.fed
         with fed.changed:
             record, state_dict = fed.state.history[-1], fed.global_state
-        metrics, seconds = closing.follow_up(record.round, state_dict, fed.evaluator, fed.config, fed.task)
+        if self._evaluated is None or self._evaluated[0] != record.round:
+            self._evaluated = (record.round, *closing.follow_up(record.round, state_dict, fed.evaluator, fed.config,
+                                                                fed.task))
+        _, metrics, seconds = self._evaluated
+        done = dataclasses.replace(record, test_metrics=dict(metrics), test_loss=metrics.get("loss"),
+                                   test_accuracy=metrics.get("accuracy"), evaluation_s=seconds,
+                                   evaluation_pending=False)
         while True:
             try:
                 with fed.changed, fed.store.transaction():
-                    record.test_metrics = dict(metrics)
-                    record.test_loss, record.test_accuracy = metrics.get("loss"), metrics.get("accuracy")
-                    record.evaluation_s, record.evaluation_pending = seconds, False
-                    fed.store.put_history(record.round, asdict(record))
+                    fed.store.put_history(done.round, asdict(done))
+                    fed.state.history[-1] = done
                     fed.changed.notify_all()
                 break
             except StoreBusy as exc:
@@ -262,7 +269,7 @@ class RoundDriver:
                 if fed.stopping.wait(exc.retry_after_s):
                     return  # stored as pending: a restart evaluates again
         if fed.evaluator is not None:
-            closing.log_evaluated(record, fed.config.communication_rounds)
+            closing.log_evaluated(done, fed.config.communication_rounds)
 
     def _commit_round(self, number: int, closed: closing.ClosedRound, record: RoundRecord) -> None:
         """Make round ``number``'s aggregate the global model and open what comes next, in one transaction."""
@@ -359,9 +366,9 @@ class RoundDriver:
             except Exception:  # noqa: BLE001 - last resort: the driver thread must outlive any bug
                 log.exception("the round driver failed; trying again in 1 s")
                 self.fed.stopping.wait(1.0)
-            with self.fed.changed:
-                if self.fed.changed.generation == seen:  # else a change came during the tick (the last update
-                    self.fed.changed.wait(IDLE_TICK_S)  # of a round while evaluating the one before): tick now
+            with self.fed.changed:  # a change during the tick (a round's last update while the one before was
+                if self.fed.changed.generation == seen:  # evaluated) is not waited for: tick again at once
+                    self.fed.changed.wait(IDLE_TICK_S)
 
     def join(self, timeout: float) -> None:
         """Wait for the driver thread to end (after ``federation.stopping`` is set), at most ``timeout`` s."""
