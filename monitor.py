@@ -3,8 +3,9 @@
     python monitor.py --coordinator-address HOST:PORT --token TOKEN [--interval S] [--once] [--save FILE.png]
 
 Four panels: global test accuracy and loss per round; each round's duration split into the slowest
-worker's training time and everything else (communication, waiting, aggregation, evaluation); updates
-and samples per round; node states (online / training / offline) over the time this monitor watched.
+worker's training time and everything else (communication, waiting, aggregation; in the last round also the
+evaluation, which otherwise runs while the next round trains); updates and samples per round; node states
+(online / training / offline) over the time this monitor watched.
 Without a display (no DISPLAY/WAYLAND_DISPLAY on Linux) it writes PNGs instead and says where;
 ``--once`` draws one figure and exits (a finished run is plotted from the coordinator's stored history).
 While the coordinator is unreachable the title says so and polls back off. Ctrl-C exits with status 0.
@@ -74,7 +75,7 @@ def draw(fig, status: dict | None, timeline: NodeTimeline, error: str | None = N
     other = [max(0.0, r["duration_s"] - t) for r, t in zip(history, train)]
     time_ax.set_title("round duration (s)")
     time_ax.bar(rounds, train, label="training (slowest worker)", color="tab:green")
-    time_ax.bar(rounds, other, bottom=train, label="communication, waiting, aggregation, evaluation",
+    time_ax.bar(rounds, other, bottom=train, label="communication, waiting, aggregation (the last round: evaluation)",
                 color="tab:gray")
     time_ax.set_xlabel("round")
     time_ax.legend(fontsize="small")

@@ -40,7 +40,7 @@ const charts = {
     type: "bar",
     data: { labels: [], datasets: [
       { label: "training (slowest worker)", data: [], backgroundColor: "#43a047" },
-      { label: "communication, waiting, aggregation, evaluation", data: [], backgroundColor: "#9e9e9e" }] },
+      { label: "communication, waiting, aggregation (the last round: evaluation)", data: [], backgroundColor: "#9e9e9e" }] },
     options: { scales: { x: { stacked: true }, y: { stacked: true, title: { display: true, text: "seconds" } } } },
   }),
   updates: makeChart("chart-updates", {
