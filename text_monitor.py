@@ -86,7 +86,8 @@ def _node_table(nodes: list, rows: int, counts: dict | None = None) -> Table:
 
 def _trend_table(history: list, width: int = 100) -> Table:
     """The last TREND_ROUNDS rounds' metrics (every name the task reports, as many as fit), with sparklines."""
-    names = metric_names(history)
+    names = metric_names(history) or (["accuracy", "loss"] if any(r.get("evaluation_pending") for r in history)
+                                      else [])  # round 1 done, its evaluation still running: the columns already
     shown = names[:max(2, min(len(names), (width - 40) // 12))]
     title = "global model on the test set" if all(n in ("accuracy", "loss") for n in names) else "global model"
     trend = Table(title=title, box=box.SIMPLE_HEAD, expand=True, pad_edge=False, show_edge=False, padding=(0, 1))

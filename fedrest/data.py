@@ -208,7 +208,8 @@ def _skip_if_failed_lately(marker: Path, name: str) -> None:
     if not 0 <= age < DOWNLOAD_RETRY_S:
         return
     retry_at = time.strftime("%H:%M", time.localtime(failed_at + DOWNLOAD_RETRY_S))
-    message = (f"not tried: it failed {age / 60:.0f} min ago ({why[:300]}); it is tried again after {retry_at}, "
+    ago = f"{age:.0f} s" if age < 120 else f"{age / 60:.0f} min"
+    message = (f"not tried: it failed {ago} ago ({why[:300]}); it is tried again after {retry_at}, "
                f"or at once when {marker} is deleted")
     log.info("%s: torchvision's download %s", name, message)
     raise DownloadSkipped(message)
@@ -287,6 +288,9 @@ def load_dataset(name: str, data_dir: str, train: bool, *, allow_download: bool 
             result = attempt()
         except (OSError, RuntimeError, ValueError, ImportError, EOFError) as exc:
             tried.append(f"{description}: {type(exc).__name__}: {exc}".strip())
+            if not isinstance(exc, (DownloadSkipped, ImportError)):  # a skipped download says so itself
+                log.warning("%s %s split: %s failed (%s); trying the next source", name, split, description,
+                            " ".join(str(exc).split())[:300])
             continue
         if result is None:
             tried.append(f"{description}: not found")

@@ -230,7 +230,7 @@ class Worker:
         if down > self.cfg.give_up_after:
             raise FatalError(f"coordinator unreachable for {down:.0f}s (GIVE_UP_AFTER="
                              f"{self.cfg.give_up_after:g}s); last error: {exc}")
-        self.stop_event.wait(min(10.0, 1.0 + down / 4))
+        self.stop_event.wait(min(10.0, 1.0 + down / 4, max(0.1, self.cfg.give_up_after - down)))
 
     def _leave(self) -> None:
         if self.node_id is None:

@@ -75,6 +75,17 @@ def test_text_monitor_fits_any_terminal(width, height):
         assert "more" in text  # 100 nodes never fit: the cut is said
 
 
+def test_text_monitor_shows_the_metric_columns_while_round_1_is_evaluated():
+    """Round 1 is committed and round 2 trains while the coordinator evaluates round 1's model: its record has
+    no metrics yet (evaluation_pending); the table already has the accuracy and loss columns, with "-"."""
+    status = fixed_status(3)
+    status["history"] = [dict(status["history"][0], test_loss=None, test_accuracy=None, evaluation_pending=True)]
+    lines = rendered(status, 100, 40).splitlines()
+    header = lines.index(next(line for line in lines if "global model on the test set" in line)) + 1
+    assert lines[header].split() == ["round", "accuracy", "loss", "updates", "samples", "seconds"]
+    assert lines[header + 2].split() == ["1", "-", "-", "90", "90000", "11.0"]
+
+
 def test_text_monitor_unreachable_keeps_the_last_picture():
     text = rendered(fixed_status(3), 100, 40, error="GET ...: [Errno 111] Connection refused",
                     unreachable_since=0.0)

@@ -424,3 +424,16 @@ def test_a_database_error_after_the_evaluation_keeps_the_round_pending_and_is_re
     record = fed.state.history[0]
     assert not record.evaluation_pending and record.test_loss == pytest.approx(expected_mean([(1.0, 10), (5.0, 30)]))
     assert RunStore(Path(fed.config.temp_dir) / "coordinator.sqlite3").history()[0]["test_loss"] == record.test_loss
+
+
+def test_without_an_evaluator_the_log_promises_no_evaluation(make_app, caplog):
+    """--no-eval: the user's checkpoint is still written after the commit, but the "done" line says n/a (not
+    "evaluating"), and no evaluation time is recorded, pending or not."""
+    caplog.set_level("INFO", "fl.federation")
+    fed = round_1_with_two_updates(make_app)
+    fed.tick()
+    assert "round 1/3 done: 2 updates, 40 samples, test accuracy n/a, test loss n/a" in caplog.text
+    assert "evaluating" not in caplog.text
+    record = fed.state.history[0]
+    assert (record.evaluation_s, record.evaluation_pending) == (0.0, False)
+    assert load_checkpoint(Path(fed.config.models_dir) / "global_model_round_1.pt")["round"] == 1

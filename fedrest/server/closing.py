@@ -102,7 +102,7 @@ def close_round(number: int, updates: list[AcceptedUpdate], reference: Mapping[s
                     ", ".join(result.capped), config.max_share)
     t1 = time.perf_counter()
     test_metrics = _evaluate(number, result.state_dict, evaluator)
-    t2 = time.perf_counter()
+    t2 = time.perf_counter() if evaluator is not None else t1  # 0 s: no evaluation here (none, or later)
     return ClosedRound(result.state_dict, state_dict_to_bytes(result.state_dict),
                        [by_node[k] for k in result.used], t1 - t0, t2 - t1, test_metrics, result.server_state)
 
@@ -155,16 +155,16 @@ def follow_up(number: int, state_dict: Mapping[str, torch.Tensor], evaluator: Ev
     seconds). Repeating it (after a restart) writes the same files: the evaluation is deterministic."""
     started = time.perf_counter()
     metrics = _evaluate(number, state_dict, evaluator)
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started if evaluator is not None else 0.0
     failpoints.hit("follow_up.before_checkpoint")
     _save_user_checkpoint(number, state_dict, metrics, config, task)
     failpoints.hit("follow_up.before_store")
     return metrics, seconds
 
 
-def log_round_done(record: RoundRecord, total_rounds: int) -> None:
-    """The round's "done" line (its test metrics, or that they come once the coordinator has evaluated)."""
-    tested = "evaluating the new global model" if record.evaluation_pending else _tested(record)
+def log_round_done(record: RoundRecord, total_rounds: int, evaluating: bool = True) -> None:
+    """The round's "done" line: its test metrics, or (``evaluating`` after the commit) that they come later."""
+    tested = "evaluating the new global model" if record.evaluation_pending and evaluating else _tested(record)
     log.info("round %d/%d done: %d update%s, %d samples, %s, %.1fs", record.round, total_rounds, record.num_updates,
              "" if record.num_updates == 1 else "s", record.num_samples, tested, record.duration_s)
 

@@ -300,7 +300,7 @@ class RoundDriver:
         else:
             started = self._next_round(number, now)
         self.fed.store.finish_round(number, asdict(record), st.values(), contributors)
-        closing.log_round_done(record, c.communication_rounds)
+        closing.log_round_done(record, c.communication_rounds, evaluating=self.fed.evaluator is not None)
         self._announce(number, started)
 
     def _evaluators(self, number: int, now: float) -> list[str]:
