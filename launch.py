@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import math
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -30,7 +31,7 @@ from fedrest.client import CoordinatorClient, CoordinatorError, CoordinatorUnrea
 from fedrest.monitoring import node_counts
 from config import COORDINATOR_FIELDS, WORKER_FIELDS, Config
 from fedrest.server.credentials import new_token
-from fedrest.server.state_dir import archive_run
+from fedrest.server.state_dir import StartRefused, StateDirLock, archive_run
 from utils import program_command
 
 HERE = Path(__file__).resolve().parent
@@ -60,6 +61,22 @@ def launch_min_nodes(num_workers: int, client_fraction: float, private: bool = F
     if client_fraction >= 1 or private:
         return num_workers
     return max(1, math.ceil(client_fraction * num_workers))
+
+
+def set_logs_aside(logs: Path, temp_dir: str, archived: Path | None) -> Path | None:
+    """Move the previous launch's log files (``*.log``, ``*.out`` in ``logs``) to ``<archived>/logs/``, beside
+    the run :func:`archive_run` set aside (or to a new ``TEMP_DIR/archive/<time>-logs/`` when there was none, as
+    after a coordinator that did not start): the programs append to their log files, and each launch's logs are
+    its own. Returns where they went, None when there were none."""
+    old = sorted(p for p in logs.glob("*") if p.is_file() and p.suffix in (".log", ".out"))
+    if not old:
+        return None
+    target = (archived if archived is not None
+              else Path(temp_dir) / "archive" / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}-logs")
+    (target / "logs").mkdir(parents=True, exist_ok=True)
+    for path in old:
+        os.replace(path, target / "logs" / path.name)
+    return target / "logs"
 
 
 def child_env(cfg: Config, names, extra: dict) -> dict:
@@ -99,7 +116,17 @@ class Launch:
         with our token.
 
         Returns False (after printing why) when the coordinator does not come up; the caller stops the workers."""
-        archive_run(self.cfg.temp_dir, self.cfg.models_dir)  # each launch is a new run, in its own TEMP_DIR
+        lock = StateDirLock(self.cfg.temp_dir)  # a coordinator still running there keeps its run: say so, stop
+        try:
+            lock.acquire(f"launch.py pid {os.getpid()}, setting the previous run aside")
+        except StartRefused as exc:
+            print(f"error: {exc}")
+            return False
+        try:
+            archived = archive_run(self.cfg.temp_dir, self.cfg.models_dir)  # each launch is a new run
+            set_logs_aside(self.logs, self.cfg.temp_dir, archived)  # with logs of its own
+        finally:
+            lock.release()
         coord_fields = [f for f in LAUNCH_FIELDS if f in COORDINATOR_FIELDS]
         self._spawn("coordinator", "coordinator.py", child_env(self.cfg, coord_fields, {
             "host": "127.0.0.1", "port": self.port, "token": self.token, "monitor_token": self.monitor_token,

@@ -94,6 +94,13 @@ class StateDirLock:
         self._file = f
         self.describe(holder)
 
+    def release(self) -> None:
+        """Give the lock up (closing the file releases the ``flock``), as launch.py does once it has set the
+        previous run aside, before its coordinator takes the lock."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
     def describe(self, holder: str) -> None:
         """Replace what the lock file says about its holder (for example once the port is known)."""
         if self._file is not None:
