@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import math
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -31,7 +30,7 @@ from fedrest.client import CoordinatorClient, CoordinatorError, CoordinatorUnrea
 from fedrest.monitoring import node_counts
 from config import COORDINATOR_FIELDS, WORKER_FIELDS, Config
 from fedrest.server.credentials import new_token
-from fedrest.server.state_dir import StartRefused, StateDirLock, archive_run
+from fedrest.server.state_dir import StartRefused, StateDirLock, archive_run, new_archive_dir
 from utils import program_command
 
 HERE = Path(__file__).resolve().parent
@@ -71,8 +70,7 @@ def set_logs_aside(logs: Path, temp_dir: str, archived: Path | None) -> Path | N
     old = sorted(p for p in logs.glob("*") if p.is_file() and p.suffix in (".log", ".out"))
     if not old:
         return None
-    target = (archived if archived is not None
-              else Path(temp_dir) / "archive" / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}-logs")
+    target = archived if archived is not None else new_archive_dir(temp_dir, "-logs")
     (target / "logs").mkdir(parents=True, exist_ok=True)
     for path in old:
         os.replace(path, target / "logs" / path.name)

@@ -37,10 +37,16 @@ def archive_run(temp_dir: str | os.PathLike, models_dir: str | os.PathLike | Non
         parts += sorted(Path(models_dir).glob("global_model*.pt"))
     if not parts:
         return None
-    target = temp / "archive" / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-    target.mkdir(parents=True)
+    target = new_archive_dir(temp)
     for part in parts:
         os.replace(part, target / part.name)
+    return target
+
+
+def new_archive_dir(temp_dir: str | os.PathLike, suffix: str = "") -> Path:
+    """A new, empty ``TEMP_DIR/archive/<time>-<random><suffix>/`` (created here)."""
+    target = Path(temp_dir) / "archive" / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}{suffix}"
+    target.mkdir(parents=True)
     return target
 
 
