@@ -95,6 +95,9 @@ class Config:
     communication_rounds: int = field(default=5, metadata=_meta("number of rounds", lo=1, hi=1_000_000))
     min_nodes_to_start: int = field(default=2, metadata=_meta(
         "online nodes needed to open a round, and the fewest sampled into one", lo=1, hi=100_000))
+    min_sample: int = field(default=0, metadata=_meta(
+        "the fewest nodes sampled into a round, when not MIN_NODES_TO_START (0): a simulation waits for all N "
+        "clients with MIN_NODES_TO_START=N and samples max(MIN_SAMPLE, C*N) of them", lo=0, hi=100_000))
     node_timeout: float = field(default=60.0, metadata=_meta(
         "seconds without any request before a node counts as offline", lo=0.1, hi=86400))
     heartbeat_interval: float = field(default=10.0, metadata=_meta(
@@ -216,7 +219,8 @@ COORDINATOR_FIELDS = (
     "data_dir", "models_dir", "logs_dir", "temp_dir", "host", "port", "certfile", "keyfile", "client_timeout",
     "server_threads", "max_uploads", *TASK_FIELDS, "classes", "data_workers", "cache_bytes",
     "batch_size", "test_batch_size", "learning_rate", "momentum", "local_epochs", "communication_rounds",
-    "min_nodes_to_start", "client_fraction", "min_updates", "node_timeout", "heartbeat_interval", "round_timeout",
+    "min_nodes_to_start", "min_sample", "client_fraction", "min_updates", "node_timeout", "heartbeat_interval",
+    "round_timeout",
     "seed", "cpu_threads", "save_model", "max_update_bytes", "max_nodes", "rate_limit", "address_rate_limit",
     "strategy", "server_learning_rate", "server_momentum", "beta1", "beta2", "tau", "proximal_mu", "max_share",
     "dp_noise_multiplier", "dp_delta", "dp_epsilon_budget",
@@ -233,7 +237,7 @@ WORKER_FIELDS = (
 # Settings that define a run: on resume the stored values win over new flags (a warning names the ignored ones).
 RUN_FIELDS = (
     *TASK_FIELDS, "classes", "batch_size", "test_batch_size", "learning_rate", "momentum", "local_epochs",
-    "communication_rounds", "min_nodes_to_start", "client_fraction", "min_updates", "seed", "no_eval",
+    "communication_rounds", "min_nodes_to_start", "min_sample", "client_fraction", "min_updates", "seed", "no_eval",
     "strategy", "server_learning_rate", "server_momentum", "beta1", "beta2", "tau", "proximal_mu", "max_share",
     "aggregation", "trim_fraction", "clip_norm", "dp_noise_multiplier", "dp_delta", "dp_epsilon_budget",
 )

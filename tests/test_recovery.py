@@ -17,6 +17,9 @@ from conftest import (MONITOR, API, JOIN_TOKEN, FakeClock, bearer, filled_state_
 from fedrest.server import closing, driver
 from fedrest.server.checkpoints import load_checkpoint
 from fedrest.server.federation import Federation, Phase
+from config import Config
+from fedrest.server.registry import NodeRegistry
+from fedrest.server.round_state import RoundState
 from fedrest.server.rounds import sample_participants
 from fedrest.server.status import status_json
 from fedrest.server.store import RunStore, StoreError
@@ -205,6 +208,35 @@ def test_client_sampling_is_reproducible_and_sized():
     assert len(sample_participants(online, 0.01, 3, 0, 1, 1)) == 3  # at least MIN_NODES
     assert sample_participants(online, 1.0, 2, 0, 1, 1) == online
     assert sample_participants(online[:2], 0.5, 5, 0, 1, 1) == online[:2]  # never more than are online
+
+
+def test_client_sampling_follows_names_not_random_node_ids():
+    """Two runs of the same clients get other random node ids; the registry lists nodes by name, and the sample
+    drawn from that order names the same clients (a seeded simulation is repeatable)."""
+    names = [f"client-{i:04d}" for i in range(200)]
+    runs = []
+    for _ in range(2):
+        registry = NodeRegistry(node_timeout=60.0, max_nodes=1000)
+        for name in reversed(names):  # registered in another order than the names'
+            node, _ = registry.prepare_registration(name, "cpu", 10, {}, None, f"hash-{name}", 0.0, 0.0)
+            registry.add(node)
+        online = registry.online_ids(1.0)
+        chosen = sample_participants(online, 0.05, 2, seed=3, round_number=4, attempt=1)
+        runs.append(([registry.nodes[i].name for i in chosen], set(online)))
+    assert runs[0][0] == runs[1][0] and len(runs[0][0]) == 10
+    assert runs[0][1].isdisjoint(runs[1][1])  # other ids, the same clients
+
+
+def test_min_sample_sets_the_smallest_sample_apart_from_min_nodes_to_start():
+    """MIN_NODES_TO_START=N waits for every client; MIN_SAMPLE (not N) is then the smallest sample of C."""
+    online = [f"n{i:03d}" for i in range(100)]
+    state = RoundState()
+    state.open(1, 1, online, Config(min_nodes_to_start=100, min_sample=2, client_fraction=0.05), 0.0, 0.0)
+    assert len(state.participants) == 5
+    state.open(1, 1, online, Config(min_nodes_to_start=100, min_sample=8, client_fraction=0.05), 0.0, 0.0)
+    assert len(state.participants) == 8
+    state.open(1, 1, online, Config(min_nodes_to_start=10, client_fraction=0.05), 0.0, 0.0)
+    assert len(state.participants) == 10  # MIN_SAMPLE 0: MIN_NODES_TO_START, as before
 
 
 def test_fifty_rounds_keep_memory_for_updates_flat(tmp_path):

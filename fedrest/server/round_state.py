@@ -116,8 +116,9 @@ class RoundState:
         if sampling_key is not None:
             self.participants = poisson_participants(online, config.client_fraction, sampling_key, number, attempt)
         else:
-            self.participants = sample_participants(online, config.client_fraction, config.min_nodes_to_start,
-                                                    config.seed, number, attempt)
+            self.participants = sample_participants(online, config.client_fraction,
+                                                    config.min_sample or config.min_nodes_to_start, config.seed,
+                                                    number, attempt)
         self.updates = OrderedDict()
         self.refused = {}
         self.started_mono = now_mono

@@ -166,12 +166,14 @@ def sample_participants(online: list[str], fraction: float, minimum: int, seed: 
     """Client sampling of FedAvg (McMahan et al. 2017, Algorithm 1: m = max(C * K, 1) clients per round).
 
     Picks max(minimum, ceil(fraction * len(online))) of ``online`` (all of them if fewer), reproducibly from
-    (seed, round, attempt). Returns the chosen ids in the order of ``online``.
+    (seed, round, attempt) and the order of ``online``: the coordinator lists them by node name
+    (:meth:`NodeRegistry.online_ids`), so that two runs of the same clients sample the same clients, whatever
+    random ids they were given. Returns the chosen ids in the order of ``online``.
     """
     k = min(len(online), max(minimum, math.ceil(fraction * len(online))))
     if k == len(online):
         return list(online)
-    chosen = set(random.Random(f"{seed}/{round_number}/{attempt}").sample(sorted(online), k))
+    chosen = set(random.Random(f"{seed}/{round_number}/{attempt}").sample(list(online), k))
     return [i for i in online if i in chosen]
 
 
