@@ -102,11 +102,30 @@ class Launch:
         self.logs = Path(cfg.logs_dir)
         self.logs.mkdir(parents=True, exist_ok=True)
 
-    def _spawn(self, name: str, script: str, env: dict, args=()) -> None:
+    noun = "workers"  # what follow() counts as they register
+
+    def _spawn(self, name: str, args: list, env: dict) -> None:
+        """Start ``python *args`` (a program of this checkout) as ``name``; its output goes to launch_<name>.out."""
         out = open(self.logs / f"launch_{name}.out", "wb")
-        self.procs[name] = subprocess.Popen([sys.executable, str(HERE / script), *args], env=env, stdout=out,
+        self.procs[name] = subprocess.Popen([sys.executable, *map(str, args)], env=env, stdout=out,
                                             stderr=subprocess.STDOUT, cwd=os.getcwd())
         out.close()
+
+    def coordinator_settings(self) -> dict:
+        """The FL_* settings of the coordinator beyond LAUNCH_FIELDS'."""
+        return {"host": "127.0.0.1", "port": self.port, "token": self.token, "monitor_token": self.monitor_token,
+                "min_nodes_to_start": launch_min_nodes(self.num_workers, self.cfg.client_fraction,
+                                                       self.cfg.dp_noise_multiplier > 0),
+                "node_timeout": self.cfg.node_timeout, "heartbeat_interval": self.cfg.heartbeat_interval,
+                "keep_serving": "true", "cpu_threads": 0}  # --cpu-threads is the workers': it evaluates on every core
+
+    def start_workers(self) -> None:
+        """Start the worker processes (their coordinator may still be starting: each waits for it)."""
+        worker_fields = [f for f in LAUNCH_FIELDS if f in WORKER_FIELDS]
+        for i in range(self.num_workers):
+            self._spawn(f"worker{i}", [HERE / "worker.py"], child_env(self.cfg, worker_fields, {
+                "coordinator_address": self.address, "token": self.token, "name": f"worker-{i}",
+                "partition_id": i, "num_partitions": self.num_workers, "quiet": "true"}))
 
     def start(self) -> bool:
         """Set the previous launch's run aside, start the coordinator and the workers together (a worker waits
@@ -126,17 +145,9 @@ class Launch:
         finally:
             lock.release()
         coord_fields = [f for f in LAUNCH_FIELDS if f in COORDINATOR_FIELDS]
-        self._spawn("coordinator", "coordinator.py", child_env(self.cfg, coord_fields, {
-            "host": "127.0.0.1", "port": self.port, "token": self.token, "monitor_token": self.monitor_token,
-            "min_nodes_to_start": launch_min_nodes(self.num_workers, self.cfg.client_fraction,
-                                                   self.cfg.dp_noise_multiplier > 0),
-            "node_timeout": self.cfg.node_timeout, "heartbeat_interval": self.cfg.heartbeat_interval,
-            "keep_serving": "true", "cpu_threads": 0}))  # --cpu-threads is the workers': it evaluates on every core
-        worker_fields = [f for f in LAUNCH_FIELDS if f in WORKER_FIELDS]
-        for i in range(self.num_workers):
-            self._spawn(f"worker{i}", "worker.py", child_env(self.cfg, worker_fields, {
-                "coordinator_address": self.address, "token": self.token, "name": f"worker-{i}",
-                "partition_id": i, "num_partitions": self.num_workers, "quiet": "true"}))
+        self._spawn("coordinator", [HERE / "coordinator.py"],
+                    child_env(self.cfg, coord_fields, self.coordinator_settings()))
+        self.start_workers()
         client = CoordinatorClient(self.address, token=self.monitor_token, session=make_session(total_retries=0))
         deadline = time.monotonic() + 120
         while True:
@@ -172,7 +183,7 @@ class Launch:
 
         Returns (last status, exit status: 0 for a completed run, 1 if a process failed)."""
         client = CoordinatorClient(self.address, token=self.monitor_token, session=make_session(total_retries=0))
-        printed, last, nodes_seen = 0, None, 0
+        printed, last, nodes_seen, said_at = 0, None, 0, 0.0
         coordinator = self.procs["coordinator"]
         while coordinator.poll() is None:
             for name, proc in self.procs.items():
@@ -186,9 +197,10 @@ class Launch:
                 continue
             counts = node_counts(last)
             online = counts["total"] - counts["offline"] - counts["banned"]
-            if online != nodes_seen and not last["history"]:
-                nodes_seen = online
-                print(f"{online}/{self.num_workers} workers registered")
+            if online != nodes_seen and not last["history"] and (
+                    online == self.num_workers or time.monotonic() - said_at >= 2):  # a line a change, 2 s apart
+                nodes_seen, said_at = online, time.monotonic()
+                print(f"{online}/{self.num_workers} {self.noun} registered")
             # a round is printed once evaluated: by the nodes (state "evaluating") and by the coordinator
             settled = len(last["history"]) - (last["state"] == "evaluating")
             while settled and last["history"][settled - 1].get("evaluation_pending"):
@@ -264,6 +276,13 @@ def main(argv=None) -> int:
     print(f"starting a coordinator on {launch.address} and {args.workers} workers ({cfg.device}, "
           f"{cfg.task or cfg.dataset}, {cfg.strategy}, {cfg.communication_rounds} rounds); logs in "
           f"{launch.logs}/launch_*.out")
+    return run(launch)
+
+
+def run(launch: Launch) -> int:
+    """Print how to watch, start ``launch``, follow it to its end, stop its processes and print the summary;
+    returns the exit status (see the module's text). SIGTERM and SIGHUP stop it as Ctrl-C does."""
+    cfg = launch.cfg
     print(f"watch it live: open http://{launch.address}/#token={launch.monitor_token} in a browser, or run\n"
           f"  {program_command('text_monitor.py')} --coordinator-address {launch.address} "
           f"--token={launch.monitor_token}\n"
@@ -278,14 +297,13 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGHUP, on_sigterm)  # the terminal closed: stop the children too
     try:
         if not launch.start():
-            launch.stop()
             return 1
         last, status = launch.follow()
     except KeyboardInterrupt:
         print("\ninterrupted; stopping every process")
-        launch.stop()
         return 130
-    launch.stop()
+    finally:  # whatever ends the launch stops what it started
+        launch.stop()
     wall = time.monotonic() - started
     history = (last or {}).get("history", [])
     privacy = (last or {}).get("privacy") or {}

@@ -263,13 +263,19 @@ class CoordinatorClient:
 
 
 def _error_from(response: requests.Response) -> CoordinatorError:
+    return error_from_answer(response.status_code, response.content, response.reason or "")
+
+
+def error_from_answer(status: int, content: bytes, reason: str = "") -> CoordinatorError:
+    """The :class:`CoordinatorError` of an error answer: its JSON ``error`` and ``message``, or its first 200
+    characters (``reason``, the HTTP reason phrase, when it has none)."""
     try:
-        body = response.json()
+        body = json.loads(content)
     except ValueError:
         body = None
     if isinstance(body, dict) and "error" in body:
-        return CoordinatorError(response.status_code, str(body["error"]), str(body.get("message", "")), body)
-    return CoordinatorError(response.status_code, "http_error", response.text[:200].strip() or response.reason)
+        return CoordinatorError(status, str(body["error"]), str(body.get("message", "")), body)
+    return CoordinatorError(status, "http_error", content[:200].decode("utf-8", "replace").strip() or reason)
 
 
 def _looks_cut(exc: Exception) -> bool:

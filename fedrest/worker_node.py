@@ -3,7 +3,6 @@ upload, survive outages (what each answer means: :mod:`fedrest.worker_policy`). 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import logging
@@ -17,12 +16,12 @@ from pathlib import Path
 import torch
 
 from config import Config
-from fedrest.aggregation import scaffold
 from fedrest.client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable, make_session
 from fedrest.local_control import LocalControlVariate
-from fedrest.node_identity import default_name, shuffle_seed, system_info
-from fedrest.serialization import UpdateRejected, bytes_to_state_dict, check_compatible, state_dict_to_bytes
-from fedrest.tasks import Task, TaskError, TrainSettings
+from fedrest.local_round import evaluate_settings, parameters, round_settings, train_local
+from fedrest.node_identity import default_name, system_info
+from fedrest.serialization import UpdateRejected, bytes_to_state_dict, check_compatible
+from fedrest.tasks import Task, TaskError
 from fedrest.tasks.data import LocalData
 from fedrest.worker_policy import CALL_ERRORS, Action, Reaction, react
 from utils import device_description
@@ -255,8 +254,7 @@ class Worker:
         """Evaluate global model ``task["round"]`` on the held-out data and send the metrics (federated
         evaluation). Errors: as an upload (:func:`fedrest.worker_policy.react`)."""
         self._ensure_model(task)
-        settings = TrainSettings(int(task["round"]), 1, 1, 0.0, 0.0, 0, self.device,
-                                 int(task.get("settings", {}).get("test_batch_size", 1000)))
+        settings = evaluate_settings(task, self.device)
         started = time.perf_counter()
         metrics = self.task.evaluate(self.model, self.held_out, settings)
         self.client.submit_evaluation(settings.round, len(self.held_out), metrics)
@@ -278,16 +276,10 @@ class Worker:
         self.abort_training.clear()
         self.training_round = round_number
         progress = self._progress(round_number, settings["local_epochs"])
-        seed = shuffle_seed(settings.get("seed", 0), round_number, self.name)
-        torch.manual_seed(seed)  # dropout draws: the same run gives the same model
-        train_settings = TrainSettings.of_round(settings, round_number, seed, self.device)
-        controls = None
+        train_settings = round_settings(settings, round_number, self.name, self.device)
         try:  # the control variates' download too: a failed call still ends the bar and the training round
-            if settings.get("control_variates"):
-                controls = self._scaffold_controls(task)
-                train_settings = dataclasses.replace(
-                    train_settings, control_correction=scaffold.gradient_correction(controls[1], controls[0]))
-            result = self.task.train(self.model, self.data, train_settings, progress)
+            controls = self._scaffold_controls(task) if settings.get("control_variates") else None
+            update = train_local(self.task, self.model, self.data, train_settings, progress, controls)
         except RoundClosed:
             self.model_version = -1
             log.warning("round %d closed while this node was training; dropping the work", round_number)
@@ -296,38 +288,15 @@ class Worker:
             self.training_round = None
             progress.close()
         self.model_version = -1  # local weights now differ from any global version
-        metadata = {"num_samples": result.num_samples, "train_seconds": result.seconds}
-        if result.loss is not None and 0 <= result.loss <= 1e12:  # the ranges the coordinator takes
-            metadata["train_loss"] = result.loss
-        if result.accuracy is not None and 0 <= result.accuracy <= 1:
-            metadata["train_accuracy"] = result.accuracy
-        data = state_dict_to_bytes(self.model.state_dict())
-        new_local, change = (None, None) if controls is None else self._next_controls(controls, result, train_settings)
-        if not self._upload(round_number, metadata, data, change):
+        if not self._upload(round_number, update.metadata, update.payload, update.control_change):
             return
-        if new_local is not None:
+        if update.new_control is not None:
             try:
-                self.local_control.save(self.run_id, round_number, new_local)
+                self.local_control.save(self.run_id, round_number, update.new_control)
             except OSError as exc:
                 raise FatalError(f"cannot write the control variate to {self.local_control.path}: {exc}") from None
         self.rounds_done += 1
-        shown = {"loss": result.loss, "accuracy": result.accuracy, **result.metrics}
-        log.info("round %d: trained %d samples x %d epochs in %.1fs (%.0f samples/s), %s; update sent", round_number,
-                 result.num_samples, settings["local_epochs"], result.seconds,
-                 result.num_examples_seen / max(result.seconds, 1e-9),
-                 ", ".join(f"{k} {v:.4f}" for k, v in shown.items() if v is not None) or "no training metrics")
-
-    def _parameters(self) -> "dict[str, torch.Tensor]":
-        """The model's parameters now, copied to the CPU (by name)."""
-        return {name: p.detach().to("cpu", copy=True) for name, p in self.model.named_parameters()}
-
-    def _next_controls(self, controls, result, settings: TrainSettings) -> tuple[dict, bytes]:
-        """SCAFFOLD after local training: (c_i+, the serialised change c_i+ - c_i to upload)."""
-        local, global_, start = controls
-        new_local, change = scaffold.next_local_control(local, global_, start, self._parameters(),
-                                                        max(1, result.steps or 1), settings.learning_rate,
-                                                        settings.momentum)
-        return new_local, state_dict_to_bytes(change)
+        log.info("%s; update sent", update.summary(round_number, settings["local_epochs"]))
 
     def _scaffold_controls(self, task: dict):
         """(c_i, c, x) for a SCAFFOLD round: this worker's control variate from its disk, the global one from
@@ -347,7 +316,7 @@ class Worker:
         if version != task["model_version"]:
             log.info("round %s: the global model moved on to version %d", task["round"], version)
             raise RoundClosed(task["round"])
-        start = self._parameters()
+        start = parameters(self.model)
         try:
             global_control = bytes_to_state_dict(data)
             check_compatible(global_control, start)

@@ -61,12 +61,13 @@ def worker_data(task: Task, cfg, device: torch.device) -> tuple[LocalData, Local
         data, held_out = hold_out(data, cfg.eval_fraction, f"{cfg.seed}/{cfg.partition_id}")
         log.info("held out %d of %d examples (EVAL_FRACTION=%g) to evaluate each global model on; training on "
                  "%d", len(held_out), len(data) + len(held_out), cfg.eval_fraction, len(data))
-    data, held_out = (_ready(d, device) for d in (data, held_out))
+    data, held_out = (ready_on(d, device) for d in (data, held_out))
     return data, held_out
 
 
-def _ready(data: LocalData | None, device: torch.device) -> LocalData | None:
-    """Tensors moved to ``device``; a Dataset decoded into its cache now, if it fits."""
+def ready_on(data: LocalData | None, device: torch.device) -> LocalData | None:
+    """``data`` ready to train on ``device``: tensors moved there; a Dataset decoded into its cache now, if it fits
+    (None stays None)."""
     if isinstance(data, TensorData):
         return data.to(device)
     if isinstance(data, DatasetData):
@@ -82,16 +83,20 @@ def hold_out(data: LocalData, fraction: float, key: str) -> tuple[LocalData, Loc
     TaskError
         When the held-out part or the rest would be empty.
     """
-    n = len(data)
+    rest, held = hold_out_positions(len(data), fraction, key)
+    return data.subset(rest.tolist()), data.subset(held.tolist())
+
+
+def hold_out_positions(n: int, fraction: float, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions kept for training, positions held out) of ``n`` examples: int64 tensors, ascending, a seeded
+    (by ``key``) random ``round(fraction * n)`` held out. Raises :class:`TaskError` when either part is empty."""
     n_out = int(round(fraction * n))
     if not 1 <= n_out < n:
         raise TaskError(f"--eval-fraction {fraction:g} of {n} examples leaves {n_out} to evaluate on and "
                         f"{n - n_out} to train on; both need at least one")
     seed = int.from_bytes(hashlib.sha256(f"holdout/{key}".encode()).digest()[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    held = torch.sort(order[:n_out]).values
-    rest = torch.sort(order[n_out:]).values
-    return data.subset(rest.tolist()), data.subset(held.tolist())
+    return torch.sort(order[n_out:]).values, torch.sort(order[:n_out]).values
 
 
 def coordinator_test_data(task: Task, cfg) -> LocalData:

@@ -1,0 +1,37 @@
+"""Running one client host (:class:`fedrest.simulation.host.ClientHost`) in whatever process a backend gives it:
+a process of the local pool (``python -m fedrest.simulation``) or a Ray task."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from config import Config
+
+log = logging.getLogger("fl.simulation")
+
+
+def run_host(cfg: Config, host: int, num_hosts: int, num_clients: int) -> int:
+    """Serve host ``host`` of ``num_hosts``'s virtual clients until the run ends; returns the exit status (0 done,
+    1 the coordinator unreachable or refusing, 2 no device, or a task or data that cannot be loaded). Logs to
+    LOGS_DIR/simulation_host<host>.log and stdout."""
+    from fedrest.simulation.host import ClientHost
+    from fedrest.tasks import TaskError
+    from utils import DeviceUnavailable, select_device, set_cpu_threads, setup_logging
+
+    setup_logging(Path(cfg.logs_dir) / f"simulation_host{host}.log")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
+    try:
+        device = select_device(None if cfg.device == "auto" else cfg.device)
+    except DeviceUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    set_cpu_threads(cfg.cpu_threads)
+    try:
+        client_host = ClientHost(cfg, host, num_hosts, num_clients, device)
+    except TaskError as exc:
+        log.debug("the task failed", exc_info=exc.__cause__ or exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return client_host.run()
