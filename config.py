@@ -122,6 +122,13 @@ class Config:
         lo=0, hi=1e6))
     address_rate_limit: float = field(default=200.0, metadata=_meta(
         "requests per second allowed per client IP address, bursts of 5x (0: no limit)", lo=0, hi=1e6))
+    # --- experiment tracking (fedrest/server/tracking.py) ---
+    tensorboard_dir: str | None = field(default=None, metadata=_meta(
+        "log each round's metrics as TensorBoard scalars into this folder (needs the tensorboard package)"))
+    mlflow_uri: str | None = field(default=None, metadata=_meta(
+        "log each round's metrics to MLflow: a tracking server (http://HOST:5000), a database (sqlite:///mlflow.db) "
+        "or a folder (MLflow's file store); needs mlflow-skinny or mlflow"))
+    mlflow_experiment: str = field(default="fedrest", metadata=_meta("the MLflow experiment of --mlflow-uri's runs"))
     # --- strategy (README "Strategies"; FedAvg, McMahan et al. 2017, by default) ---
     strategy: str = field(default="fedavg", metadata=_meta(
         "what workers do and how the global model moves: fedavg, fedavgm (server momentum), fedadagrad, fedadam, "
@@ -225,7 +232,7 @@ COORDINATOR_FIELDS = (
     "strategy", "server_learning_rate", "server_momentum", "beta1", "beta2", "tau", "proximal_mu", "max_share",
     "dp_noise_multiplier", "dp_delta", "dp_epsilon_budget",
     "aggregation", "trim_fraction", "clip_norm", "max_update_norm", "token", "monitor_token", "admin_token",
-    "no_auth", "no_eval", "debug", "fresh", "keep_serving",
+    "no_auth", "no_eval", "debug", "fresh", "keep_serving", "tensorboard_dir", "mlflow_uri", "mlflow_experiment",
 )
 MONITOR_FIELDS = ("coordinator_address", "ca_cert", "monitor_token")
 ADMIN_FIELDS = ("coordinator_address", "ca_cert", "admin_token", "temp_dir")

@@ -32,6 +32,7 @@ from fedrest.server.federation import Federation
 from fedrest.server.serving import (PendingApp, TLSConfigError, bound_port, tune_garbage_collector, is_loopback,
                                     make_server)
 from fedrest.server.state_dir import RunFinished, StartRefused, StateDirLock
+from fedrest.server.tracking import TrackingError
 from fedrest.server.store import StoreBusy, StoreError
 from utils import program_command, run_program, setup_logging, url_host
 
@@ -141,7 +142,7 @@ def _build_app(cfg, explicit, argv: list[str]):
         raise StartError(f"{exc} (its model is in {Path(cfg.models_dir) / 'global_model.pt'}). To start a new "
                          f"run:\n  {_fresh_command(argv, exc.stored.run_id)}\nor add --keep-serving to serve its "
                          "status to monitors") from None
-    except (StoreError, StoreBusy, StartRefused) as exc:
+    except (StoreError, StoreBusy, StartRefused, TrackingError) as exc:
         raise StartError(str(exc)) from None
     except OSError as exc:  # a full or read-only disk under TEMP_DIR or MODELS_DIR
         raise StartError(f"cannot write the run's state: {exc}") from None
@@ -236,6 +237,8 @@ def _serve_until_done(app, cfg, server) -> None:
     federation.stop()  # waits for an aggregation or checkpoint write in progress; wakes long polls
     if server is not None:
         server.stop()
+    if app.extensions.get("tracking") is not None:
+        app.extensions["tracking"].close()  # the last round's numbers, then TensorBoard's and MLflow's files
     if federation.finished and federation.state.history:
         last = federation.state.history[-1]
         log.info("run finished: %d rounds, final test accuracy %s; model in %s", last.round,

@@ -43,7 +43,8 @@ LAUNCH_FIELDS = (
     "cpu_threads", "task", "model", "image_size", "image_channels", "normalize_mean", "normalize_std",
     "data_workers", "eval_fraction", "no_eval", "client_fraction", "strategy", "server_learning_rate",
     "server_momentum", "beta1", "beta2", "tau", "proximal_mu", "aggregation", "trim_fraction", "clip_norm",
-    "max_share", "dp_noise_multiplier", "dp_delta", "dp_epsilon_budget",
+    "max_share", "dp_noise_multiplier", "dp_delta", "dp_epsilon_budget", "tensorboard_dir", "mlflow_uri",
+    "mlflow_experiment",
 )
 
 

@@ -89,13 +89,14 @@ def _mnist_train_labels() -> np.ndarray:
 
 
 @pytest.mark.e2e
-def test_fifty_virtual_clients_on_two_processes_and_on_ray_train_the_same_model(tmp_path):
+def test_fifty_virtual_clients_on_two_processes_and_on_ray_train_the_same_model(tmp_path, monkeypatch):
     """50 virtual clients, Dirichlet(0.5) split, C=0.2: each registered with its own name and its part's size, 10
     sampled a round, every round's samples the sum of its clients' parts; the same seeded run on a local Ray
     cluster gives the same accuracies."""
     pool_dir, ray_dir = tmp_path / "pool", tmp_path / "ray"
     pool_dir.mkdir(), ray_dir.mkdir()
-    pool = _simulate(pool_dir, "--partition", "dirichlet", "--alpha", "0.5")
+    pool = _simulate(pool_dir, "--partition", "dirichlet", "--alpha", "0.5", "--tensorboard-dir", "tb",
+                     "--mlflow-uri", "mlruns")
     assert "50/50 virtual clients registered" in pool.stdout
     assert "on 2 processes" in pool.stdout
     nodes, history = _run_database(pool_dir)
@@ -113,6 +114,9 @@ def test_fifty_virtual_clients_on_two_processes_and_on_ray_train_the_same_model(
     assert all("25 virtual clients of 50" in text for text in hosts)
     assert sum(text.count("update sent") for text in hosts) == 20
 
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads its file store only when asked to
+    _check_tracking(pool_dir, history)
+
     ray = _simulate(ray_dir, "--partition", "dirichlet", "--alpha", "0.5", "--backend", "ray", timeout=400)
     accuracies = [re.search(r"accuracy per round:\s+(.*)", p.stdout).group(1) for p in (pool, ray)]
     assert accuracies[0] == accuracies[1], accuracies
@@ -121,3 +125,19 @@ def test_fifty_virtual_clients_on_two_processes_and_on_ray_train_the_same_model(
     assert [sorted(ray_by_id[i] for i in h["node_ids"]) for h in ray_history] == \
         [sorted(by_id[i] for i in h["node_ids"]) for h in history]  # the same clients sampled, other ids
     assert (ray_dir / "logs" / "simulation" / "simulation_host1.log").exists()
+
+
+def _check_tracking(workdir: Path, history: list) -> None:
+    """The coordinator that simulate.py started wrote each round's test accuracy to TensorBoard and MLflow."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    expected = [(h["round"], pytest.approx(h["test_accuracy"])) for h in history]
+    events = EventAccumulator(str(workdir / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("test/accuracy")] == expected
+    mlflow = MlflowClient(tracking_uri=(workdir / "mlruns").absolute().as_uri())
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name("fedrest").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    logged = mlflow.get_metric_history(runs[0].info.run_id, "test/accuracy")
+    assert sorted((m.step, m.value) for m in logged) == expected

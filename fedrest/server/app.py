@@ -27,6 +27,7 @@ from fedrest.server.http_errors import (JSON_BODY_LIMIT, METADATA_LIMIT, REGISTE
                                         upload_body_limit)
 from fedrest.server.ratelimit import RateLimiter
 from fedrest.server.state_dir import prepare_start
+from fedrest.server.tracking import start_tracking
 from fedrest.server.uploads import StreamingRequest, UploadSlots, upload_cap
 from fedrest.server.views import admin, monitoring, nodes, rounds
 from fedrest.tasks import TaskError, load_task
@@ -60,6 +61,8 @@ def create_app(cfg: Config, *, start_driver: bool = True, evaluator: Evaluator |
         When TEMP_DIR holds a run that cannot be resumed.
     fedrest.server.state_dir.StartRefused
         When ``--fresh`` or the settings do not fit the stored run (the message says what to do).
+    fedrest.server.tracking.TrackingError
+        When ``--tensorboard-dir`` or ``--mlflow-uri`` cannot be set up.
     """
     import torch
 
@@ -92,6 +95,7 @@ def create_app(cfg: Config, *, start_driver: bool = True, evaluator: Evaluator |
     app.after_request(_security_headers)
     app.before_request(_before_request)
     register_error_handlers(app)
+    app.extensions["tracking"] = start_tracking(cfg, federation)  # TrackingError: before any round
     if start_driver:
         federation.start()
     return app
