@@ -87,7 +87,9 @@ class Config:
     cache_bytes: int = field(default=2 * 1024**3, metadata=_meta(
         "most bytes of decoded examples kept in memory after the first pass (0: never)", lo=0, hi=2**44))
     batch_size: int = field(default=32, metadata=_meta("local mini-batch size B", lo=1, hi=65536))
-    test_batch_size: int = field(default=1000, metadata=_meta("batch size of evaluation", lo=1, hi=65536))
+    test_batch_size: int = field(default=128, metadata=_meta(
+        "batch size of evaluation (on a CPU, batches of about 128 are 3x faster than 1000: they stay in cache)",
+        lo=1, hi=65536))
     learning_rate: float = field(default=0.01, metadata=_meta("SGD learning rate", lo=1e-12, hi=10.0))
     momentum: float = field(default=0.9, metadata=_meta("SGD momentum, reset every round", lo=0.0, hi=0.999))
     local_epochs: int = field(default=1, metadata=_meta("local epochs E per round", lo=1, hi=1000))

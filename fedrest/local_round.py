@@ -90,4 +90,4 @@ def train_local(task: Task, model: torch.nn.Module, data: LocalData, settings: T
 def evaluate_settings(task: dict, device: torch.device) -> TrainSettings:
     """The settings of an ``evaluate`` task (federated evaluation of global model ``task["round"]``)."""
     return TrainSettings(int(task["round"]), 1, 1, 0.0, 0.0, 0, device,
-                         int(task.get("settings", {}).get("test_batch_size", 1000)))
+                         int(task.get("settings", {}).get("test_batch_size", 128)))

@@ -6,11 +6,14 @@ with ``reduction="sum"`` and divided by the number of examples, so that averages
 (and a sample-weighted mean over workers is the mean over all their examples). With FedProx's ``proximal_mu``
 the local objective gains the proximal term (:func:`proximal_term`); with SCAFFOLD every gradient is corrected
 by the control variates (:func:`corrected_gradient`).
-A task that defines its own ``train`` or ``evaluate`` replaces these (:mod:`fedrest.tasks`).
+On a CPU both loops run a model with convolutions in channels-last memory layout (:func:`cpu_layout`: oneDNN's
+convolutions are 1.2-1.5x faster so for SimpleCNN) and give it back in the standard layout, so its state_dict is
+serialised as always. A task that defines its own ``train`` or ``evaluate`` replaces these (:mod:`fedrest.tasks`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -126,6 +129,14 @@ def fit(model: nn.Module, data: LocalData, *, epochs: int, batch_size: int, lear
     if n == 0:
         raise ValueError("no training examples: a node with zero samples cannot train")
     device = device or next(model.parameters()).device
+    with cpu_layout(model, device):
+        return _fit(model, data, epochs, batch_size, learning_rate, momentum, seed, device, progress, proximal_mu,
+                    gradient_correction)
+
+
+def _fit(model, data, epochs, batch_size, learning_rate, momentum, seed, device, progress, proximal_mu,
+         gradient_correction) -> TrainResult:
+    n = len(data)
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
     generator = torch.Generator().manual_seed(seed)
     before_step = _chain(proximal_term(model, proximal_mu) if proximal_mu > 0 else None,
@@ -150,7 +161,7 @@ def fit(model: nn.Module, data: LocalData, *, epochs: int, batch_size: int, lear
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: LocalData, batch_size: int = 1000,
+def evaluate(model: nn.Module, data: LocalData, batch_size: int = 128,
              device: torch.device | None = None) -> dict[str, float]:
     """Mean cross-entropy and accuracy of ``model`` on ``data``.
 
@@ -170,11 +181,27 @@ def evaluate(model: nn.Module, data: LocalData, batch_size: int = 1000,
     model.eval()
     device = device or next(model.parameters()).device
     loss_sum, correct = 0.0, 0
-    for x, y in data.batches(batch_size, device):
-        logits = model(x)
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == y).sum())
+    with cpu_layout(model, device):
+        for x, y in data.batches(batch_size, device):
+            logits = model(x)
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == y).sum())
     return {"loss": loss_sum / n, "accuracy": correct / n}
+
+
+@contextlib.contextmanager
+def cpu_layout(model: nn.Module, device: torch.device):
+    """Within the block, ``model``'s 4-d parameters and buffers (convolution weights) are in channels-last memory
+    layout when ``device`` is a CPU; afterwards in the standard (contiguous) one again. The tensors stay the same
+    objects (an optimizer made inside the block keeps working); only their strides change, and values are equal."""
+    convolutional = device.type == "cpu" and any(p.dim() == 4 for p in model.parameters())
+    if convolutional:
+        model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        if convolutional:
+            model.to(memory_format=torch.contiguous_format)
 
 
 def local_train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, **kwargs) -> TrainResult:

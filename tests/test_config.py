@@ -28,7 +28,7 @@ def test_defaults_as_documented():
     assert (cfg.data_dir, cfg.models_dir, cfg.logs_dir, cfg.temp_dir) == ("data", "models", "logs", "temp")
     assert (cfg.host, cfg.port, cfg.server_threads) == ("0.0.0.0", 5000, 64)
     assert (cfg.task, cfg.model, cfg.dataset) == (None, None, "mnist")  # the built-in task of --dataset, its model
-    assert (cfg.batch_size, cfg.test_batch_size, cfg.local_epochs) == (32, 1000, 1)
+    assert (cfg.batch_size, cfg.test_batch_size, cfg.local_epochs) == (32, 128, 1)
     assert (cfg.learning_rate, cfg.momentum) == (0.01, 0.9)
     assert (cfg.communication_rounds, cfg.min_nodes_to_start) == (5, 2)
     assert (cfg.node_timeout, cfg.heartbeat_interval, cfg.round_timeout) == (60.0, 10.0, 600.0)

@@ -52,7 +52,7 @@ class TrainSettings:
     momentum: float
     seed: int
     device: torch.device
-    test_batch_size: int = 1000
+    test_batch_size: int = 128
     strategy: str = "fedavg"
     proximal_mu: float = 0.0
     control_correction: Any = None  # scaffold: c - c_i by parameter name (the built-in loop adds it to gradients)
