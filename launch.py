@@ -104,6 +104,17 @@ class Launch:
         self.logs.mkdir(parents=True, exist_ok=True)
 
     noun = "workers"  # what follow() counts as they register
+    keep_serving = False  # after the summary, the coordinator serves the finished run until Ctrl-C
+
+    def serve_finished_run(self) -> None:
+        """Keep the coordinator serving the finished run to monitors until Ctrl-C (KeyboardInterrupt)."""
+        print(f"\nthe coordinator serves the finished run on {self.address} until Ctrl-C; draw it with\n"
+              f"  {program_command('monitor.py')} --coordinator-address {self.address} --token={self.monitor_token} "
+              "--once --save run.png", flush=True)
+        coordinator = self.procs["coordinator"]
+        while coordinator.poll() is None:
+            time.sleep(0.5)
+        print(f"the coordinator exited with status {coordinator.returncode}")
 
     def _spawn(self, name: str, args: list, env: dict) -> None:
         """Start ``python *args`` (a program of this checkout) as ``name``; its output goes to launch_<name>.out."""
@@ -256,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=3, help="number of worker processes (default: 3)")
     config_module.add_arguments(parser, LAUNCH_FIELDS)
     parser.add_argument("--port", type=int, default=0, help="coordinator port (default: a free one)")
+    parser.add_argument("--keep-serving", action="store_true",
+                        help="after the run, keep the coordinator serving it to monitors until Ctrl-C")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--gpu", dest="device", action="store_const", const="gpu", help="workers train on CUDA")
     group.add_argument("--cpu", dest="device", action="store_const", const="cpu", help="workers train on the CPU")
@@ -274,6 +287,7 @@ def main(argv=None) -> int:
         # N processes sharing this machine's cores: one torch pool each of cores/N avoids oversubscription
         cfg = dataclasses.replace(cfg, cpu_threads=max(1, (os.cpu_count() or 1) // args.workers))
     launch = Launch(cfg, args.workers, args.port or free_port())
+    launch.keep_serving = args.keep_serving
     print(f"starting a coordinator on {launch.address} and {args.workers} workers ({cfg.device}, "
           f"{cfg.task or cfg.dataset}, {cfg.strategy}, {cfg.communication_rounds} rounds); logs in "
           f"{launch.logs}/launch_*.out")
@@ -296,23 +310,29 @@ def run(launch: Launch) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, on_sigterm)  # the terminal closed: stop the children too
+    completed = False
     try:
         if not launch.start():
             return 1
         last, status = launch.follow()
+        wall = time.monotonic() - started
+        history = (last or {}).get("history", [])
+        privacy = (last or {}).get("privacy") or {}
+        if status != 0 or not history or len(history) < privacy.get("rounds_allowed", cfg.communication_rounds):
+            print(f"run failed after {wall:.1f}s; see {launch.logs}/launch_coordinator.out")
+            return 1
+        print_summary(cfg, last, wall)
+        completed = True
+        if launch.keep_serving:
+            launch.serve_finished_run()
+        return 0
     except KeyboardInterrupt:
+        if completed:
+            return 0
         print("\ninterrupted; stopping every process")
         return 130
     finally:  # whatever ends the launch stops what it started
         launch.stop()
-    wall = time.monotonic() - started
-    history = (last or {}).get("history", [])
-    privacy = (last or {}).get("privacy") or {}
-    if status != 0 or not history or len(history) < privacy.get("rounds_allowed", cfg.communication_rounds):
-        print(f"run failed after {wall:.1f}s; see {launch.logs}/launch_coordinator.out")
-        return 1
-    print_summary(cfg, last, wall)
-    return 0
 
 
 if __name__ == "__main__":

@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "machines: this machine's address that the others reach; default 127.0.0.1)")
     config_module.add_arguments(parser, SIMULATION_FIELDS)
     parser.add_argument("--port", type=int, default=0, help="coordinator port (default: a free one)")
+    parser.add_argument("--keep-serving", action="store_true",
+                        help="after the run, keep the coordinator serving it to monitors until Ctrl-C")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--gpu", dest="device", action="store_const", const="gpu", help="train on CUDA")
     group.add_argument("--cpu", dest="device", action="store_const", const="cpu", help="train on the CPU")
@@ -120,6 +122,7 @@ def main(argv=None) -> int:
     if cfg.cpu_threads == 0 and cfg.device != "gpu":  # the hosts share the cores
         cfg = dataclasses.replace(cfg, cpu_threads=max(1, cores // hosts) if hosts else 1)
     sim = Simulation(cfg, args.clients, hosts, args.port or free_port(), args.backend, args.ray_address, args.host)
+    sim.keep_serving = args.keep_serving
     placed = f"{hosts} processes" if args.backend == "pool" else (
         f"Ray tasks on {args.ray_address or 'a local Ray cluster'}")
     print(f"starting a coordinator on {sim.address} and {args.clients} virtual clients on {placed} ({cfg.device}, "

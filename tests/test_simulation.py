@@ -141,3 +141,42 @@ def _check_tracking(workdir: Path, history: list) -> None:
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     logged = mlflow.get_metric_history(runs[0].info.run_id, "test/accuracy")
     assert sorted((m.step, m.value) for m in logged) == expected
+
+
+@pytest.mark.e2e
+def test_a_finished_simulation_of_150_clients_is_summarised_and_drawn(tmp_path):
+    """simulate.py --keep-serving: after the summary its coordinator serves the finished run; /status of 150 nodes
+    (more than STATUS_NODES) counts them and lists the featured ones; monitor.py --once --save draws it, the text
+    monitor summarises it; Ctrl-C ends it with status 0."""
+    from fedrest.client import CoordinatorClient
+    from fedrest.server.status import STATUS_NODES
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "simulate.py"), "--clients", "150", "--processes", "2",
+                             "--rounds", "1", "--client-fraction", "0.1", "--cpu", "--data-dir", str(ROOT / "data"),
+                             "--keep-serving"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        lines = []
+        while not any("serves the finished run" in line for line in lines[-3:]):
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        address, token = re.search(r"--coordinator-address (\S+) --token=(\S+) --once", proc.stdout.readline()).groups()
+        status = CoordinatorClient(address, token=token).status()
+        assert 150 > STATUS_NODES and status["nodes_listed"] == "featured"
+        assert status["node_counts"]["total"] == 150 and status["state"] == "finished"
+        assert len(status["nodes"]) <= STATUS_NODES and status["history"][0]["num_updates"] == 15
+        monitor = subprocess.run([sys.executable, str(ROOT / "monitor.py"), "--coordinator-address", address,
+                                  f"--token={token}", "--once", "--save", "run.png"], cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=120)
+        assert monitor.returncode == 0, monitor.stdout + monitor.stderr
+        assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        text = subprocess.run([sys.executable, str(ROOT / "text_monitor.py"), "--coordinator-address", address,
+                               f"--token={token}", "--once"], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60)
+        assert text.returncode == 0 and "150" in text.stdout, text.stdout + text.stderr
+    finally:
+        proc.send_signal(subprocess.signal.SIGINT)
+        status = proc.wait(30)
+        proc.stdout.close()
+    assert status == 0

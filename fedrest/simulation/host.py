@@ -43,6 +43,7 @@ from utils import device_description
 log = logging.getLogger("fl.simulation")
 
 FIRST_CONTACT_S = 60.0  # how long a starting host asks for its coordinator before the registrations begin
+UPLOADS_IN_FLIGHT = 4  # updates trained and waiting for the uploader thread, at most (each holds its state_dict)
 
 
 @dataclass(eq=False, slots=True)
@@ -87,6 +88,8 @@ class ClientHost:
         self.fingerprint = self.task.fingerprint(self.model)
         self.instance = secrets.token_hex(6)  # this host process; a client's instance id adds its number
         self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.uploads: queue.Queue = queue.Queue(maxsize=UPLOADS_IN_FLIGHT)
+        self.sent = 0  # updates the coordinator holds
         self.polls = TaskPolls(cfg.coordinator_address, self._answered, cfg.ca_cert)
         self.stop_event = threading.Event()
         self.model_version, self.run_id = -1, None
@@ -137,6 +140,7 @@ class ClientHost:
             for client in self.clients.values():
                 self.polls.poll(client.k, client.token)
             threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+            threading.Thread(target=self._upload_loop, name="uploads", daemon=True).start()
             return self._serve()
         except FatalError as exc:
             log.error("%s", exc)
@@ -148,12 +152,17 @@ class ClientHost:
         finally:
             self.stop_event.set()
             self.polls.close()
+            try:
+                self.uploads.put_nowait(None)  # the uploader's end
+            except queue.Full:
+                pass  # it is stuck on a failed upload: a daemon thread, gone with the process
 
     def _serve(self) -> int:
         left = len(self.clients)
-        trained = 0
         while left:
             key, task, error = self.events.get()
+            if key is None:  # the uploader thread could not go on
+                raise error
             client = self.clients[key]
             if error is not None:
                 self._after_error(client, error, "call")
@@ -165,14 +174,15 @@ class ClientHost:
                 continue
             if action == "train":
                 try:
-                    trained += self._call(lambda c=client, t=task: self.train(c, t)) or 0
+                    if self._call(lambda c=client, t=task: self.train(c, t)):
+                        continue  # the uploader thread sends the update, then polls for the client again
                 except RoundClosed:
                     log.info("%s: round %s closed before it trained; dropping the work", client.name, task["round"])
             elif action == "evaluate":
                 self._call(lambda c=client, t=task: self.evaluate(c, t), "upload")
             client.busy = False
             self.polls.poll(key, client.token)
-        log.info("every virtual client was told to stop; %d updates sent by this host", trained)
+        log.info("every virtual client was told to stop; %d updates sent by this host", self.sent)
         return 0
 
     def _call(self, fn, during: str = "call", until_done: bool = False):
@@ -248,24 +258,42 @@ class ClientHost:
             log.info("downloaded global model version %d (%.1f MB)", version, len(data) / 1e6)
         self.model.load_state_dict(self._global_state, strict=True)
 
-    def train(self, client: VirtualClient, task: dict) -> int:
-        """Train ``client`` on its part for ``task`` and upload the update; returns 1 if the coordinator holds it."""
+    def train(self, client: VirtualClient, task: dict) -> bool:
+        """Train ``client`` on its part for ``task`` and hand the update to the uploader thread (True); the host's
+        main thread trains the next client meanwhile."""
         round_number, settings = int(task["round"]), task["settings"]
         self._load_global(client, task)
         train_settings = round_settings(settings, round_number, client.name, self.device)
         controls = self._controls(client, task) if settings.get("control_variates") else None
         update = train_local(self.task, self.model, self.data.subset(client.part.train), train_settings, None,
                              controls)
+        self.uploads.put((client, round_number, update, settings["local_epochs"]))
+        return True
+
+    def _upload_loop(self) -> None:
+        """Send the trained updates in order, then poll for their clients again; a fatal error ends the host."""
+        while (item := self.uploads.get()) is not None:
+            client = item[0]
+            try:
+                self._send(*item)
+            except FatalError as exc:
+                self.events.put((None, None, exc))
+                return
+            client.busy = False
+            self.polls.poll(client.k, client.token)
+
+    def _send(self, client: VirtualClient, round_number: int, update, epochs: int) -> None:
+        """Upload ``update`` until it is answered; keep SCAFFOLD's new control variate once it is held."""
         if not self._upload(client, round_number, update):
-            return 0
+            return
         if update.new_control is not None:
             store = LocalControlVariate(Path(self.cfg.temp_dir) / "workers" / _folder_name(client.name))
             try:
                 store.save(self.run_id, round_number, update.new_control)
             except OSError as exc:
                 raise FatalError(f"cannot write the control variate to {store.path}: {exc}") from None
-        log.info("%s: %s; update sent", client.name, update.summary(round_number, settings["local_epochs"]))
-        return 1
+        self.sent += 1
+        log.info("%s: %s; update sent", client.name, update.summary(round_number, epochs))
 
     def _controls(self, client: VirtualClient, task: dict):
         """SCAFFOLD's (c_i, c, x) for ``client`` (see :meth:`fedrest.worker_node.Worker._scaffold_controls`)."""
