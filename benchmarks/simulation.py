@@ -4,9 +4,10 @@ The workload (issue 15): full Fashion-MNIST (Debian's dataset-fashion-mnist: apt
 Dirichlet(alpha=0.3) split, C=0.02, E=1, B=32, SimpleCNN, server evaluation of the 10,000 test images after every
 round, 30 rounds. For each N of --clients it runs ``simulate.py`` (the process pool, one process per core) and
 reports the wall time (program start to exit), the accuracy of every round, and the peak memory of the whole run
-(the sum of the resident sets of simulate.py and every process below it, sampled every 0.2 s) and of the coordinator
-(its peak resident set, VmHWM). A Dirichlet(0.3) split of 60,000 examples leaves some of 5,000 clients without an
-example (fedrest.partition refuses it); such an N runs with an IID split, and the table says so.
+(the sum of the proportional set sizes, PSS, of simulate.py and every process below it, sampled every 0.2 s: shared
+libraries count once), of the coordinator and of a client host (their peak PSS). A Dirichlet(0.3) split of 60,000
+examples leaves some of 5,000 clients without an example (fedrest.partition refuses it); such an N runs with an IID
+split, and the table says so.
 
 With --flower PYTHON (a virtual environment with benchmarks/flower_requirements.txt) it runs the same workload on
 Flower (benchmarks/flower_fashion.py) for the first N, right after simulate.py, and prints the ratio of the wall
@@ -32,35 +33,35 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _processes() -> dict[int, tuple[int, int]]:
-    """{pid: (parent pid, resident bytes)} of every process now."""
+def _parents() -> dict[int, int]:
+    """{pid: parent pid} of every process now."""
     found = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 stat = Path(f"/proc/{entry}/stat").read_text()
-                rss_pages = int(Path(f"/proc/{entry}/statm").read_text().split()[1])
-            except (OSError, IndexError, ValueError):
+            except OSError:
                 continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            found[int(entry)] = (int(fields[1]), rss_pages * PAGE)
+            found[int(entry)] = int(stat[stat.rindex(")") + 2:].split()[1])
     return found
 
 
-def _peak_hwm(pid: int) -> int:
+def _pss(pid: int) -> int:
+    """The proportional set size of ``pid``, bytes: its private pages plus its share of the pages it shares (torch's
+    libraries, mapped by every process, count once in a sum over processes, not once per process as in RSS)."""
     try:
-        text = Path(f"/proc/{pid}/status").read_text()
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
         return 0
-    match = re.search(r"VmHWM:\s+(\d+) kB", text)
+    match = re.search(r"^Pss:\s+(\d+) kB", text, re.MULTILINE)
     return int(match.group(1)) * 1024 if match else 0
 
 
 class MemorySampler(threading.Thread):
-    """The peak of the summed resident sets of ``root`` and its descendants, and each process's peak VmHWM."""
+    """Every 0.2 s, the proportional set sizes (PSS) of ``root`` and its descendants: the peak of their sum, and
+    each process's peak."""
 
     def __init__(self, root: int) -> None:
         super().__init__(daemon=True)
@@ -69,16 +70,17 @@ class MemorySampler(threading.Thread):
 
     def run(self) -> None:
         while not self.done.wait(0.2):
-            procs = _processes()
+            parents = _parents()
             tree, frontier = {self.root}, [self.root]
             while frontier:
                 parent = frontier.pop()
-                children = [pid for pid, (ppid, _) in procs.items() if ppid == parent]
+                children = [pid for pid, ppid in parents.items() if ppid == parent]
                 tree.update(children)
                 frontier.extend(children)
-            self.peak_total = max(self.peak_total, sum(procs[p][1] for p in tree if p in procs))
-            for pid in tree:
-                self.hwm[pid] = max(self.hwm.get(pid, 0), _peak_hwm(pid))
+            sizes = {pid: _pss(pid) for pid in tree}
+            self.peak_total = max(self.peak_total, sum(sizes.values()))
+            for pid, size in sizes.items():
+                self.hwm[pid] = max(self.hwm.get(pid, 0), size)
                 if pid not in self.names:
                     try:
                         self.names[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
