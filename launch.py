@@ -190,6 +190,14 @@ class Launch:
                 proc.kill()
                 proc.wait()
 
+    def _last_error(self, name: str) -> str:
+        """The last line of ``name``'s output after ": " when it is an error line (a worker's ``error: ...``)."""
+        try:
+            lines = (self.logs / f"launch_{name}.out").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return f": {lines[-1].strip()}" if lines and "error" in lines[-1].lower() else ""
+
     def follow(self) -> tuple[dict | None, int]:
         """Print each finished round until the run is finished and every worker has exited.
 
@@ -200,7 +208,8 @@ class Launch:
         while coordinator.poll() is None:
             for name, proc in self.procs.items():
                 if name != "coordinator" and proc.poll() not in (None, 0):
-                    print(f"{name} exited with status {proc.returncode}; see {self.logs}/launch_{name}.out")
+                    print(f"{name} exited with status {proc.returncode}{self._last_error(name)}; see "
+                          f"{self.logs}/launch_{name}.out")
                     return last, 1
             try:
                 last = client.status()

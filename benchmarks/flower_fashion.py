@@ -120,7 +120,8 @@ def make_server_app(timeline: list):
                           min_evaluate_nodes=0, min_available_nodes=s["clients"])
         torch.manual_seed(s["seed"])
         strategy.start(grid=grid, initial_arrays=ArrayRecord(SimpleCNN().state_dict()), num_rounds=s["rounds"],
-                       train_config=ConfigRecord({"lr": s["learning_rate"]}), evaluate_fn=central_evaluation)
+                       train_config=ConfigRecord({"lr": s["learning_rate"]}),
+                       evaluate_fn=central_evaluation if s["evaluate"] else None)
 
     return app
 
@@ -139,13 +140,15 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--actors", type=int, default=os.cpu_count() or 1, help="Ray actors (CPUs of the backend)")
     parser.add_argument("--data-dir", default=str(ROOT / "data"))
+    parser.add_argument("--no-eval", action="store_true", help="no server evaluation (no accuracies)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     os.environ[SETTINGS_ENV] = json.dumps({
         "clients": args.clients, "rounds": args.rounds, "fraction": args.fraction, "partition": args.partition,
         "alpha": args.alpha, "seed": defaults.seed, "local_epochs": args.local_epochs, "batch_size": args.batch_size,
         "learning_rate": defaults.learning_rate, "momentum": defaults.momentum,
-        "test_batch_size": defaults.test_batch_size, "data_dir": os.path.abspath(args.data_dir), "started": started})
+        "test_batch_size": defaults.test_batch_size, "data_dir": os.path.abspath(args.data_dir), "started": started,
+        "evaluate": not args.no_eval})
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")])
     from flwr.simulation import run_simulation
 

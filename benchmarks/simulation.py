@@ -123,6 +123,7 @@ def run_ours(num_clients: int, args, split: str, backend: str = "pool") -> dict:
                    str(args.rounds), "--client-fraction", str(args.fraction), "--partition", split, "--alpha",
                    str(args.alpha), "--local-epochs", "1", "--batch-size", "32", "--dataset", "fashion-mnist",
                    "--data-dir", str(ROOT / "data"), "--cpu", "--backend", backend]
+        command += ["--no-eval"] if args.no_eval else []
         wall, out, sampler = measured(command, Path(work), args.timeout)
         db = sqlite3.connect(Path(work) / "temp" / "simulation" / "coordinator.sqlite3")
         history = [json.loads(r[0]) for r in db.execute("SELECT record FROM history ORDER BY round")]
@@ -138,7 +139,7 @@ def run_flower(python: str, num_clients: int, args, split: str) -> dict:
     with tempfile.TemporaryDirectory() as work:
         command = [python, str(ROOT / "benchmarks" / "flower_fashion.py"), "--clients", str(num_clients),
                    "--rounds", str(args.rounds), "--fraction", str(args.fraction), "--partition", split, "--alpha",
-                   str(args.alpha), "--data-dir", str(ROOT / "data")]
+                   str(args.alpha), "--data-dir", str(ROOT / "data")] + (["--no-eval"] if args.no_eval else [])
         wall, out, sampler = measured(command, Path(work), args.timeout)
     result = json.loads(out.strip().splitlines()[-1])
     return {"engine": f"flower {result['flwr']} (ray)", "clients": num_clients, "split": split,
@@ -150,10 +151,14 @@ def show(results: list[dict]) -> None:
     print(f"\n{'engine':<22} {'N':>6} {'split':<9} {'wall s':>7} {'final acc':>9} {'peak MB (all)':>13} "
           f"{'coordinator MB':>14} {'host MB':>8}")
     for r in results:
-        print(f"{r['engine']:<22} {r['clients']:>6} {r['split']:<9} {r['wall_s']:>7.1f} {r['accuracy'][-1]:>9.4f} "
-              f"{r['peak_memory_mb']:>13} {r['coordinator_peak_mb'] or '-':>14} {r['host_peak_mb'] or '-':>8}")
+        final = r["accuracy"][-1] if r["accuracy"] and r["accuracy"][-1] is not None else None
+        print(f"{r['engine']:<22} {r['clients']:>6} {r['split']:<9} {r['wall_s']:>7.1f} "
+              f"{'n/a' if final is None else f'{final:.4f}':>9} {r['peak_memory_mb']:>13} "
+              f"{r['coordinator_peak_mb'] or '-':>14} {r['host_peak_mb'] or '-':>8}")
     for r in results:
-        print(f"  {r['engine']} N={r['clients']} accuracy per round: " + ", ".join(f"{a:.4f}" for a in r["accuracy"]))
+        if r["accuracy"] and r["accuracy"][-1] is not None:
+            print(f"  {r['engine']} N={r['clients']} accuracy per round: "
+                  + ", ".join(f"{a:.4f}" for a in r["accuracy"]))
 
 
 def main(argv=None) -> int:
@@ -164,6 +169,8 @@ def main(argv=None) -> int:
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--flower", default=None, help="Python of a virtual environment with Flower (see above)")
     parser.add_argument("--ray", action="store_true", help="also run simulate.py --backend ray for the first N")
+    parser.add_argument("--no-eval", action="store_true",
+                        help="no server evaluation in either engine: the frameworks' own cost (no accuracies)")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "simulation.json")
     args = parser.parse_args(argv)

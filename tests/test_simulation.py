@@ -180,3 +180,16 @@ def test_a_finished_simulation_of_150_clients_is_summarised_and_drawn(tmp_path):
         status = proc.wait(30)
         proc.stdout.close()
     assert status == 0
+
+
+@pytest.mark.e2e
+def test_a_ray_cluster_too_small_for_the_hosts_is_refused_before_the_run(tmp_path):
+    import os
+
+    cores = os.cpu_count() or 1
+    proc = subprocess.run([sys.executable, str(ROOT / "simulate.py"), "--clients", "50", "--processes",
+                           str(cores + 1), "--backend", "ray", "--cpu", "--data-dir", str(ROOT / "data")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"error: the Ray cluster has {cores} CPUs: room for {cores} hosts" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
