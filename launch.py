@@ -274,14 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         allow_abbrev=False, description="Run a coordinator and N workers on this machine.")
     parser.add_argument("--workers", type=int, default=3, help="number of worker processes (default: 3)")
-    config_module.add_arguments(parser, LAUNCH_FIELDS)
+    add_run_arguments(parser, LAUNCH_FIELDS, "workers")
+    return parser
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, fields, who: str) -> None:
+    """The flags of ``fields`` and those launch.py and simulate.py share: --port, --keep-serving, --gpu/--cpu."""
+    config_module.add_arguments(parser, fields)
     parser.add_argument("--port", type=int, default=0, help="coordinator port (default: a free one)")
     parser.add_argument("--keep-serving", action="store_true",
                         help="after the run, keep the coordinator serving it to monitors until Ctrl-C")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--gpu", dest="device", action="store_const", const="gpu", help="workers train on CUDA")
-    group.add_argument("--cpu", dest="device", action="store_const", const="cpu", help="workers train on the CPU")
-    return parser
+    group.add_argument("--gpu", dest="device", action="store_const", const="gpu", help=f"{who} train on CUDA")
+    group.add_argument("--cpu", dest="device", action="store_const", const="cpu", help=f"{who} train on the CPU")
 
 
 def main(argv=None) -> int:

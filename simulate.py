@@ -25,7 +25,7 @@ import config as config_module
 from config import Config
 from fedrest.simulation.backends import RayUnavailable, pool_host_args, start_ray_hosts, stop_ray
 from fedrest.simulation.plan import default_hosts
-from launch import HERE, LAUNCH_FIELDS, Launch, child_env, free_port, run
+from launch import HERE, LAUNCH_FIELDS, Launch, add_run_arguments, child_env, free_port, run
 
 MAX_CLIENTS = 100_000
 SIMULATION_DIRS = {"temp_dir": os.path.join("temp", "simulation"), "models_dir": os.path.join("models", "simulation"),
@@ -95,13 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address the coordinator listens on and the client hosts use (on a cluster of several "
                              "machines: this machine's address that the others reach; default 127.0.0.1)")
-    config_module.add_arguments(parser, SIMULATION_FIELDS)
-    parser.add_argument("--port", type=int, default=0, help="coordinator port (default: a free one)")
-    parser.add_argument("--keep-serving", action="store_true",
-                        help="after the run, keep the coordinator serving it to monitors until Ctrl-C")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--gpu", dest="device", action="store_const", const="gpu", help="train on CUDA")
-    group.add_argument("--cpu", dest="device", action="store_const", const="cpu", help="train on the CPU")
+    add_run_arguments(parser, SIMULATION_FIELDS, "virtual clients")
     return parser
 
 

@@ -56,6 +56,24 @@ def device_description(device: torch.device) -> str:
     return "cpu"
 
 
+def start_node(cfg, log_file: str | os.PathLike):
+    """The start of a training node (a worker, a simulation's client host): log to stdout and ``log_file``, select
+    the device of ``cfg.device`` and set ``cfg.cpu_threads``. Returns the torch device, or None after printing
+    ``error: ...`` (the log file cannot be written, the device is not available): the caller exits with status 2."""
+    try:
+        setup_logging(log_file)
+    except OSError as exc:
+        print(f"error: cannot write the log in {Path(log_file).parent}: {exc}", file=sys.stderr)
+        return None
+    try:
+        device = select_device(None if cfg.device == "auto" else cfg.device)
+    except DeviceUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    set_cpu_threads(cfg.cpu_threads)
+    return device
+
+
 def set_cpu_threads(num_threads: int) -> None:
     """Set torch's intra-op CPU threads; 0 keeps torch's default (one per core)."""
     if num_threads > 0:

@@ -30,7 +30,7 @@ from fedrest.node_identity import default_name
 from fedrest.tasks import TaskError, load_task
 from fedrest.tasks.node_data import worker_data
 from fedrest.worker_node import FatalError, RoundClosed, StopRequested, Worker  # noqa: F401 - re-exported
-from utils import DeviceUnavailable, device_description, run_program, select_device, set_cpu_threads, setup_logging
+from utils import device_description, run_program, start_node
 
 log = logging.getLogger("fl.worker")
 
@@ -62,17 +62,9 @@ def _main(argv) -> int:
         parser.error(f"--ca-cert {cfg.ca_cert}: {exc}")
     name = cfg.name or default_name(cfg.partition_id)
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-    try:
-        setup_logging(Path(cfg.logs_dir) / f"worker_{safe}.log")
-    except OSError as exc:
-        print(f"error: cannot write the log in {cfg.logs_dir}: {exc}", file=sys.stderr)
+    device = start_node(cfg, Path(cfg.logs_dir) / f"worker_{safe}.log")
+    if device is None:
         return 2
-    try:
-        device = select_device(None if cfg.device == "auto" else cfg.device)
-    except DeviceUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    set_cpu_threads(cfg.cpu_threads)
     log.info("worker %s on %s, torch %s, %d CPU threads", name, device_description(device), torch.__version__,
              torch.get_num_threads())
     try:

@@ -11,17 +11,29 @@ and for a virtual client of a simulation (:mod:`fedrest.simulation.host`), so th
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from fedrest.aggregation import scaffold
+from fedrest.local_control import LocalControlVariate
 from fedrest.node_identity import shuffle_seed
-from fedrest.serialization import state_dict_to_bytes
+from fedrest.serialization import UpdateRejected, bytes_to_state_dict, check_compatible, state_dict_to_bytes
 from fedrest.tasks import Task, TrainSettings
 from fedrest.tasks.data import LocalData
 from fedrest.training import TrainResult
+
+log = logging.getLogger("fl.worker")
+
+
+class RoundClosed(Exception):
+    """The round this node is training for closed (deadline, or restarted without it)."""
+
+
+class FatalError(Exception):
+    """The worker (or client host) cannot go on (the message says why); exit status 1."""
 
 
 @dataclass
@@ -85,6 +97,35 @@ def train_local(task: Task, model: torch.nn.Module, data: LocalData, settings: T
             settings.momentum)
         update.control_change = state_dict_to_bytes(change)
     return update
+
+
+def scaffold_controls(task: Task, client, model: torch.nn.Module, round_task: dict, store: LocalControlVariate,
+                      run_id: str | None):
+    """SCAFFOLD's (c_i, c, x) for ``round_task`` (a ``train`` task): the client's control variate from ``store``
+    (zeros for a new run), the global one downloaded with ``client`` (a :class:`fedrest.client.CoordinatorClient`
+    with the node's token), and ``model``'s parameters (the global model). Raises what the download raises, and
+
+    Raises
+    ------
+    RoundClosed
+        When the coordinator's model moved on (the round closed: the next task is the new one).
+    FatalError
+        For a task with its own train(), or a control variate that does not fit the model.
+    """
+    if task.has_own_train:
+        raise FatalError(f"the task {task.name} has its own train(), which cannot apply scaffold's "
+                         "control variates; use the built-in training or another strategy")
+    version, data = client.control_variate()
+    if version != round_task["model_version"]:
+        log.info("round %s: the global model moved on to version %d", round_task["round"], version)
+        raise RoundClosed(round_task["round"])
+    start = parameters(model)
+    try:
+        global_control = bytes_to_state_dict(data)
+        check_compatible(global_control, start)
+    except UpdateRejected as exc:
+        raise FatalError(f"the coordinator's control variate does not fit this model: {exc}") from None
+    return store.load(run_id, start), global_control, start
 
 
 def evaluate_settings(task: dict, device: torch.device) -> TrainSettings:

@@ -18,9 +18,10 @@ import torch
 from config import Config
 from fedrest.client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable, make_session
 from fedrest.local_control import LocalControlVariate
-from fedrest.local_round import evaluate_settings, parameters, round_settings, train_local
+from fedrest.local_round import (FatalError, RoundClosed, evaluate_settings, round_settings,  # noqa: F401
+                                 scaffold_controls, train_local)
 from fedrest.node_identity import default_name, system_info
-from fedrest.serialization import UpdateRejected, bytes_to_state_dict, check_compatible
+from fedrest.serialization import bytes_to_state_dict
 from fedrest.tasks import Task, TaskError
 from fedrest.tasks.data import LocalData
 from fedrest.worker_policy import CALL_ERRORS, Action, Reaction, react
@@ -35,14 +36,6 @@ FIRST_CONTACT_S, FIRST_CONTACT_POLL_S = 30.0, 0.2  # how long a starting worker 
 class StopRequested(BaseException):
     """SIGINT or SIGTERM arrived: leave the federation and exit 0 (a BaseException, like KeyboardInterrupt,
     so that no library's ``except Exception`` swallows it)."""
-
-
-class RoundClosed(Exception):
-    """The round this node is training for closed (deadline, or restarted without it)."""
-
-
-class FatalError(Exception):
-    """The worker cannot go on (the message says why); exit status 1."""
 
 
 class Worker:
@@ -80,7 +73,7 @@ class Worker:
         self.training_round: int | None = None
         self._unreachable_since: float | None = None
         self._heartbeat_thread: threading.Thread | None = None
-        self.local_control = LocalControlVariate(Path(cfg.temp_dir) / "workers" / _folder_name(self.name))
+        self.local_control = LocalControlVariate(Path(cfg.temp_dir) / "workers" / folder_name(self.name))
 
     def _session(self, retries: int):
         return make_session(total_retries=retries, ca_cert=self.cfg.ca_cert)
@@ -299,30 +292,8 @@ class Worker:
         log.info("%s; update sent", update.summary(round_number, settings["local_epochs"]))
 
     def _scaffold_controls(self, task: dict):
-        """(c_i, c, x) for a SCAFFOLD round: this worker's control variate from its disk, the global one from
-        the coordinator, and the global model's parameters.
-
-        Raises
-        ------
-        RoundClosed
-            When the coordinator's model moved on (the round closed: the next task is the new one).
-        FatalError
-            For a task with its own train(), or a control variate that does not fit the model.
-        """
-        if self.task.has_own_train:
-            raise FatalError(f"the task {self.task.name} has its own train(), which cannot apply scaffold's "
-                             "control variates; use the built-in training or another strategy")
-        version, data = self.client.control_variate()
-        if version != task["model_version"]:
-            log.info("round %s: the global model moved on to version %d", task["round"], version)
-            raise RoundClosed(task["round"])
-        start = parameters(self.model)
-        try:
-            global_control = bytes_to_state_dict(data)
-            check_compatible(global_control, start)
-        except UpdateRejected as exc:
-            raise FatalError(f"the coordinator's control variate does not fit this model: {exc}") from None
-        return self.local_control.load(self.run_id, start), global_control, start
+        """(c_i, c, x) for a SCAFFOLD round (:func:`fedrest.local_round.scaffold_controls`)."""
+        return scaffold_controls(self.task, self.client, self.model, task, self.local_control, self.run_id)
 
     def _upload(self, round_number: int, metadata: dict, data: bytes, control: bytes | None = None) -> bool:
         """Send one update (and SCAFFOLD's control-variate change) until it is answered; True if the
@@ -362,7 +333,7 @@ class Worker:
         return update
 
 
-def _folder_name(name: str) -> str:
+def folder_name(name: str) -> str:
     """``name`` as a folder name: itself when it is plain (letters, digits, ``.-_``), else a digest of it."""
     if re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}", name):
         return name

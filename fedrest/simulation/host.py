@@ -29,14 +29,15 @@ import torch
 from config import Config
 from fedrest.client import CoordinatorClient, CoordinatorUnreachable, make_session
 from fedrest.local_control import LocalControlVariate
-from fedrest.local_round import evaluate_settings, parameters, round_settings, train_local
+from fedrest.local_round import (FatalError, RoundClosed, evaluate_settings, round_settings, scaffold_controls,
+                                 train_local)
 from fedrest.node_identity import system_info
-from fedrest.serialization import UpdateRejected, bytes_to_state_dict, check_compatible
+from fedrest.serialization import bytes_to_state_dict
 from fedrest.simulation.plan import ClientPart, client_name, client_parts, host_clients
 from fedrest.simulation.polling import TaskPolls
 from fedrest.tasks import TaskError, load_task
 from fedrest.tasks.node_data import context, hold_out_positions, ready_on
-from fedrest.worker_node import FatalError, RoundClosed, _folder_name
+from fedrest.worker_node import folder_name
 from fedrest.worker_policy import CALL_ERRORS, Action, react
 from utils import device_description
 
@@ -287,7 +288,7 @@ class ClientHost:
         if not self._upload(client, round_number, update):
             return
         if update.new_control is not None:
-            store = LocalControlVariate(Path(self.cfg.temp_dir) / "workers" / _folder_name(client.name))
+            store = self._control_store(client)
             try:
                 store.save(self.run_id, round_number, update.new_control)
             except OSError as exc:
@@ -296,21 +297,12 @@ class ClientHost:
         log.info("%s: %s; update sent", client.name, update.summary(round_number, epochs))
 
     def _controls(self, client: VirtualClient, task: dict):
-        """SCAFFOLD's (c_i, c, x) for ``client`` (see :meth:`fedrest.worker_node.Worker._scaffold_controls`)."""
-        if self.task.has_own_train:
-            raise FatalError(f"the task {self.task.name} has its own train(), which cannot apply scaffold's "
-                             "control variates; use the built-in training or another strategy")
-        version, data = self._client(client.token).control_variate()
-        if version != task["model_version"]:
-            raise RoundClosed(task["round"])
-        start = parameters(self.model)
-        try:
-            global_control = bytes_to_state_dict(data)
-            check_compatible(global_control, start)
-        except UpdateRejected as exc:
-            raise FatalError(f"the coordinator's control variate does not fit this model: {exc}") from None
-        store = LocalControlVariate(Path(self.cfg.temp_dir) / "workers" / _folder_name(client.name))
-        return store.load(self.run_id, start), global_control, start
+        """SCAFFOLD's (c_i, c, x) for ``client`` (:func:`fedrest.local_round.scaffold_controls`)."""
+        return scaffold_controls(self.task, self._client(client.token), self.model, task,
+                                 self._control_store(client), self.run_id)
+
+    def _control_store(self, client: VirtualClient) -> LocalControlVariate:
+        return LocalControlVariate(Path(self.cfg.temp_dir) / "workers" / folder_name(client.name))
 
     def _upload(self, client: VirtualClient, round_number: int, update) -> bool:
         """Send the update until it is answered (as :meth:`fedrest.worker_node.Worker._upload`)."""

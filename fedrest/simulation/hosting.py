@@ -21,16 +21,12 @@ def run_host(cfg: Config, host: int, num_hosts: int, num_clients: int) -> int:
     LOGS_DIR/simulation_host<host>.log and stdout. Runs at HOST_NICE below the priority it was started with."""
     from fedrest.simulation.host import ClientHost
     from fedrest.tasks import TaskError
-    from utils import DeviceUnavailable, select_device, set_cpu_threads, setup_logging
+    from utils import start_node
 
-    setup_logging(Path(cfg.logs_dir) / f"simulation_host{host}.log")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
-    try:
-        device = select_device(None if cfg.device == "auto" else cfg.device)
-    except DeviceUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    device = start_node(cfg, Path(cfg.logs_dir) / f"simulation_host{host}.log")
+    if device is None:
         return 2
-    set_cpu_threads(cfg.cpu_threads)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     if hasattr(os, "nice"):  # the coordinator's evaluation and aggregation are the run's critical path: they come
         os.nice(HOST_NICE)   # first on a shared CPU, the hosts train in the rest (8 rounds of 1,000 clients: -12%)
     try:
