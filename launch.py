@@ -101,7 +101,6 @@ class Launch:
         self.address = f"127.0.0.1:{port}"
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs = Path(cfg.logs_dir)
-        self.logs.mkdir(parents=True, exist_ok=True)
 
     noun = "workers"  # what follow() counts as they register
     keep_serving = False  # after the summary, the coordinator serves the finished run until Ctrl-C
@@ -147,13 +146,20 @@ class Launch:
         Returns False (after printing why) when the coordinator does not come up; the caller stops the workers."""
         lock = StateDirLock(self.cfg.temp_dir)  # a coordinator still running there keeps its run: say so, stop
         try:
+            self.logs.mkdir(parents=True, exist_ok=True)
             lock.acquire(f"launch.py pid {os.getpid()}, setting the previous run aside")
         except StartRefused as exc:
             print(f"error: {exc}")
             return False
+        except OSError as exc:  # --logs-dir or --temp-dir under a file, read-only, ...
+            print(f"error: cannot use --logs-dir {self.cfg.logs_dir} and --temp-dir {self.cfg.temp_dir}: {exc}")
+            return False
         try:
             archived = archive_run(self.cfg.temp_dir, self.cfg.models_dir)  # each launch is a new run
             set_logs_aside(self.logs, self.cfg.temp_dir, archived)  # with logs of its own
+        except OSError as exc:
+            print(f"error: cannot set the previous run aside in {self.cfg.temp_dir}: {exc}")
+            return False
         finally:
             lock.release()
         coord_fields = [f for f in LAUNCH_FIELDS if f in COORDINATOR_FIELDS]
@@ -208,7 +214,7 @@ class Launch:
         while coordinator.poll() is None:
             for name, proc in self.procs.items():
                 if name != "coordinator" and proc.poll() not in (None, 0):
-                    print(f"{name} exited with status {proc.returncode}{self._last_error(name)}; see "
+                    print(f"{name} {_ended(proc.returncode)}{self._last_error(name)}; see "
                           f"{self.logs}/launch_{name}.out")
                     return last, 1
             try:
@@ -235,6 +241,21 @@ class Launch:
             time.sleep(0.5)
         print(f"the coordinator exited with status {coordinator.returncode}; see {self.logs}/launch_coordinator.out")
         return last, 1
+
+
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """A count and its noun: "1 round", "5 rounds" (``nouns``: the plural when it is not noun + "s")."""
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
+
+
+def _ended(returncode: int) -> str:
+    """How a child ended: "exited with status 2", or "was killed by SIGKILL" for a negative status."""
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            pass
+    return f"exited with status {returncode}"
 
 
 def round_line(r: dict, total_rounds: int) -> str:
@@ -303,7 +324,7 @@ def main(argv=None) -> int:
     launch = Launch(cfg, args.workers, args.port or free_port())
     launch.keep_serving = args.keep_serving
     print(f"starting a coordinator on {launch.address} and {args.workers} workers ({cfg.device}, "
-          f"{cfg.task or cfg.dataset}, {cfg.strategy}, {cfg.communication_rounds} rounds); logs in "
+          f"{cfg.task or cfg.dataset}, {cfg.strategy}, {plural(cfg.communication_rounds, 'round')}); logs in "
           f"{launch.logs}/launch_*.out")
     return run(launch)
 

@@ -25,7 +25,7 @@ import config as config_module
 from config import Config
 from fedrest.simulation.backends import RayUnavailable, pool_host_args, start_ray_hosts, stop_ray
 from fedrest.simulation.plan import default_hosts
-from launch import HERE, LAUNCH_FIELDS, Launch, add_run_arguments, child_env, free_port, run
+from launch import HERE, LAUNCH_FIELDS, Launch, add_run_arguments, child_env, free_port, plural, run
 
 MAX_CLIENTS = 100_000
 SIMULATION_DIRS = {"temp_dir": os.path.join("temp", "simulation"), "models_dir": os.path.join("models", "simulation"),
@@ -117,11 +117,11 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(cfg, cpu_threads=max(1, cores // hosts) if hosts else 1)
     sim = Simulation(cfg, args.clients, hosts, args.port or free_port(), args.backend, args.ray_address, args.host)
     sim.keep_serving = args.keep_serving
-    placed = f"{hosts} processes" if args.backend == "pool" else (
+    placed = plural(hosts, "process", "processes") if args.backend == "pool" else (
         f"Ray tasks on {args.ray_address or 'a local Ray cluster'}")
     print(f"starting a coordinator on {sim.address} and {args.clients} virtual clients on {placed} ({cfg.device}, "
           f"{cfg.task or cfg.dataset}, {cfg.partition or 'iid'} split, C={cfg.client_fraction:g}, {cfg.strategy}, "
-          f"{cfg.communication_rounds} rounds); logs in {sim.logs}")
+          f"{plural(cfg.communication_rounds, 'round')}); logs in {sim.logs}")
     return run(sim)
 
 

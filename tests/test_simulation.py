@@ -193,3 +193,18 @@ def test_a_ray_cluster_too_small_for_the_hosts_is_refused_before_the_run(tmp_pat
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f"error: the Ray cluster has {cores} CPUs: room for {cores} hosts" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.e2e
+def test_an_unreachable_ray_head_and_an_unusable_folder_are_one_line_each(tmp_path):
+    """No Ray head at --ray-address: refused in seconds (Ray itself retries for minutes); --logs-dir under a file:
+    an error line, not a traceback; nothing left running."""
+    (tmp_path / "afile").write_text("not a folder")
+    for args, expected in ((["--backend", "ray", "--ray-address", "127.0.0.1:1"],
+                            "error: cannot connect to the Ray cluster at 127.0.0.1:1"),
+                           (["--logs-dir", "afile/logs"], "error: cannot use --logs-dir afile/logs")):
+        proc = subprocess.run([sys.executable, str(ROOT / "simulate.py"), "--clients", "4", "--rounds", "1", "--cpu",
+                               "--data-dir", str(ROOT / "data"), *args], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 1 and expected in proc.stdout, proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stdout + proc.stderr

@@ -12,9 +12,9 @@ writes) and logs each round's numbers, at step = the round, as soon as they are 
   the task's other metrics) and ``round/evaluation_s``;
 - after the federated evaluation: ``federated/<metric>`` (the sample-weighted mean of the workers').
 
-Each (round, name) is logged once. The run's settings and strategy are the MLflow run's parameters and a TensorBoard
-text; the MLflow run is named after the task, strategy and run id, tagged ``fedrest.run_id``, and found again by
-that tag when the coordinator resumes the run (TensorBoard: the same folder, a new event file). A restarted
+Each (round, name) is logged once. The coordinator's settings and strategy are the MLflow run's parameters and a
+TensorBoard text; the MLflow run is named after the task, strategy and run id, tagged ``fedrest.run_id``, and found
+again by that tag when the coordinator resumes the run (TensorBoard: the same folder, a new event file). A restarted
 coordinator logs the rounds from the one it resumed at. A tracking backend that fails is logged as a warning and
 tried again at the next change: the run goes on.
 """
@@ -28,6 +28,8 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
+
+from config import COORDINATOR_FIELDS
 
 log = logging.getLogger("fl.tracking")
 
@@ -150,8 +152,9 @@ class Tracking:
             self.logged[record.round] = set(round_metrics(asdict(record)))
         self._from = settled  # the first history index whose numbers may still change
         name = f"{federation.task.name}-{federation.strategy.name}-{federation.run_id}"
-        params = {**federation.config.public_dict(), **{f"strategy.{k}": v for k, v in
-                                                          federation.strategy.describe().items()}}
+        cfg = federation.config  # the coordinator's own settings (a worker's, such as its partition, are not here)
+        params = {**{f: getattr(cfg, f) for f in COORDINATOR_FIELDS if f in cfg.public_dict()},
+                  **{f"strategy.{k}": v for k, v in federation.strategy.describe().items()}}
         for sink in sinks:
             try:
                 sink.start(federation.run_id, name, params)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -28,8 +29,9 @@ log = logging.getLogger("fl.simulation")
 
 PROJECT = Path(__file__).resolve().parents[2]
 # what a cluster's nodes need not receive: data, runs, environments (Ray's runtime_env "excludes", gitignore syntax)
-UPLOAD_EXCLUDES = [".venv/", "data/", "models/", "logs/", "temp/", ".git/", "**/__pycache__/", "node_modules/",
-                   "*.pt", "*.sqlite3"]
+UPLOAD_EXCLUDES = [".venv/", "data/", "models/", "logs/", "temp/", "runs/", "mlruns/", ".git/", "**/__pycache__/",
+                   "node_modules/", "*.pt", "*.sqlite3", "*.db", "*.png"]
+RAY_CONNECT_TIMEOUT_S = 5.0  # an address that does not answer: Ray itself would retry for minutes
 
 
 class RayUnavailable(Exception):
@@ -98,6 +100,8 @@ def start_ray_hosts(cfg: Config, num_hosts: int | None, num_clients: int, cpus_p
     from fedrest.simulation.hosting import run_host
 
     local = address is None
+    if not local:
+        _check_reachable(address)
     runtime_env = ({"env_vars": {"PYTHONPATH": str(PROJECT)}} if local else
                    {"working_dir": str(PROJECT), "excludes": UPLOAD_EXCLUDES})
     try:
@@ -116,6 +120,22 @@ def start_ray_hosts(cfg: Config, num_hosts: int | None, num_clients: int, cpus_p
     cfg = absolute_dirs(cfg)
     log.info("Ray cluster %s: %d CPUs; %d hosts of %d CPUs", address or "(local)", cpus, num_hosts, cpus_per_host)
     return {f"host{i}": RayHost(ray, remote.remote(cfg, i, num_hosts, num_clients)) for i in range(num_hosts)}
+
+
+def _check_reachable(address: str) -> None:
+    """Raise :class:`RayUnavailable` when ``address`` (HOST:PORT of a Ray head's GCS) takes no TCP connection within
+    RAY_CONNECT_TIMEOUT_S ("auto" and ray:// addresses are left to Ray)."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayUnavailable(f"--ray-address must be HOST:PORT of the Ray head (ray start --head --port 6379), "
+                             f"'auto' or ray://HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise RayUnavailable(f"cannot connect to the Ray cluster at {address}: {exc}; is its head running "
+                             "(ray start --head) and reachable from here?") from None
 
 
 def stop_ray() -> None:
