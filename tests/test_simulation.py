@@ -4,6 +4,7 @@ over 2 processes of the pool and over a local Ray cluster, read back from the co
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 import subprocess
@@ -154,7 +155,7 @@ def test_a_finished_simulation_of_150_clients_is_summarised_and_drawn(tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "simulate.py"), "--clients", "150", "--processes", "2",
                              "--rounds", "1", "--client-fraction", "0.1", "--cpu", "--data-dir", str(ROOT / "data"),
                              "--keep-serving"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, start_new_session=True)  # its own process group: stopped with its children
     try:
         lines = []
         while not any("serves the finished run" in line for line in lines[-3:]):
@@ -177,15 +178,22 @@ def test_a_finished_simulation_of_150_clients_is_summarised_and_drawn(tmp_path):
         assert text.returncode == 0 and "150" in text.stdout, text.stdout + text.stderr
     finally:
         proc.send_signal(subprocess.signal.SIGINT)
-        status = proc.wait(30)
+        try:
+            status = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            status = None
+        if proc.poll() is None or status != 0:  # never leave its coordinator or hosts behind
+            try:
+                os.killpg(proc.pid, subprocess.signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
         proc.stdout.close()
     assert status == 0
 
 
 @pytest.mark.e2e
 def test_a_ray_cluster_too_small_for_the_hosts_is_refused_before_the_run(tmp_path):
-    import os
-
     cores = os.cpu_count() or 1
     proc = subprocess.run([sys.executable, str(ROOT / "simulate.py"), "--clients", "50", "--processes",
                            str(cores + 1), "--backend", "ray", "--cpu", "--data-dir", str(ROOT / "data")],
