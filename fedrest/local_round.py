@@ -24,16 +24,13 @@ from fedrest.serialization import UpdateRejected, bytes_to_state_dict, check_com
 from fedrest.tasks import Task, TrainSettings
 from fedrest.tasks.data import LocalData
 from fedrest.training import TrainResult
+from fedrest.worker_policy import FatalError
 
 log = logging.getLogger("fl.worker")
 
 
 class RoundClosed(Exception):
     """The round this node is training for closed (deadline, or restarted without it)."""
-
-
-class FatalError(Exception):
-    """The worker (or client host) cannot go on (the message says why); exit status 1."""
 
 
 @dataclass

@@ -18,13 +18,13 @@ import torch
 from config import Config
 from fedrest.client import CoordinatorClient, CoordinatorError, CoordinatorUnreachable, make_session
 from fedrest.local_control import LocalControlVariate
-from fedrest.local_round import (FatalError, RoundClosed, evaluate_settings, round_settings,  # noqa: F401
-                                 scaffold_controls, train_local)
+from fedrest.local_round import RoundClosed, evaluate_settings, round_settings, scaffold_controls, train_local
+from fedrest.worker_policy import FatalError  # noqa: F401 - re-exported
 from fedrest.node_identity import default_name, system_info
 from fedrest.serialization import bytes_to_state_dict
 from fedrest.tasks import Task, TaskError
 from fedrest.tasks.data import LocalData
-from fedrest.worker_policy import CALL_ERRORS, Action, Reaction, react
+from fedrest.worker_policy import CALL_ERRORS, Action, Outage, Reaction, react
 from utils import device_description
 
 log = logging.getLogger("fl.worker")
@@ -59,7 +59,7 @@ class Worker:
         torch.optim.SGD(self.model.parameters(), lr=0.0)  # its first use imports torch._dynamo (~1 s): not in round 1
         self.fingerprint = task.fingerprint(self.model)
         self.name = cfg.name or default_name(cfg.partition_id)
-        # few quick retries per call; longer outages are waited out (and logged) by _wait_for_coordinator
+        # few quick retries per call; longer outages are waited out (and logged) with self.outage
         self.client = CoordinatorClient(cfg.coordinator_address, session=self._session(3))
         self.instance_id = secrets.token_hex(8)  # this process; see Federation.register
         self.node_id: str | None = None
@@ -71,7 +71,7 @@ class Worker:
         self.need_register = threading.Event()
         self.abort_training = threading.Event()
         self.training_round: int | None = None
-        self._unreachable_since: float | None = None
+        self.outage = Outage(cfg.give_up_after)
         self._heartbeat_thread: threading.Thread | None = None
         self.local_control = LocalControlVariate(Path(cfg.temp_dir) / "workers" / folder_name(self.name))
 
@@ -103,22 +103,8 @@ class Worker:
                  self.name, self.client.url)
 
     def _await_coordinator(self) -> None:
-        """Before registering, ask for /health every FIRST_CONTACT_POLL_S s while the coordinator is unreachable (still
-        starting), up to FIRST_CONTACT_S; GIVE_UP_AFTER counts from then; other errors: the registration reports."""
-        probe = CoordinatorClient(self.cfg.coordinator_address, session=self._session(0))
-        deadline = time.monotonic() + min(FIRST_CONTACT_S, self.cfg.give_up_after)
-        for attempt in itertools.count():
-            try:
-                probe.health()
-                return
-            except CoordinatorUnreachable as exc:
-                if attempt == 0:
-                    self._unreachable_since = time.monotonic()
-                    log.info("waiting for the coordinator at %s to answer (%s)", probe.url, exc)
-            except CALL_ERRORS:
-                return
-            if self.stop_event.wait(FIRST_CONTACT_POLL_S) or time.monotonic() > deadline:
-                return
+        await_coordinator(CoordinatorClient(self.cfg.coordinator_address, session=self._session(0)), self.outage,
+                          self.stop_event, FIRST_CONTACT_S)
 
     def _heartbeat_loop(self) -> None:
         client = CoordinatorClient(self.cfg.coordinator_address, session=self._session(1))
@@ -191,7 +177,7 @@ class Worker:
         except CALL_ERRORS as exc:
             self._carry_out(react(exc, during), started)
             return None
-        self._unreachable_since = None
+        self.outage.ended()
         return result
 
     def _carry_out(self, reaction: Reaction, started: float, prefix: str = "") -> None:
@@ -200,29 +186,13 @@ class Worker:
         if action == Action.FATAL:
             raise FatalError(message)
         if action == Action.WAIT_OUTAGE:
-            self._wait_for_coordinator(reaction.message, started)  # raises FatalError after GIVE_UP_AFTER
+            self.stop_event.wait(self.outage.delay(reaction.message, started))  # FatalError after GIVE_UP_AFTER
             return
         log.log(reaction.level, "%s", message)
         if action == Action.REGISTER:
             self.need_register.set()
         elif action == Action.RETRY:
             self.stop_event.wait(reaction.delay)
-
-    def _wait_for_coordinator(self, exc: Exception | str, failing_since: float | None = None) -> None:
-        """Sleep before the next try (backoff), or raise FatalError after GIVE_UP_AFTER seconds unreachable.
-
-        ``failing_since`` is when the failed call began (its own quick retries count as time unreachable).
-        """
-        now = time.monotonic()
-        if self._unreachable_since is None:
-            self._unreachable_since = failing_since if failing_since is not None else now
-            log.warning("coordinator unreachable (%s); retrying with backoff for up to %gs", exc,
-                        self.cfg.give_up_after)
-        down = now - self._unreachable_since
-        if down > self.cfg.give_up_after:
-            raise FatalError(f"coordinator unreachable for {down:.0f}s (GIVE_UP_AFTER="
-                             f"{self.cfg.give_up_after:g}s); last error: {exc}")
-        self.stop_event.wait(min(10.0, 1.0 + down / 4, max(0.1, self.cfg.give_up_after - down)))
 
     def _leave(self) -> None:
         if self.node_id is None:
@@ -302,7 +272,7 @@ class Worker:
             started = time.monotonic()
             try:
                 self.client.submit_update(round_number, metadata, data, control)
-                self._unreachable_since = None
+                self.outage.ended()
                 return True
             except CALL_ERRORS as exc:
                 reaction = react(exc, "upload")
@@ -331,6 +301,25 @@ class Worker:
 
         update.close = bar.close if bar is not None else (lambda: None)
         return update
+
+
+def await_coordinator(probe: CoordinatorClient, outage: Outage, stop_event: threading.Event, limit: float) -> None:
+    """Before registering, ask ``probe`` for /health every FIRST_CONTACT_POLL_S s while the coordinator is
+    unreachable (still starting), up to ``limit`` seconds (and GIVE_UP_AFTER); the ``outage`` counts from the first
+    failed try; other errors: the registration reports them."""
+    deadline = time.monotonic() + min(limit, outage.give_up_after)
+    for attempt in itertools.count():
+        try:
+            probe.health()
+            return
+        except CoordinatorUnreachable as exc:
+            if attempt == 0:
+                outage.began()
+                log.info("waiting for the coordinator at %s to answer (%s)", probe.url, exc)
+        except CALL_ERRORS:
+            return
+        if stop_event.wait(FIRST_CONTACT_POLL_S) or time.monotonic() > deadline:
+            return
 
 
 def folder_name(name: str) -> str:

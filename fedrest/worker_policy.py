@@ -30,16 +30,62 @@ any other error answer                 any other                     FATAL (unex
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from enum import Enum
 
 from fedrest.client import CoordinatorError, CoordinatorUnreachable, CoordinatorUntrusted
 from fedrest.serialization import UpdateRejected
 
+log = logging.getLogger("fl.worker")
+
 CALLS = ("register", "upload", "heartbeat", "call")
 # What the worker's calls raise: the coordinator's error answers, no answer, an unverified certificate, and an
 # undecodable global model.
 CALL_ERRORS = (CoordinatorError, CoordinatorUnreachable, CoordinatorUntrusted, UpdateRejected)
+
+
+class FatalError(Exception):
+    """The worker (or client host) cannot go on (the message says why); exit status 1."""
+
+
+class Outage:
+    """How long the coordinator has been unreachable, and the back-off before the next try: what a worker and a
+    simulation's client host both do with WAIT_OUTAGE (one place, so that both give up after GIVE_UP_AFTER).
+
+    ``give_up_after`` in seconds; times are ``clock()`` seconds (monotonic)."""
+
+    def __init__(self, give_up_after: float, clock=time.monotonic) -> None:
+        self.give_up_after, self.clock = give_up_after, clock
+        self.since: float | None = None  # None: reachable (as far as we know)
+
+    def ended(self) -> None:
+        """A call was answered."""
+        self.since = None
+
+    def began(self, at: float | None = None) -> None:
+        """The coordinator did not answer a call made at ``at`` (default now), unless already counted."""
+        if self.since is None:
+            self.since = self.clock() if at is None else at
+
+    def delay(self, error: object, failing_since: float | None = None) -> float:
+        """Seconds to wait before the next try after ``error`` (no answer): 1 s plus a quarter of the time down, at
+        most 10 s and never past GIVE_UP_AFTER; the first one of an outage is logged as a warning.
+
+        Raises
+        ------
+        FatalError
+            Once the coordinator has been unreachable for more than GIVE_UP_AFTER seconds.
+        """
+        now = self.clock()
+        if self.since is None:
+            self.began(failing_since if failing_since is not None else now)
+            log.warning("coordinator unreachable (%s); retrying with backoff for up to %gs", error, self.give_up_after)
+        down = now - self.since
+        if down > self.give_up_after:
+            raise FatalError(f"coordinator unreachable for {down:.0f}s (GIVE_UP_AFTER={self.give_up_after:g}s); "
+                             f"last error: {error}")
+        return min(10.0, 1.0 + down / 4, max(0.1, self.give_up_after - down))
 
 
 class Action(str, Enum):

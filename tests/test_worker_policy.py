@@ -103,3 +103,21 @@ def test_a_worker_that_registers_into_a_new_run_says_so_and_fetches_the_new_mode
         w.register()
     assert "new run bbbbbbbbbbbb (this worker was in run aaaaaaaaaaaa)" in caplog.text
     assert w.model_version == -1 and w.run_id == "bbbbbbbbbbbb"
+
+
+def test_an_outage_backs_off_within_give_up_after_then_is_fatal():
+    """Outage: what a worker and a simulation's client host do with WAIT_OUTAGE (one rule for both)."""
+    from fedrest.worker_policy import FatalError, Outage
+
+    now = [100.0]
+    outage = Outage(give_up_after=12.0, clock=lambda: now[0])
+    assert outage.delay("refused", failing_since=99.0) == pytest.approx(1.25)  # counted from the failed call
+    now[0] = 107.0
+    assert outage.delay("refused") == pytest.approx(3.0)  # 1 s + a quarter of the 8 s down
+    now[0] = 110.0
+    assert outage.delay("refused") == pytest.approx(1.0)  # never past GIVE_UP_AFTER (2 s left, not 3.75)
+    now[0] = 111.5
+    with pytest.raises(FatalError, match="unreachable for 12s .GIVE_UP_AFTER=12s.; last error: refused"):
+        outage.delay("refused")
+    outage.ended()
+    assert outage.since is None and outage.delay("reset") == pytest.approx(1.0)

@@ -27,18 +27,17 @@ from pathlib import Path
 import torch
 
 from config import Config
-from fedrest.client import CoordinatorClient, CoordinatorUnreachable, make_session
+from fedrest.client import CoordinatorClient, make_session
 from fedrest.local_control import LocalControlVariate
-from fedrest.local_round import (FatalError, RoundClosed, evaluate_settings, round_settings, scaffold_controls,
-                                 train_local)
+from fedrest.local_round import RoundClosed, evaluate_settings, round_settings, scaffold_controls, train_local
 from fedrest.node_identity import system_info
 from fedrest.serialization import bytes_to_state_dict
 from fedrest.simulation.plan import ClientPart, client_name, client_parts, host_clients
 from fedrest.simulation.polling import TaskPolls
 from fedrest.tasks import TaskError, load_task
 from fedrest.tasks.node_data import context, hold_out_positions, ready_on
-from fedrest.worker_node import folder_name
-from fedrest.worker_policy import CALL_ERRORS, Action, react
+from fedrest.worker_node import await_coordinator, folder_name
+from fedrest.worker_policy import CALL_ERRORS, Action, FatalError, Outage, react
 from utils import device_description
 
 log = logging.getLogger("fl.simulation")
@@ -95,7 +94,7 @@ class ClientHost:
         self.stop_event = threading.Event()
         self.model_version, self.run_id = -1, None
         self._global_state = None
-        self._unreachable_since: float | None = None
+        self.outage = Outage(cfg.give_up_after)
         self._local = threading.local()
         self.heartbeat_interval = cfg.heartbeat_interval  # until the coordinator's answer says
         log.info("host %d of %d: %d virtual clients of %d (%s), %d training examples in all, ready in %.1fs", host,
@@ -132,7 +131,9 @@ class ClientHost:
     def run(self) -> int:
         """Register every client, then serve their tasks until each was told to stop; returns the exit status."""
         try:
-            self._await_coordinator()
+            await_coordinator(CoordinatorClient(self.cfg.coordinator_address,
+                                                session=make_session(0, ca_cert=self.cfg.ca_cert)),
+                              self.outage, self.stop_event, FIRST_CONTACT_S)
             started = time.perf_counter()
             for client in self.clients.values():
                 self._call(lambda client=client: self.register(client), "register", until_done=True)
@@ -193,7 +194,7 @@ class ClientHost:
             started = time.monotonic()
             try:
                 result = fn()
-                self._unreachable_since = None
+                self.outage.ended()
                 return result
             except CALL_ERRORS as exc:
                 delay = self._react(react(exc, during), started)
@@ -211,32 +212,11 @@ class ClientHost:
         if reaction.action == Action.FATAL:
             raise FatalError(reaction.message)
         if reaction.action == Action.WAIT_OUTAGE:
-            now = time.monotonic()
-            if self._unreachable_since is None:
-                self._unreachable_since = started
-                log.warning("coordinator unreachable (%s); retrying with backoff for up to %gs", reaction.message,
-                            self.cfg.give_up_after)
-            down = now - self._unreachable_since
-            if down > self.cfg.give_up_after:
-                raise FatalError(f"coordinator unreachable for {down:.0f}s (GIVE_UP_AFTER="
-                                 f"{self.cfg.give_up_after:g}s); last error: {reaction.message}")
-            return min(10.0, 1.0 + down / 4)
+            return self.outage.delay(reaction.message, started)  # FatalError after GIVE_UP_AFTER
         log.log(reaction.level, "%s%s", f"{client.name}: " if client else "", reaction.message)
         if reaction.action == Action.REGISTER and client is not None:
             self._call(lambda: self.register(client), "register", until_done=True)
         return reaction.delay if reaction.action == Action.RETRY else 0.0
-
-    def _await_coordinator(self) -> None:
-        probe = CoordinatorClient(self.cfg.coordinator_address, session=make_session(0, ca_cert=self.cfg.ca_cert))
-        deadline = time.monotonic() + min(FIRST_CONTACT_S, self.cfg.give_up_after)
-        while time.monotonic() < deadline and not self.stop_event.is_set():
-            try:
-                probe.health()
-                return
-            except CoordinatorUnreachable:
-                self.stop_event.wait(0.2)
-            except CALL_ERRORS:
-                return
 
     def _heartbeat_loop(self) -> None:
         """Heartbeats of the clients whose poll was answered (waiting for their turn, or training): without a
@@ -311,7 +291,7 @@ class ClientHost:
             try:
                 self._client(client.token).submit_update(round_number, update.metadata, update.payload,
                                                          update.control_change)
-                self._unreachable_since = None
+                self.outage.ended()
                 return True
             except CALL_ERRORS as exc:
                 reaction = react(exc, "upload")
