@@ -153,7 +153,8 @@ class Tracking:
         self._from = settled  # the first history index whose numbers may still change
         name = f"{federation.task.name}-{federation.strategy.name}-{federation.run_id}"
         cfg = federation.config  # the coordinator's own settings (a worker's, such as its partition, are not here)
-        params = {**{f: getattr(cfg, f) for f in COORDINATOR_FIELDS if f in cfg.public_dict()},
+        public = cfg.public_dict()  # secrets left out
+        params = {**{f: public[f] for f in COORDINATOR_FIELDS if f in public},
                   **{f"strategy.{k}": v for k, v in federation.strategy.describe().items()}}
         for sink in sinks:
             try:
