@@ -638,6 +638,24 @@ def test_update_over_max_update_bytes_is_413_naming_the_limit(make_app, size):
     assert_nothing_recorded(fed, cfg, global_bytes, node["node_id"])
 
 
+@pytest.mark.parametrize("over", [0, 1])  # a file part of exactly MAX_UPDATE_BYTES bytes, and one byte more
+def test_an_update_of_exactly_max_update_bytes_is_accepted_and_one_byte_more_is_413(make_app, over):
+    data = state_dict_to_bytes(filled_state_dict(0.5, 1))
+    app = make_app(max_update_bytes=len(data) - over)
+    client, fed, cfg = app.test_client(), app.extensions["federation"], app.extensions["federation"].config
+    node = register(client)
+    fed.tick()
+    global_bytes = fed.global_bytes
+    response = post_update(client, node, 1, data=data, metadata={"num_samples": 10})
+    if over:
+        body = assert_json_error(response, 413, "payload_too_large")
+        assert body["limit_bytes"] == len(data) - 1
+        assert_nothing_recorded(fed, cfg, global_bytes, node["node_id"])
+    else:
+        assert response.status_code == 202, response.get_json()
+        assert list(fed.state.updates) == [node["node_id"]]
+
+
 def test_oversized_metadata_field_is_413(client, fed, cfg, round_one):
     node, global_bytes = round_one
     meta = {"num_samples": 10, "padding": "x" * 300_000}
@@ -888,18 +906,19 @@ def test_failure_during_aggregation_does_not_wedge_the_federation(make_app, fail
     assert client.get(f"{API}/health").get_json()["state"] != "aggregating"
 
 
-def test_status_is_strict_json_even_if_a_node_sent_nan(client):
+def test_a_registration_with_nan_in_system_info_is_400_so_the_status_stays_strict_json(client, fed):
     body = '{"name": "node-x", "device": "cpu", "num_samples": 3, "system_info": {"load": NaN, "t": Infinity}}'
     response = client.post(f"{API}/nodes", headers=JOIN, data=body, content_type="application/json")
-    if response.status_code == 400:  # refusing such a registration is a fix too
-        return
-    assert response.status_code == 201
+    answer = assert_json_error(response, 400, "bad_request")
+    assert answer["message"] == "system_info must not hold NaN, Infinity or invalid unicode"
+    assert fed.nodes == {}
+    register(client, "node-y")
     text = client.get(f"{API}/status", headers=MONITOR).get_data(as_text=True)
 
     def refuse(constant):
         raise ValueError(f"{constant} is not JSON")
 
-    json.loads(text, parse_constant=refuse)
+    assert json.loads(text, parse_constant=refuse)["node_counts"]["online"] == 1
 
 
 DEEP = "[" * 5000 + "]" * 5000  # nesting deeper than Python's recursion limit, well under 64 KiB

@@ -1,11 +1,13 @@
 """The web dashboard in a real browser: Debian's Chromium driven by Playwright (no browser download).
 
-Skipped, with the reason printed in the summary (pytest -ra), when Chromium or Playwright is missing;
-`make test` and `.ci/run` install both.
+Skipped, with the reason printed in the summary (pytest -ra), when Chromium or Playwright is missing; `make test`
+installs both. With FL_REQUIRE_BROWSER=1 (set by `.ci/run`) a missing browser fails the test instead: CI never
+passes without having looked at the dashboard.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -22,15 +24,22 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 expect = None  # playwright.sync_api.expect, imported by the browser fixture (Playwright is optional)
 
 
+def _missing(reason: str) -> None:
+    """Skip the dashboard test for ``reason``, or fail it where FL_REQUIRE_BROWSER=1 (CI)."""
+    if os.environ.get("FL_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"FL_REQUIRE_BROWSER=1 but {reason}")
+    pytest.skip(f"{reason}; the dashboard was not tested")
+
+
 @pytest.fixture
 def browser():
     if CHROMIUM is None:
-        pytest.skip("no Chromium on this machine (apt-get install chromium); the dashboard was not tested")
+        _missing("no Chromium on this machine (apt-get install chromium)")
     global expect
     try:
         from playwright.sync_api import expect, sync_playwright
     except ImportError:
-        pytest.skip("Playwright is not installed (pip install playwright); the dashboard was not tested")
+        _missing("Playwright is not installed (pip install playwright)")
     with sync_playwright() as p:
         instance = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield instance

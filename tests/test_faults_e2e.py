@@ -4,6 +4,8 @@ was recovered (rounds, updates, the weighted mean) and prints how long recovery 
 
 from __future__ import annotations
 
+import json
+import signal
 import socket
 import sqlite3
 import threading
@@ -48,7 +50,9 @@ def test_worker_killed_mid_training_round_completes_and_it_rejoins(procs):
     status = wait_state(port, procs, lambda s: s["state"] == "training" and s["round"] == 1, 120,
                         "round 1 to start")
     victim = next(n for n in status["nodes"] if n["name"] == "w2")
-    time.sleep(1.0)  # w2 is now inside local training (2 epochs take several seconds)
+    # w2 downloads the global model, then trains at once (2 epochs take several seconds): kill it in training
+    wait_for(lambda: "downloaded global model version 0" in procs.output("w2"), 60, "w2 to start training", procs)
+    assert "update sent" not in procs.output("w2")
     procs.kill("w2")
     killed_at = time.monotonic()
     status = wait_state(port, procs, lambda s: len(s["history"]) >= 1, 120, "round 1 to close", allow_exit=("w2",))
@@ -135,6 +139,44 @@ def test_coordinator_killed_during_aggregation_or_checkpoint_recovers_consistent
     wait_state(port, procs, lambda s: s["state"] == "finished", 60, "round 2")
     print(f"\ncoordinator kill -9 at {name}: temporary files at the kill {leftovers}; the restart completed "
           f"round 1 once, weighted mean {expected}")
+
+
+@pytest.mark.parametrize("failpoint", ["aggregate.before_commit", "checkpoint.between_files"])
+def test_sigterm_lets_an_aggregation_or_checkpoint_write_in_progress_finish_and_the_next_start_resumes(
+        procs, tmp_path, failpoint):
+    """SIGTERM while round 1 is aggregated (before its commit) or while its checkpoint files are written: the
+    coordinator finishes that work, exits 0, and the next start goes on from round 2 without aggregating or
+    writing round 1 again."""
+    port = free_port()
+    args = ("--rounds", "2", "--min-nodes", "2", "--no-eval", "--round-timeout", "60", "--max-share", "1")
+    procs.coordinator(port, *args, env={"FL_FAILPOINTS": f"{failpoint}=3"})
+    wait_state(port, procs, lambda s: True, 60, "the coordinator to answer")
+    a, b = FakeWorker(port, "a", 10), FakeWorker(port, "b", 30)
+    wait_state(port, procs, lambda s: s["state"] == "training", 30, "round 1")
+    a.upload(1, 1.0, 2)
+    b.upload(1, 3.0, 6)
+    wait_for(lambda: f"failpoint {failpoint} reached" in procs.output("coordinator"), 60, failpoint, procs)
+    coordinator = procs.procs["coordinator"]
+    coordinator.send_signal(signal.SIGTERM)
+    assert coordinator.wait(30) == 0, procs.output("coordinator")
+    first = procs.output("coordinator")
+    assert first.index(f"failpoint {failpoint} reached") < first.index("received SIGTERM")
+    with sqlite3.connect(tmp_path / "temp" / "coordinator.sqlite3") as db:  # round 1 was committed, and complete
+        rows = db.execute("SELECT round, record FROM history").fetchall()
+    assert [r for r, _ in rows] == [1] and json.loads(rows[0][1])["evaluation_pending"] is False
+    expected = weighted([(1.0, 10), (3.0, 30)])
+    for name in ("global_model_round_1.pt", "global_model.pt"):  # both checkpoint files written, whole
+        checkpoint = load_checkpoint(tmp_path / "models" / name)
+        assert checkpoint["round"] == 1
+        assert torch.allclose(checkpoint["state_dict"]["conv2.weight"], torch.full((64, 32, 3, 3), expected))
+    procs.coordinator(port, *args)
+    status = wait_state(port, procs, lambda s: s["state"] == "training" and s["round"] == 2, 60, "round 2")
+    assert [r["num_updates"] for r in status["history"]] == [2]
+    a.upload(2, 1.0, 1)
+    b.upload(2, 1.0, 1)
+    wait_state(port, procs, lambda s: s["state"] == "finished", 60, "round 2 to finish")
+    second = procs.output("coordinator")[len(first):]
+    assert "aggregating the" not in second and "failpoint" not in second
 
 
 def _evaluated_run(procs, label: str, failpoint: str | None = None) -> list:
@@ -377,7 +419,8 @@ def test_a_locked_database_answers_503_at_once_heartbeats_answer_and_a_worker_jo
         assert time.monotonic() - t0 < 1.5
         assert answer.status_code == 503 and answer.json()["error"] == "store_busy" and "Retry-After" in answer.headers
         procs.worker("w0", port, "--num-partitions", "5", "--partition-id", "0")
-        time.sleep(4.0)  # the worker tries to register meanwhile
+        wait_state(port, procs, lambda s: s["requests_refused_total"].get("store_busy", 0) >= 2, 60,
+                   "the worker's registration to be answered store_busy")  # the first was ours
         t0 = time.monotonic()
         assert fake.client.heartbeat(fake.node_id)["node_id"] == fake.node_id
         assert try_status(status)["node_counts"]["online"] == 1  # the worker has not joined

@@ -210,3 +210,70 @@ def test_the_plot_monitor_titles_the_privacy_spent():
     monitor.draw(fig, status, monitor.NodeTimeline())
     assert "ε 1.23 at δ 1e-05 (budget 8, 4 rounds)" in fig._suptitle.get_text()
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the coordinator's DP round
+
+
+def key_sampling(count: int, of: int, q: float) -> bytes:
+    """A secret key under which round 1's Poisson sample holds ``count`` of ``of`` clients (the count does not
+    depend on the nodes' random ids, only on the key's draws)."""
+    names = [f"n{i}" for i in range(of)]
+    return next(key for key in (f"test-key-{i}".encode() for i in range(1000))
+                if len(poisson_participants(names, q, key, 1, 1)) == count)
+
+
+def dp_round_one(make_app, send):
+    """Round 1 of a DP app (4 registered clients, q = 0.5, S = 1, z = 1) whose Poisson sample is 2 of the 4;
+    ``send(node, reference)`` -> the state_dict each participant uploads. Returns (fed, reference, uploaded,
+    key) with ``uploaded`` the participants' state_dicts."""
+    client, fed, nodes = dp_app(make_app)
+    key = key_sampling(2, 4, 0.5)
+    fed.privacy_key = key  # fixed, so that fewer clients take part than are registered (2 of N = 4)
+    fed.tick()
+    assert (fed.round, len(fed.state.participants)) == (1, 2)
+    reference = OrderedDict((k, v.clone()) for k, v in fed.global_state.items())
+    uploaded = []
+    for node_id in fed.state.participants:
+        node = next(n for n in nodes.values() if n["node_id"] == node_id)
+        state = send(len(uploaded), reference)
+        assert post_update(client, node, 1, state, {"num_samples": 50}).status_code == 202
+        uploaded.append(state)
+    fed.tick()
+    assert fed.model_version == 1
+    return fed, reference, uploaded, key
+
+
+def test_a_dp_round_releases_the_clipped_sum_plus_the_seeded_noise_over_q_times_all_registered_clients(make_app):
+    """McMahan et al. 2018, Algorithm 1, by hand: x + (sum of changes clipped to S + N(0, (zS)^2)) / (q N), with
+    N = 4 registered clients although 2 took part, and the noise drawn from the round's secret seed."""
+    fed, reference, uploaded, key = dp_round_one(
+        make_app, lambda i, ref: filled_state_dict(0.01 * (i + 1), 7, ref))
+    q, z, clip, num_clients = 0.5, 1.0, 1.0, 4
+    floating = [k for k, v in reference.items() if v.is_floating_point()]
+    total = {k: torch.zeros(reference[k].shape, dtype=torch.float64) for k in floating}
+    for state in uploaded:
+        change = {k: state[k].double() - reference[k].double() for k in floating}
+        norm = math.sqrt(sum(float((d * d).sum()) for d in change.values()))
+        assert norm > clip  # every change is clipped here
+        for k in floating:
+            total[k] += change[k] * (clip / norm)
+    generator = torch.Generator().manual_seed(round_noise_seed(key, 1))
+    for k in floating:  # one draw per coordinate, tensor after tensor in the state_dict's order
+        expected = reference[k].double() + (total[k] + z * clip * torch.randn(
+            reference[k].shape, generator=generator, dtype=torch.float64)) / (q * num_clients)
+        if k.endswith("running_var"):
+            expected = expected.clamp(min=0.0)
+        assert torch.allclose(fed.global_state[k].double(), expected, rtol=0, atol=1e-6), k
+    assert all(torch.equal(fed.global_state[k], reference[k]) for k in reference if k not in floating)
+
+
+def test_a_dp_round_of_unchanged_models_moves_the_global_model_by_noise_of_std_z_s_over_q_n(make_app):
+    """Independent of how the noise is drawn: on SimpleCNN's 1.2 M coordinates the released change of a round
+    whose participants changed nothing has mean 0 and standard deviation z * S / (q * N) = 1 / (0.5 * 4)."""
+    fed, reference, _, _ = dp_round_one(make_app, lambda i, ref: OrderedDict((k, v.clone()) for k, v in ref.items()))
+    change = torch.cat([(fed.global_state[k].double() - reference[k].double()).reshape(-1) for k in reference
+                        if reference[k].is_floating_point() and not k.endswith("running_var")])
+    assert change.numel() > 1_000_000
+    assert float(change.std()) == pytest.approx(1.0 / (0.5 * 4), rel=0.01)
+    assert abs(float(change.mean())) < 0.005

@@ -197,3 +197,20 @@ def test_the_workers_control_variate_survives_a_restart_and_belongs_to_one_run(t
     again.path.write_bytes(b"damaged")
     assert again.load("run1", parameters)["b"].tolist() == [0.0]
     assert [p.name for p in again.path.parent.iterdir()] == ["control_variate.pt"]  # no temporary left
+
+
+def test_the_global_control_variate_divides_by_all_registered_clients_not_by_the_participants(make_app):
+    """SCAFFOLD (Karimireddy et al. 2020, Algorithm 1, line 17): c <- c + (1/N) sum over the sampled S of
+    (c_i+ - c_i), with N every client of the federation: 4 registered, 2 sampled (C = 0.5)."""
+    app = make_app(strategy="scaffold", min_nodes_to_start=4, min_sample=1, client_fraction=0.5, max_share=1.0)
+    client, fed = app.test_client(), app.extensions["federation"]
+    nodes = {n["node_id"]: n for n in (register(client, name, num_samples=10) for name in "abcd")}
+    fed.tick()
+    assert len(fed.state.participants) == 2
+    for node_id, change in zip(fed.state.participants, (0.5, -0.1)):
+        answer = post_update(client, nodes[node_id], 1, filled_state_dict(1.0, 1), {"num_samples": 10},
+                             control=control_of(change))
+        assert answer.status_code == 202, answer.get_json()
+    fed.tick()
+    c1 = bytes_to_state_dict(client.get(f"{API}/control-variate", headers=nodes[node_id]["headers"]).data)
+    assert c1["fc1.weight"].flatten()[0].item() == pytest.approx((0.5 - 0.1) / 4, abs=1e-7)

@@ -131,10 +131,16 @@ def test_an_aggregated_round_commits_once_the_database_is_free(make_app, monkeyp
         other.execute("BEGIN IMMEDIATE")
         threading.Timer(1.5, lambda: other.execute("ROLLBACK")).start()
     monkeypatch.setattr(closing, "write_round_files", then_lock)
+    heartbeats = []  # (seconds the heartbeat took, its status code), one every 0.1 s while the round commits
+
+    def beat():
+        for _ in range(20):
+            time.sleep(0.1)
+            t0 = time.perf_counter()
+            code = client.post(f"{API}/nodes/{node['node_id']}/heartbeat", headers=node["headers"]).status_code
+            heartbeats.append((time.perf_counter() - t0, code))
     with caplog.at_level(logging.WARNING, "fl.federation"):
-        heartbeats = []
-        beating = threading.Thread(target=lambda: [heartbeats.append(
-            (time.sleep(0.3), fed.authenticate(node["node_token"]) is not None)[1]) for _ in range(4)])
+        beating = threading.Thread(target=beat)
         t0 = time.perf_counter()
         beating.start()
         fed.tick()  # closes round 1, aggregates, and commits it once the database is free
@@ -142,7 +148,10 @@ def test_an_aggregated_round_commits_once_the_database_is_free(make_app, monkeyp
         beating.join()
     other.close()
     assert waited >= 1.5  # the commit waited for the database...
-    assert heartbeats == [True] * 4  # ...without holding the federation's lock meanwhile
+    assert [code for _, code in heartbeats] == [200] * 20
+    # ...without holding the federation's lock meanwhile: a heartbeat waits at most for one write attempt
+    # (BUSY_TIMEOUT_S), never for the BUSY_HOLD_OFF_S between two attempts
+    assert max(seconds for seconds, _ in heartbeats) < BUSY_TIMEOUT_S + 0.3, heartbeats
     assert (fed.model_version, fed.store.get("model_version")) == (1, 1)
     assert [r.round for r in fed.state.history] == [1]
     assert any("the round goes on once it is free" in r.getMessage() for r in caplog.records)

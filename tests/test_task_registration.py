@@ -151,3 +151,17 @@ def test_no_evaluation_phase_without_held_out_data(make_app):
     assert response.status_code == 202
     fed.tick()
     assert fed.phase.value == "training" and fed.round == 2  # straight to the next round, as before
+
+
+def test_a_worker_whose_model_differs_only_in_dtype_is_409_naming_both_dtypes(make_app):
+    """A float64 model (``model.double()``) has the same keys and shapes: every upload of it would be refused,
+    so it must not join and be sampled into rounds."""
+    app = make_app()
+    client = app.test_client()
+    before = fingerprint(app)
+    task = load_task(Config())
+    answer = client.post(f"{API}/nodes", headers=JOIN, json=body(task=task.fingerprint(SimpleCNN().double())))
+    assert answer.status_code == 409 and answer.json["error"] == "task_mismatch"
+    assert answer.json["differences"][0] == ("conv1.weight: the coordinator's is float32 [32, 1, 3, 3], this "
+                                             "worker's float64 [32, 1, 3, 3]")
+    assert fingerprint(app) == before

@@ -240,3 +240,11 @@ def test_fingerprint_differences_name_what_differs():
     assert differences(a, {**a, "classes": c["classes"]}) == [
         "class names are in another order: coordinator [cat, dog, eel] (3), this worker [dog, cat, eel] (3)"]
     assert differences(a, {**a, "name": "other"}) == ["task: the coordinator runs 'image-folder', this worker 'other'"]
+
+
+def test_fingerprints_that_differ_only_in_a_dtype_differ():
+    a = make_fingerprint("mnist", {"w": torch.zeros(3, 2), "n": torch.zeros((), dtype=torch.int64)}, None, {})
+    b = make_fingerprint("mnist", {"w": torch.zeros(3, 2, dtype=torch.float64),
+                                   "n": torch.zeros((), dtype=torch.int32)}, None, {})
+    assert differences(a, b) == ["w: the coordinator's is float32 [3, 2], this worker's float64 [3, 2]",
+                                 "n: the coordinator's is int64 [], this worker's int32 []"]
