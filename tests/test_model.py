@@ -139,13 +139,21 @@ def test_build_model():
 
 
 def test_select_device():
-    from utils import DeviceUnavailable, device_description, select_device
+    from utils import device_description, select_device
 
     assert select_device("cpu") == torch.device("cpu")
     assert device_description(torch.device("cpu")) == "cpu"
     assert select_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match="prefer must be"):
         select_device("tpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(DeviceUnavailable, match="CUDA is not available"):
-            select_device("gpu")
+
+
+def test_select_device_refuses_gpu_where_torch_sees_no_cuda_device(monkeypatch):
+    """What a machine without CUDA reports, on any machine (with a GPU too): torch sees no device."""
+    from utils import DeviceUnavailable, select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(DeviceUnavailable, match=r"CUDA is not available \(torch .*; 0 devices visible\)"):
+        select_device("gpu")
+    assert select_device(None) == torch.device("cpu")
