@@ -39,9 +39,10 @@ check: dev  # the inner loop: lint + every test but the end-to-end and browser o
 
 # Mutation testing (CONTRIBUTING.md): mutmut changes the silent modules one mutant at a time and runs the unit tests
 # that reach each change; an hour or more on 2 cores the first time, then only what changed. Not in make test.
-# MUTANTS='fedrest.privacy.*' limits a run to the mutants of one module (or function).
+# MUTANTS='fedrest.privacy.*' limits a run to the mutants of one module (or function). OMP_NUM_THREADS=1: a
+# process forked after torch's OpenMP pool started hangs in its first parallel region.
 mutate: $(VENV)/.installed-mutate
-	$(PY) -m mutmut run --max-children $(shell nproc 2>/dev/null || echo 2) $(MUTANTS)
+	OMP_NUM_THREADS=1 $(PY) -m mutmut run --max-children $(shell nproc 2>/dev/null || echo 2) $(MUTANTS)
 	$(PY) scripts/mutation_report.py
 
 mutation-report: $(VENV)/.installed-mutate  # the last run's score per module and its surviving mutants

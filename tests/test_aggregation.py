@@ -166,3 +166,28 @@ def test_two_updates_with_one_key_are_refused():
     sd = make_sd([1.0] * WIDTH, [0.0] * 4, 0)
     with pytest.raises(ValueError, match="share a key"):
         aggregate([("a", sd, 1), ("a", sd, 2)], REFERENCE, "fedavg")
+
+
+def test_clipping_by_hand_around_a_reference_that_is_not_zero_computed_in_float64():
+    """The change u - r, not u, is scaled (r = 5.2754..., u = -4.8986..., S = 0.7), in float64 and then rounded
+    once to float32 (rounding each float32 step gives 4.5754919 instead)."""
+    reference = OrderedDict(w=torch.tensor([5.275492191314697]), n=torch.tensor(3))
+    update = OrderedDict(w=torch.tensor([-4.898619651794434]), n=torch.tensor(9))
+    clipped, scale = clip_update(update, reference, 0.7)
+    change = -4.898619651794434 - 5.275492191314697
+    assert scale == 0.7 / abs(change)
+    assert clipped["w"].dtype == torch.float32 and clipped["w"].item() == 4.5754923820495605
+    assert clipped["w"].item() == pytest.approx(5.275492191314697 - 0.7)
+    assert clipped["n"].item() == 9  # integer buffers keep the update's value
+    same, one = clip_update(update, reference, abs(change) * 2)
+    assert one == 1.0 and same["w"] is update["w"]
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match=f"max_norm must be > 0, got {bad}"):
+            clip_update(update, reference, bad)
+
+
+def test_fedavg_of_no_update_is_refused():
+    from fedrest.aggregation.fedavg import fedavg
+
+    with pytest.raises(ValueError, match="^FedAvg of zero updates$"):
+        fedavg([], OrderedDict(w=torch.zeros(1)))

@@ -277,3 +277,43 @@ def test_a_dp_round_of_unchanged_models_moves_the_global_model_by_noise_of_std_z
     assert change.numel() > 1_000_000
     assert float(change.std()) == pytest.approx(1.0 / (0.5 * 4), rel=0.01)
     assert abs(float(change.mean())) < 0.005
+
+
+@pytest.mark.parametrize("q, z, rounds, delta", [(0.0, 1.0, 1, 1e-5), (1.01, 1.0, 1, 1e-5), (-0.1, 1.0, 1, 1e-5),
+                                                 (0.5, -0.1, 1, 1e-5), (0.5, 1.0, -1, 1e-5), (0.5, 1.0, 1, 0.0),
+                                                 (0.5, 1.0, 1, 1.0)])
+def test_epsilon_refuses_each_bad_parameter_alone(q, z, rounds, delta):
+    with pytest.raises(ValueError, match=f"bad privacy parameters: q={q}, z={z}, rounds={rounds}, delta={delta}"):
+        epsilon_spent(q, z, rounds, delta)
+
+
+def test_epsilon_at_the_edges_of_its_parameters():
+    assert epsilon_spent(1.0, 1.0, 3, 1e-5) == accountant_epsilon(1.0, 1.0, 3, 1e-5)  # q = 1: every client
+    assert epsilon_spent(0.5, 0.0, 1, 1e-5) == math.inf  # no noise: no privacy
+    assert epsilon_spent(0.5, 0.0, 0, 1e-5) == 0.0  # no round: nothing spent
+    assert epsilon_spent(0.5, 1e-9, 0, 1e-5) == 0.0
+
+
+def test_the_rounds_a_budget_allows_include_a_round_that_spends_it_exactly_and_stop_at_the_run_length():
+    exact = epsilon_spent(0.25, 1.0, 7, 1e-5)
+    assert rounds_within_budget(0.25, 1.0, 1e-5, exact, 1000) == 7
+    assert rounds_within_budget(0.25, 1.0, 1e-5, math.nextafter(exact, 0.0), 1000) == 6
+    assert rounds_within_budget(0.25, 1.0, 1e-5, exact, 5) == 5  # the run is shorter than the budget
+    assert rounds_within_budget(0.25, 1.0, 1e-5, epsilon_spent(0.25, 1.0, 1, 1e-5) / 2, 1000) == 0
+    assert rounds_within_budget(0.25, 1.0, 1e-5, 1e9, 1) == 1
+
+
+def test_privacy_settings_of_a_config_and_what_the_status_shows():
+    from fedrest.privacy import PrivacySettings
+
+    assert PrivacySettings.of(Config()) is None  # DP off
+    settings = PrivacySettings.of(Config(dp_noise_multiplier=1.0, clip_norm=2.0, client_fraction=0.25,
+                                         dp_delta=1e-6, communication_rounds=9))
+    assert settings == PrivacySettings(1.0, 2.0, 0.25, 1e-6, 0.0, 9)  # no budget: every round of the run
+    assert settings.describe(3) == {"noise_multiplier": 1.0, "clip_norm": 2.0, "sampling_rate": 0.25,
+                                    "delta": 1e-6, "epsilon": accountant_epsilon(0.25, 1.0, 3, 1e-6),
+                                    "epsilon_budget": None, "rounds_allowed": 9}
+    budget = epsilon_spent(0.25, 1.0, 4, 1e-6)
+    capped = PrivacySettings.of(Config(dp_noise_multiplier=1.0, clip_norm=2.0, client_fraction=0.25,
+                                       dp_delta=1e-6, communication_rounds=9, dp_epsilon_budget=budget))
+    assert (capped.rounds_allowed, capped.describe(0)["epsilon_budget"], capped.epsilon(0)) == (4, budget, 0.0)

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from fedrest.server.rounds import Action, Phase, RoundFacts, Settings, after_round, decide, federated_mean
+from fedrest.server.rounds import (Action, Decision, Phase, RoundFacts, Settings, after_round, decide,
+                                   federated_mean)
 
 SETTINGS = Settings(min_nodes_to_start=2, min_updates=2, round_timeout=60.0)
 ABC = ("a", "b", "c")
@@ -25,46 +26,72 @@ def evaluating(now=10.0, answered=(), online=ABC) -> RoundFacts:
                       online=frozenset(online), deadline=60.0)
 
 
-# (name, facts, expected action, expected delay or None)
+A, D = Action, Decision
+EVERY_LIVE = "every participant still online has answered"
+TIMEOUT = "ROUND_TIMEOUT=60s passed"
+OTHERS = "the others are offline or refused"
+
+# (name, facts, the whole decision expected)
 TABLE = [
-    ("waiting, too few online", RoundFacts(Phase.WAITING, 0.0, online=frozenset("a")), Action.NOTHING, None),
-    ("waiting, enough online", RoundFacts(Phase.WAITING, 0.0, online=frozenset("ab")), Action.OPEN, None),
+    ("waiting, too few online", RoundFacts(Phase.WAITING, 0.0, online=frozenset("a")), D(A.NOTHING)),
+    ("waiting, enough online", RoundFacts(Phase.WAITING, 0.0, online=frozenset("ab")), D(A.OPEN, "2 nodes online")),
     ("waiting, enough online but backing off",
-     RoundFacts(Phase.WAITING, 5.0, online=frozenset("ab"), not_before=6.0), Action.NOTHING, None),
+     RoundFacts(Phase.WAITING, 5.0, online=frozenset("ab"), not_before=6.0), D(A.NOTHING)),
     ("waiting, back-off over", RoundFacts(Phase.WAITING, 6.0, online=frozenset("ab"), not_before=6.0),
-     Action.OPEN, None),
-    ("training, a live participant still owes its update", training(updates="ab"), Action.NOTHING, None),
-    ("training, every participant answered", training(updates="abc"), Action.AGGREGATE, None),
-    ("training, the one missing went offline", training(updates="ab", online="ab"), Action.AGGREGATE, None),
-    ("training, the one missing was refused", training(updates="ab", refused="c"), Action.AGGREGATE, None),
-    ("training, deadline passed with enough", training(now=60.0, updates="ab"), Action.AGGREGATE, None),
-    ("training, deadline not yet passed", training(now=59.9, updates="ab"), Action.NOTHING, None),
+     D(A.OPEN, "2 nodes online")),
+    ("training, a live participant still owes its update", training(updates="ab"), D(A.NOTHING)),
+    ("training, every participant answered", training(updates="abc"), D(A.AGGREGATE, OTHERS)),
+    ("training, the one missing went offline", training(updates="ab", online="ab"),
+     D(A.AGGREGATE, OTHERS, missing=("c",))),
+    ("training, the one missing was refused", training(updates="ab", refused="c"),
+     D(A.AGGREGATE, OTHERS, missing=("c",))),
+    ("training, deadline passed with enough", training(now=60.0, updates="ab"),
+     D(A.AGGREGATE, "deadline passed", missing=("c",), timed_out=True)),
+    ("training, deadline not yet passed", training(now=59.9, updates="ab"), D(A.NOTHING)),
     ("training, deadline passed with too few, enough online", training(now=60.0, updates="a"),
-     Action.REOPEN, None),
+     D(A.REOPEN, TIMEOUT, timed_out=True)),
     ("training, all answered but too few (MIN_UPDATES)", training(updates="a", online="ab", participants=("a",)),
-     Action.REOPEN, None),
+     D(A.REOPEN, EVERY_LIVE)),
     ("training, too few and too few online", training(now=60.0, updates="a", online="a"),
-     Action.WAIT_FOR_NODES, None),
-    ("training, every answer refused", training(refused="abc"), Action.BACK_OFF, 2.0),
-    ("training, every answer refused, third time", training(refused="abc", streak=2), Action.BACK_OFF, 8.0),
-    ("training, every answer refused, back-off capped", training(refused="abc", streak=20), Action.BACK_OFF, 60.0),
-    ("training, refused and accepted but too few", training(updates="a", refused="bc"), Action.BACK_OFF, 2.0),
-    ("aggregating: the driver is on it", RoundFacts(Phase.AGGREGATING, 0.0), Action.NOTHING, None),
-    ("finished", RoundFacts(Phase.FINISHED, 0.0, online=frozenset("abc")), Action.NOTHING, None),
-    ("evaluating, a live evaluator still owes its metrics", evaluating(answered="a"), Action.NOTHING, None),
-    ("evaluating, every evaluator answered", evaluating(answered="ab"), Action.CLOSE_EVALUATION, None),
-    ("evaluating, the one missing went offline", evaluating(answered="a", online="ac"), Action.CLOSE_EVALUATION,
-     None),
-    ("evaluating, deadline passed (no MIN_UPDATES applies)", evaluating(now=60.0), Action.CLOSE_EVALUATION, None),
+     D(A.WAIT_FOR_NODES, TIMEOUT, timed_out=True)),
+    ("training, too few answered and too few online before the deadline",
+     training(updates="a", online="a", participants=("a",)), D(A.WAIT_FOR_NODES, EVERY_LIVE)),
+    ("training, every answer refused", training(refused="abc"), D(A.BACK_OFF, EVERY_LIVE, delay=2.0)),
+    ("training, every answer refused, third time", training(refused="abc", streak=2),
+     D(A.BACK_OFF, EVERY_LIVE, delay=8.0)),
+    ("training, every answer refused, back-off capped", training(refused="abc", streak=20),
+     D(A.BACK_OFF, EVERY_LIVE, delay=60.0)),
+    ("training, every answer refused at the deadline", training(now=60.0, refused="abc"),
+     D(A.BACK_OFF, TIMEOUT, delay=2.0, timed_out=True)),
+    ("training, refused and accepted but too few", training(updates="a", refused="bc"),
+     D(A.BACK_OFF, EVERY_LIVE, delay=2.0)),
+    ("training, one refused, one silent offline, too few: not a back-off",
+     training(updates="a", refused="b", online="ab"), D(A.REOPEN, EVERY_LIVE)),
+    ("training, nobody sampled (no DP): nothing to wait for, too few", training(participants=(), online="ab"),
+     D(A.REOPEN, EVERY_LIVE)),
+    ("aggregating: the driver is on it", RoundFacts(Phase.AGGREGATING, 0.0), D(A.NOTHING)),
+    ("finished", RoundFacts(Phase.FINISHED, 0.0, online=frozenset("abc")), D(A.NOTHING)),
+    ("evaluating, a live evaluator still owes its metrics", evaluating(answered="a"), D(A.NOTHING)),
+    ("evaluating, every evaluator answered", evaluating(answered="ab"),
+     D(A.CLOSE_EVALUATION, "every live evaluator answered")),
+    ("evaluating, the one missing went offline", evaluating(answered="a", online="ac"),
+     D(A.CLOSE_EVALUATION, "every live evaluator answered", missing=("b",))),
+    ("evaluating, deadline passed (no MIN_UPDATES applies)", evaluating(now=60.0),
+     D(A.CLOSE_EVALUATION, "deadline passed", missing=("a", "b"), timed_out=True)),
+    ("evaluating, deadline not yet passed", evaluating(now=59.9), D(A.NOTHING)),
 ]
 
 
-@pytest.mark.parametrize("name, facts, action, delay", TABLE, ids=[row[0] for row in TABLE])
-def test_decide(name, facts, action, delay):
-    decision = decide(facts, SETTINGS)
-    assert decision.action == action
-    if delay is not None:
-        assert decision.delay == delay
+@pytest.mark.parametrize("name, facts, expected", TABLE, ids=[row[0] for row in TABLE])
+def test_decide(name, facts, expected):
+    assert decide(facts, SETTINGS) == expected
+
+
+def test_dp_releases_a_round_whose_poisson_sample_is_empty_and_only_then():
+    dp = Settings(min_nodes_to_start=2, min_updates=2, round_timeout=60.0, release_empty=True)
+    assert decide(training(participants=(), online="ab"), dp) == Decision(
+        Action.AGGREGATE, "the Poisson sample is empty: the noise alone is released")
+    assert decide(training(updates="ab"), dp) == Decision(Action.NOTHING)  # c still owes its update
 
 
 def test_a_closing_round_names_the_missing_participants_in_their_order():

@@ -60,6 +60,32 @@ def test_local_momentum_scales_the_distance_by_one_minus_beta():
                                     learning_rate=0.05)
 
 
+@pytest.mark.parametrize("steps, learning_rate, momentum", [(0, 0.05, 0.0), (4, 0.0, 0.0), (4, -0.1, 0.0),
+                                                            (4, 0.05, 1.0), (4, 0.05, -0.1)])
+def test_local_control_refuses_each_bad_setting_alone(steps, learning_rate, momentum):
+    with pytest.raises(ValueError, match="need steps >= 1, learning_rate > 0 and momentum in \\[0, 1\\)"):
+        scaffold.next_local_control({"w": t(0.1)}, {"w": t(0.3)}, {"w": t(1.0)}, {"w": t(0.8)}, steps=steps,
+                                    learning_rate=learning_rate, momentum=momentum)
+
+
+def test_local_control_at_the_edges_of_its_settings_one_step_and_momentum_just_below_one():
+    new, _ = scaffold.next_local_control({"w": t(0.0)}, {"w": t(0.0)}, {"w": t(1.0)}, {"w": t(0.5)}, steps=1,
+                                         learning_rate=0.5)
+    assert new["w"].item() == pytest.approx(1.0)  # (x - y) / (K eta) = 0.5 / 0.5
+    new, _ = scaffold.next_local_control({"w": t(0.0)}, {"w": t(0.0)}, {"w": t(1.0)}, {"w": t(0.5)}, steps=1,
+                                         learning_rate=0.5, momentum=0.75)
+    assert new["w"].item() == pytest.approx(0.25)
+
+
+def test_the_rules_answer_in_the_dtypes_of_the_control_variates_they_are_given():
+    half = {"w": torch.tensor([0.5, 0.25], dtype=torch.float16)}
+    assert scaffold.gradient_correction(half, {"w": t(0.25, 0.0)})["w"].dtype == torch.float16
+    new, change = scaffold.next_local_control(half, {"w": t(0.0, 0.0)}, {"w": t(1.0, 1.0)}, {"w": t(1.0, 1.0)},
+                                              steps=1, learning_rate=0.1)
+    assert (new["w"].dtype, change["w"].dtype) == (torch.float16, torch.float16)
+    assert change["w"].tolist() == [0.0, 0.0]
+
+
 def test_the_global_control_variate_moves_by_the_sum_of_changes_over_n_by_hand():
     c0 = {"w": torch.zeros(2, dtype=torch.float64)}
     c1 = scaffold.next_global_control(c0, [{"w": t(0.7, -0.5)}, {"w": t(0.1, 0.3)}], num_clients=4)
@@ -87,6 +113,40 @@ def test_the_strategy_averages_models_and_keeps_c_for_parameters_only():
     assert strategy.control_variate(reference)["w"].dtype == torch.float32
     second = strategy.aggregate([updates[0]], result.state_dict, num_clients=3)
     assert second.server_state["c/w"].tolist() == pytest.approx([0.5, 0.1], abs=1e-7)
+
+
+def test_an_update_whose_control_change_is_missing_or_unreadable_counts_as_zero_and_the_others_still_count():
+    reference = OrderedDict(w=t(1.0, 2.0))
+    strategy = make_strategy(Config(strategy="scaffold", max_share=1.0), parameter_keys={"w"})
+
+    def unreadable():
+        raise OSError("the control file is gone")
+    updates = [ClientUpdate.of("a", OrderedDict(w=t(2.0, 2.0)), 1),  # no change came with it
+               ClientUpdate("b", 1, lambda: OrderedDict(w=t(2.0, 2.0)), unreadable),
+               ClientUpdate.of("c", OrderedDict(w=t(2.0, 2.0)), 1, {"w": t(1.0, 2.0, 3.0)}),  # wrong shape
+               ClientUpdate.of("d", OrderedDict(w=t(2.0, 2.0)), 1, {"w": t(0.8, -0.4)})]
+    result = strategy.aggregate(updates, reference, num_clients=1)
+    assert result.used == ["a", "b", "c", "d"]
+    assert result.control_skipped[:2] == [("a", "no control-variate change came with it"),
+                                          ("b", "the control file is gone")]
+    assert [key for key, _ in result.control_skipped] == ["a", "b", "c"] and "w" in result.control_skipped[2][1]
+    assert result.server_state["c/w"].tolist() == pytest.approx([0.8, -0.4])  # d's alone, over N = 1
+    assert result.server_state["c/w"].dtype == torch.float64
+
+
+def test_the_global_control_variate_sums_in_float64_and_accepts_one_client():
+    c = {"w": torch.zeros(1)}  # given as float32: summed and returned in float64 all the same
+    new = scaffold.next_global_control(c, [{"w": t(2.0 ** 24)}, {"w": t(1.0)}], num_clients=1)
+    assert new["w"].dtype == torch.float64 and new["w"].item() == 2.0 ** 24 + 1  # float32 would lose the 1
+    with pytest.raises(ValueError, match="the number of clients must be >= 1, got 0"):
+        scaffold.next_global_control(c, [], num_clients=0)
+
+
+def test_the_local_control_change_is_taken_from_c_i_plus_before_it_is_rounded_to_its_dtype():
+    """c_i+ = 2^24 + 1 is 2^24 in float32, but its change from c_i = 2^24 is 1: the rule computes in float64."""
+    new, change = scaffold.next_local_control({"w": t(2.0 ** 24)}, {"w": t(0.0)}, {"w": t(1.0)}, {"w": t(0.5)},
+                                              steps=1, learning_rate=0.5)
+    assert new["w"].item() == 2.0 ** 24 and change["w"].item() == 1.0
 
 
 def test_the_corrected_gradient_moves_one_sgd_step_by_minus_eta_times_the_correction():

@@ -248,3 +248,32 @@ def test_fingerprints_that_differ_only_in_a_dtype_differ():
                                    "n": torch.zeros((), dtype=torch.int32)}, None, {})
     assert differences(a, b) == ["w: the coordinator's is float32 [3, 2], this worker's float64 [3, 2]",
                                  "n: the coordinator's is int64 [], this worker's int32 []"]
+
+
+def test_fingerprint_differences_show_six_names_then_an_ellipsis_and_stop_at_five_differences():
+    classes = [f"c{i}" for i in range(7)]
+    base = make_fingerprint("t", {}, classes, {})
+    assert differences(base, {**base, "classes": classes[:1]}) == [
+        "class names differ: missing here [c1, c2, c3, c4, c5, c6] (6)"]
+    assert differences({**base, "classes": ["c0"]}, base) == [
+        "class names differ: not at the coordinator [c1, c2, c3, c4, c5, c6] (6)"]
+    assert differences(base, {**base, "classes": ["x"]}) == [
+        "class names differ: missing here [c0, c1, c2, c3, c4, c5, ...] (7); not at the coordinator [x] (1)"]
+    assert differences(base, {**base, "classes": None}) == []  # a worker that names no classes is not compared
+    assert differences({**base, "classes": None}, base) == []
+    many = make_fingerprint("other", {f"k{i}": torch.zeros(1) for i in range(4)}, None,
+                            {"image_size": 1, "crop_size": 2})
+    few = make_fingerprint("t", {"k0": torch.zeros(2), "k1": torch.zeros(1, dtype=torch.float16)}, None,
+                           {"image_size": 3, "extra_flag": True})
+    found = differences(many, few)
+    assert found == ["task: the coordinator runs 'other', this worker 't'",
+                     "crop-size: the coordinator has 2, this worker None",
+                     "extra-flag: the coordinator has None, this worker True",
+                     "image-size: the coordinator has 1, this worker 3",
+                     "state_dict keys missing here: [k2, k3] (2)"]  # 5 of the 7
+    assert len(differences(many, few, limit=10)) == 7
+    keys = make_fingerprint("t", {f"k{i}": torch.zeros(1) for i in range(4)}, None, {})
+    assert differences(keys, make_fingerprint("t", {}, None, {})) == [
+        "state_dict keys missing here: [k0, k1, k2, ...] (4)"]
+    assert differences(make_fingerprint("t", {}, None, {}), keys) == [
+        "state_dict keys not in the coordinator's model: [k0, k1, k2, ...] (4)"]

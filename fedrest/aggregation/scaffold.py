@@ -36,11 +36,6 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", torch.float64)
 
 
-def zeros_like(parameters: Tensors) -> "OrderedDict[str, torch.Tensor]":
-    """A control variate of 0 for every tensor of ``parameters`` (same shapes and dtypes, on the CPU)."""
-    return OrderedDict((k, torch.zeros_like(v, device="cpu")) for k, v in parameters.items())
-
-
 def gradient_correction(global_control: Tensors, local_control: Tensors) -> "OrderedDict[str, torch.Tensor]":
     """c - c_i for each parameter: what the worker adds to every local gradient (in c's dtypes)."""
     return OrderedDict((k, (_f64(c) - _f64(local_control[k])).to(c.dtype)) for k, c in global_control.items())
@@ -100,4 +95,4 @@ def next_global_control(global_control: Mapping[str, torch.Tensor], changes: Ite
     return {k: _f64(global_control[k]) + total[k] / num_clients for k in total}
 
 
-__all__ = ["gradient_correction", "next_global_control", "next_local_control", "zeros_like"]
+__all__ = ["gradient_correction", "next_global_control", "next_local_control"]
