@@ -179,15 +179,18 @@ def test_clipping_by_hand_around_a_reference_that_is_not_zero_computed_in_float6
     assert clipped["w"].dtype == torch.float32 and clipped["w"].item() == 4.5754923820495605
     assert clipped["w"].item() == pytest.approx(5.275492191314697 - 0.7)
     assert clipped["n"].item() == 9  # integer buffers keep the update's value
-    same, one = clip_update(update, reference, abs(change) * 2)
-    assert one == 1.0 and same["w"] is update["w"]
+    for within in (abs(change) * 2, delta_norm(update, reference)):  # at the norm itself too: not scaled, not copied
+        same, one = clip_update(update, reference, within)
+        assert one == 1.0 and same["w"] is update["w"]
     for bad in (0.0, -1.0):
         with pytest.raises(ValueError, match=f"max_norm must be > 0, got {bad}"):
             clip_update(update, reference, bad)
 
 
-def test_fedavg_of_no_update_is_refused():
+def test_a_rule_over_no_update_is_refused():
     from fedrest.aggregation.fedavg import fedavg
 
     with pytest.raises(ValueError, match="^FedAvg of zero updates$"):
         fedavg([], OrderedDict(w=torch.zeros(1)))
+    with pytest.raises(ValueError, match="^median of zero updates$"):
+        coordinate_median([], OrderedDict(w=torch.zeros(1)))

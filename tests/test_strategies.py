@@ -316,3 +316,17 @@ def test_a_task_strategy_without_the_interface_is_one_clear_error(tmp_path, make
                          "def strategy(config, parameter_keys):\n    return object()\n")
     with pytest.raises(TaskError, match="returned an object without aggregate, state.*subclass"):
         make_app(task=str(task_file))
+
+
+def test_each_strategy_describes_its_own_settings_for_the_status():
+    def described(**settings):
+        return make_strategy(Config(**settings)).describe()
+
+    assert described(strategy="fedavgm", server_learning_rate=0.5, server_momentum=0.8) == {
+        "strategy": "fedavgm", "aggregation": "fedavg", "server_learning_rate": 0.5, "server_momentum": 0.8}
+    assert described(strategy="fedyogi", server_learning_rate=0.02, beta1=0.8, beta2=0.95, tau=0.01) == {
+        "strategy": "fedyogi", "aggregation": "fedavg", "server_learning_rate": 0.02, "beta1": 0.8, "beta2": 0.95,
+        "tau": 0.01}
+    assert described(strategy="fedprox", proximal_mu=0.1) == {"strategy": "fedprox", "aggregation": "fedavg",
+                                                              "proximal_mu": 0.1}
+    assert described(clip_norm=1.0, dp_noise_multiplier=1.0) == {"strategy": "fedavg", "aggregation": "dp_fedavg"}

@@ -277,3 +277,16 @@ def test_fingerprint_differences_show_six_names_then_an_ellipsis_and_stop_at_fiv
         "state_dict keys missing here: [k0, k1, k2, ...] (4)"]
     assert differences(make_fingerprint("t", {}, None, {}), keys) == [
         "state_dict keys not in the coordinator's model: [k0, k1, k2, ...] (4)"]
+
+
+def test_the_identity_of_a_builtin_task_names_the_task_or_the_dataset_and_the_model():
+    from fedrest.tasks.fingerprint import TaskIdentity
+
+    state = {"w": torch.zeros(2, 3)}
+    assert TaskIdentity.builtin(Config(), state) == TaskIdentity(
+        "mnist", "simple_cnn", {"name": "mnist", "schema": [["w", [2, 3], "float32"]], "classes": None,
+                                "details": {}})
+    other = TaskIdentity.builtin(Config(dataset="fashion-mnist", model="resnet18"), state)
+    assert (other.name, other.model_name, other.fingerprint["name"]) == ("fashion-mnist", "resnet18", "fashion-mnist")
+    assert TaskIdentity.builtin(Config(task="image-folder"), state).name == "image-folder"
+    assert other.classes is None

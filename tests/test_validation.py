@@ -157,6 +157,7 @@ def test_an_evaluation_has_num_samples_and_at_most_64_finite_metrics_named_in_64
 
 
 def test_a_fingerprint_at_its_limits_is_kept():
+    assert len(v.task_fingerprint({"name": "t", "schema": [["k", [1], "f"]] * 20_000})["schema"]) == 20_000
     schema = [["k" * 1024, [2**40 - 1] + [0] * 15, "d" * 32]]
     details = {"k": "x" * (4096 - len('{"k": ""}'))}
     task = {"name": "t" * 128, "schema": schema, "classes": ["c" * 128] * 3, "details": details}

@@ -137,7 +137,7 @@ class Strategy:
         change that cannot be read counts as 0 and is named in ``result.control_skipped``)."""
         by_key = {u.key: u for u in updates}
         parameters = self.parameters_of(reference)
-        control = {k: self.state.get(CONTROL + k, torch.zeros_like(v, dtype=torch.float64))
+        control = {k: self.state.get(CONTROL + k, torch.zeros_like(v))  # next_global_control: float64
                    for k, v in parameters.items()}
 
         def changes():
