@@ -17,6 +17,7 @@ from config import AGGREGATIONS, STRATEGIES, Config
 from fedrest.aggregation import (aggregate, clip_update, coordinate_median, delta_norm, make_combiner,
                                  make_strategy, trimmed_mean)
 from fedrest.aggregation.combine import COMBINERS
+from fedrest.serialization import UpdateRejected
 from conftest import API, MONITOR, filled_state_dict, post_update, register
 
 WIDTH = 5  # coordinates of the float32 vector
@@ -194,3 +195,17 @@ def test_a_rule_over_no_update_is_refused():
         fedavg([], OrderedDict(w=torch.zeros(1)))
     with pytest.raises(ValueError, match="^median of zero updates$"):
         coordinate_median([], OrderedDict(w=torch.zeros(1)))
+
+
+def test_the_aggregate_helper_defaults_to_fedavg_and_a_tenth_trimmed_and_checks_each_update():
+    reference = OrderedDict(w=torch.tensor([0.0]))
+    updates = [(f"n{i}", OrderedDict(w=torch.tensor([float(v)])), 1) for i, v in enumerate(range(1, 10))]
+    updates.append(("n9", OrderedDict(w=torch.tensor([1000.0])), 1))
+    assert aggregate(updates[:2], reference)["w"].item() == 1.5  # FedAvg by default
+    assert aggregate(updates, reference, "trimmed_mean")["w"].item() == pytest.approx(5.5)  # 1 cut at each end
+    with pytest.raises(ValueError, match="^median of zero updates$"):
+        aggregate([], reference, "median")
+    for bad in (0, True, 2.5, "3"):
+        with pytest.raises(UpdateRejected, match=f"num_samples must be an integer >= 1, got "
+                                                                      f"{bad!r}"):
+            aggregate([("a", OrderedDict(w=torch.tensor([1.0])), bad)], reference)

@@ -317,3 +317,37 @@ def test_privacy_settings_of_a_config_and_what_the_status_shows():
     capped = PrivacySettings.of(Config(dp_noise_multiplier=1.0, clip_norm=2.0, client_fraction=0.25,
                                        dp_delta=1e-6, communication_rounds=9, dp_epsilon_budget=budget))
     assert (capped.rounds_allowed, capped.describe(0)["epsilon_budget"], capped.epsilon(0)) == (4, budget, 0.0)
+
+
+def test_the_round_noise_seed_is_the_documented_hmac():
+    """HMAC-SHA256 of "dp-noise/<round>/<attempt>" under the key, its first 8 bytes big-endian, shifted to 63 bits."""
+    import hashlib
+    import hmac
+
+    key = b"a secret key"
+    digest = hmac.new(key, b"dp-noise/3/1", hashlib.sha256).digest()
+    assert round_noise_seed(key, 3) == round_noise_seed(key, 3, 1) == int.from_bytes(digest[:8], "big") // 2
+    assert round_noise_seed(key, 3, 2) != round_noise_seed(key, 3) != round_noise_seed(key, 4)
+    assert 0 <= round_noise_seed(key, 3) < 2 ** 63
+
+
+@pytest.mark.parametrize("clip, z, q, message", [
+    (0.0, 1.0, 0.5, "differential privacy needs a clip norm > 0, got 0.0"),
+    (1.0, -0.5, 0.5, "the noise multiplier must be >= 0, got -0.5"),
+    (1.0, 1.0, 0.0, r"the sampling rate must be in \(0, 1\], got 0.0"),
+    (1.0, 1.0, 1.5, r"the sampling rate must be in \(0, 1\], got 1.5"),
+])
+def test_the_private_mean_refuses_each_bad_setting(clip, z, q, message):
+    with pytest.raises(ValueError, match=message):
+        PrivateMean(clip, z, q)
+
+
+def test_the_private_mean_sums_in_float64_takes_q_of_one_and_skips_an_update_that_does_not_fit():
+    reference = OrderedDict(w=torch.zeros(1, dtype=torch.float64))
+    mechanism = PrivateMean(clip_norm=1e9, noise_multiplier=0.0, sampling_rate=1.0)  # q = 1: the plain sum / N
+    updates = [ClientUpdate.of("a", OrderedDict(w=torch.zeros(2)), 1),  # another shape: left out, named
+               ClientUpdate.of("b", OrderedDict(w=torch.tensor([2.0 ** 24], dtype=torch.float64)), 1),
+               ClientUpdate.of("c", OrderedDict(w=torch.tensor([1.0], dtype=torch.float64)), 1)]
+    result = mechanism.combine(updates, reference, num_clients=1, noise_seed=0)
+    assert result.used == ["b", "c"] and [key for key, _ in result.skipped] == ["a"]
+    assert result.state_dict["w"].item() == 2.0 ** 24 + 1  # a float32 sum would lose the 1

@@ -330,3 +330,12 @@ def test_each_strategy_describes_its_own_settings_for_the_status():
     assert described(strategy="fedprox", proximal_mu=0.1) == {"strategy": "fedprox", "aggregation": "fedavg",
                                                               "proximal_mu": 0.1}
     assert described(clip_norm=1.0, dp_noise_multiplier=1.0) == {"strategy": "fedavg", "aggregation": "dp_fedavg"}
+
+
+def test_fedyogi_leaves_v_alone_when_it_equals_the_squared_change():
+    """Yogi's v - (1 - beta2) * Delta^2 * sign(v - Delta^2) (Reddi et al. 2021, Algorithm 2): sign(0) = 0, so a
+    change of exactly tau in the first round keeps v = tau^2."""
+    optimizer = ServerOptimizer("fedyogi", 0.1, beta1=0.9, beta2=0.99, tau=0.5)
+    out, state = optimizer.step(OrderedDict(w=torch.tensor([1.0])), OrderedDict(w=torch.tensor([1.5])), {})
+    assert state["v/w"].item() == 0.25
+    assert out["w"].item() == pytest.approx(1.0 + 0.1 * (0.1 * 0.5) / (0.5 + 0.5))
