@@ -124,9 +124,29 @@ def test_interrupted_writes_leave_no_file_that_is_loaded(make_app):
 def test_a_damaged_global_model_stops_the_resume_with_a_clear_error(make_app, tmp_path):
     fed = make_app().extensions["federation"]
     fed.stop()
-    (Path(fed.config.temp_dir) / "global" / "model_v0.pt").write_bytes(b"garbage")
-    with pytest.raises(StoreError, match="--fresh"):
+    path = Path(fed.config.temp_dir) / "global" / "model_v0.pt"
+    path.write_bytes(b"garbage")
+    with pytest.raises(StoreError) as refused:
         make_app()
+    message = str(refused.value)
+    assert message.startswith(f"cannot resume run {fed.run_id}: global model version 0 ({path}) is unreadable: ")
+    assert message.endswith(". Start with --fresh for a new run.")
+
+
+def test_a_resumed_round_leaves_out_a_stored_update_whose_file_is_gone_and_says_so(make_app, caplog):
+    app = make_app(min_nodes_to_start=2)
+    client, fed = app.test_client(), app.extensions["federation"]
+    a, b = register(client, "node-a"), register(client, "node-b")
+    fed.tick()
+    for node in (a, b):
+        assert post_update(client, node, 1, filled_state_dict(0.5, 1), {"num_samples": 10}).status_code == 202
+    fed.stop()
+    Path(fed.state.updates[a["node_id"]].path).unlink()  # an operator removed it by hand
+    with caplog.at_level("ERROR", "fl.federation"):
+        resumed = make_app(min_nodes_to_start=2).extensions["federation"]
+    assert list(resumed.state.updates) == [b["node_id"]] and resumed.round == 1
+    assert f"round 1: stored update of {a['node_id']} is missing on disk; leaving it out" in [
+        r.getMessage() for r in caplog.records]
 
 
 def test_fresh_archives_the_old_run(make_app):

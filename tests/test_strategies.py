@@ -250,9 +250,14 @@ def test_fedadam_restarted_before_a_commit_ends_bit_identical(tmp_path, make_app
 def test_a_damaged_server_state_file_stops_the_resume_with_one_clear_line(tmp_path, make_app):
     fed = run_rounds(make_app, range(1, 2))
     fed.stop()
-    (tmp_path / "temp" / "global" / "server_state_v1.pt").write_bytes(b"not a state")
-    with pytest.raises(StoreError, match="server state of version 1 .* is unreadable.*--fresh"):
+    path = tmp_path / "temp" / "global" / "server_state_v1.pt"
+    path.write_bytes(b"not a state")
+    with pytest.raises(StoreError) as refused:
         make_app(strategy="fedadam", min_nodes_to_start=3, communication_rounds=1)
+    message = str(refused.value)
+    assert message.startswith(f"cannot resume run {fed.run_id}: the server state of version 1 ({path}) is "
+                              "unreadable: ")
+    assert message.endswith(". Start with --fresh for a new run.")
     db = sqlite3.connect(Path(tmp_path / "temp" / "coordinator.sqlite3"))
     assert dict(db.execute("SELECT key, value FROM run").fetchall())["model_version"] == "1"
     db.close()

@@ -18,7 +18,7 @@ ROUND_KEYS = ("phase", "round", "attempt", "participants", "round_started_wall",
 
 def read_stored_run(store: RunStore, global_models: GlobalModels, spool: UpdateSpool,
                     reference: Mapping[str, torch.Tensor], now_mono: float,
-                    has_state: bool = False) -> tuple[str, dict, RoundState, dict]:
+                    has_state: bool) -> tuple[str, dict, RoundState, dict]:
     """(run id, the global model's state_dict, the round state, the strategy's server state) of the run in
     ``store``; the open round gets a fresh deadline from ``now_mono``, and keeps its stored updates whose files
     exist. The server state is read when the strategy ``has_state`` ({} otherwise).

@@ -108,7 +108,7 @@ class UpdateSpool:
     def present(round_number: int, updates: list) -> list:
         """The stored ``updates`` (AcceptedUpdates of a resumed round) whose files exist; the others are logged."""
         for update in updates:
-            if not Path(update.path).exists():  # pragma: no cover - written and fsynced before its row commits
+            if not Path(update.path).exists():  # written and fsynced before its row commits, unless removed by hand
                 log.error("round %d: stored update of %s is missing on disk; leaving it out", round_number,
                           update.node_id)
         return [u for u in updates if Path(u.path).exists()]
