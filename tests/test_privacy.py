@@ -351,3 +351,14 @@ def test_the_private_mean_sums_in_float64_takes_q_of_one_and_skips_an_update_tha
     result = mechanism.combine(updates, reference, num_clients=1, noise_seed=0)
     assert result.used == ["b", "c"] and [key for key, _ in result.skipped] == ["a"]
     assert result.state_dict["w"].item() == 2.0 ** 24 + 1  # a float32 sum would lose the 1
+
+
+def test_the_private_mean_clips_changes_shorter_than_one_and_counts_every_clipped_update():
+    """Clipping to S = 0.5: changes of norm 0.8 and 0.6 (both under 1) are scaled to 0.5, 0.3 is kept."""
+    reference = OrderedDict(w=torch.zeros(2, dtype=torch.float64))
+    mechanism = PrivateMean(clip_norm=0.5, noise_multiplier=0.0, sampling_rate=1.0)
+    updates = [ClientUpdate.of(k, OrderedDict(w=torch.tensor(v, dtype=torch.float64)), 1)
+               for k, v in (("a", [0.8, 0.0]), ("b", [0.0, 0.6]), ("c", [0.3, 0.0]))]
+    result = mechanism.combine(updates, reference, num_clients=2, noise_seed=0)
+    assert result.clipped == 2
+    assert result.state_dict["w"].tolist() == pytest.approx([(0.5 + 0.3) / 2, 0.5 / 2])

@@ -344,3 +344,17 @@ def test_fedyogi_leaves_v_alone_when_it_equals_the_squared_change():
     out, state = optimizer.step(OrderedDict(w=torch.tensor([1.0])), OrderedDict(w=torch.tensor([1.5])), {})
     assert state["v/w"].item() == 0.25
     assert out["w"].item() == pytest.approx(1.0 + 0.1 * (0.1 * 0.5) / (0.5 + 0.5))
+
+
+def test_capped_weights_at_the_edges_of_the_bound():
+    from fedrest.aggregation.weights import capped_weights
+
+    assert capped_weights([1, 1], 0.5) == [1.0, 1.0]  # each exactly at the bound: unchanged
+    assert capped_weights([3, 1], 0.75) == [3.0, 1.0]
+    assert capped_weights([4, 1, 1], 1 / 3) == [1.0, 1.0, 1.0]  # max_share * m = 1: equal shares
+    assert capped_weights([5, 1], 1.0) == [5.0, 1.0]
+    for weights, share, message in (([], 0.5, "no weights"), ([1], 0.0, r"max_share must be in \(0, 1\], got 0.0"),
+                                    ([1], 1.5, r"max_share must be in \(0, 1\], got 1.5"),
+                                    ([1, 0], 0.5, r"weights must be finite numbers > 0, got \[1, 0\]")):
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            capped_weights(weights, share)
