@@ -321,3 +321,16 @@ def test_property_permutation_invariant(data, rnd):
     torch.testing.assert_close(a["w"], b["w"], rtol=1e-6, atol=1e-4)
     # integer results may only differ where the float64 mean sits on a .5 boundary; never by more than 1
     assert int((a["c"] - b["c"]).abs().max()) <= 1
+
+
+def test_the_accumulator_refuses_a_weight_that_is_not_finite_and_positive_and_an_empty_result():
+    from fedrest.aggregation.fedavg import FedAvgAccumulator
+
+    acc = FedAvgAccumulator(OrderedDict(w=torch.zeros(1)))
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match=f"^a FedAvg weight must be a finite number > 0, got {bad!r}$"):
+            acc.add_weighted(OrderedDict(w=torch.ones(1)), bad)
+    with pytest.raises(ValueError, match="^FedAvg of zero updates$"):
+        acc.result()
+    acc.add_weighted(OrderedDict(w=torch.ones(1)), 0.25)
+    assert acc.result()["w"].item() == 1.0
