@@ -17,20 +17,16 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-# mutmut's exit codes of a mutant's test run (mutmut.stats.status_by_exit_code)
-KILLED = {1, 3, 37}
-TIMEOUT = {24, -24, 36, 152, 255}
-SURVIVED = {0}
-NO_TESTS = {5, 33}
-NOT_CHECKED = {None, 2, 34}
+from mutmut.stats import status_by_exit_code  # mutmut's own reading of a mutant's exit code
+
+# mutmut's statuses in this report's columns
+COLUMN_OF = {"caught by type check": "killed", "check was interrupted by user": "not checked",
+             "skipped": "not checked", "segfault": "suspicious"}
 
 
 def _status(code: int | None) -> str:
-    for name, codes in (("killed", KILLED), ("timeout", TIMEOUT), ("survived", SURVIVED), ("no tests", NO_TESTS),
-                        ("not checked", NOT_CHECKED)):
-        if code in codes:
-            return name
-    return "suspicious"
+    status = status_by_exit_code[code]
+    return COLUMN_OF.get(status, status)
 
 
 def module_results(mutants: Path) -> dict[str, dict[str, int | None]]:
