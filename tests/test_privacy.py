@@ -225,7 +225,7 @@ def key_sampling(count: int, of: int, q: float) -> bytes:
 
 def dp_round_one(make_app, send):
     """Round 1 of a DP app (4 registered clients, q = 0.5, S = 1, z = 1) whose Poisson sample is 2 of the 4;
-    ``send(node, reference)`` -> the state_dict each participant uploads. Returns (fed, reference, uploaded,
+    ``send(i, reference)`` -> the state_dict the i-th participant uploads. Returns (fed, reference, uploaded,
     key) with ``uploaded`` the participants' state_dicts."""
     client, fed, nodes = dp_app(make_app)
     key = key_sampling(2, 4, 0.5)
